@@ -1,0 +1,17 @@
+"""Pure maths of Analytic-DPM: schedules, variances, samplers, likelihood.
+
+No I/O and no torch.distributed in this package; everything is a function of
+its arguments so it can be tested against closed-form oracles.
+"""
+
+from .analytic import METHODS, StepVariances, step_variances
+from .schedule import Schedule, make_schedule, make_trajectory
+
+__all__ = [
+    "METHODS",
+    "Schedule",
+    "StepVariances",
+    "make_schedule",
+    "make_trajectory",
+    "step_variances",
+]

@@ -1,0 +1,144 @@
+"""Reverse-step variances for every method, including Analytic-DPM's optimum.
+
+For a step s = τ_{k−1} → t = τ_k of a trajectory (DESIGN.md, paper §3–4):
+
+    σ² = λ² + γ² · clip((β̄_t/ᾱ_t)(1 − Γ_t), 0, ((b−a)/2)²)
+
+with, in the DDPM family, λ² = β̃_{s|t} = β̄_s β_{t|s}/β̄_t and
+γ² = ᾱ_s β_{t|s}²/β̄_t² (paper Eq. 7/Thm. 1 on a subsequence, Eq. 14), and in
+the DDIM family λ² = η² β̃_{s|t}, γ² = (√ᾱ_s − √((β̄_s − λ²) ᾱ_t/β̄_t))²
+(paper Eq. 9). The clip is Theorem 2's bound on E tr Cov[x₀|x_t]/d for data in
+[a, b]. Note the factor (1 − Γ_t): Γ_t = E‖ε_θ‖²/d large means the network
+is sure of the noise, so little posterior covariance is left.
+
+The reverse mean always has the DDIM form
+    μ = √ᾱ_s x̂₀ + √(β̄_s − λ²) · (x_t − √ᾱ_t x̂₀)/√β̄_t,
+which for λ² = β̃ is exactly the DDPM posterior mean μ̃(x_t, x̂₀).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .schedule import Schedule
+
+METHODS = ("ddpm-beta", "ddpm-tilde", "ddim", "analytic-ddpm", "analytic-ddim")
+ANALYTIC_METHODS = ("analytic-ddpm", "analytic-ddim")
+DDPM_FAMILY = ("ddpm-beta", "ddpm-tilde", "analytic-ddpm")
+
+
+@dataclass(frozen=True)
+class StepVariances:
+    """Per-step coefficients, ordered as sampling runs: from t = τ_K = N down to t = τ_2.
+
+    ``s``/``t``: the step's target and source timesteps; ``lambda2``: the λ² in the
+    reverse mean; ``sigma2``: the variance actually used (after every clip).
+    """
+
+    method: str
+    s: np.ndarray
+    t: np.ndarray
+    lambda2: np.ndarray
+    sigma2: np.ndarray
+
+    def rows(self) -> list[dict]:
+        return [
+            {"s": int(s), "t": int(t), "sigma2": float(v)}
+            for s, t, v in zip(self.s, self.t, self.sigma2)
+        ]
+
+
+def as_gamma_vector(gamma, num_timesteps: int) -> np.ndarray:
+    """Γ as float64 of length N+1 (index 0 unused); accepts length N or N+1."""
+    g = np.asarray(gamma, dtype=np.float64).reshape(-1)
+    if g.shape[0] == num_timesteps:
+        g = np.concatenate([[np.nan], g])
+    if g.shape[0] != num_timesteps + 1:
+        raise ValueError(f"Γ has {g.shape[0]} entries; the schedule has N={num_timesteps}")
+    if not np.all(np.isfinite(g[1:])):
+        bad = np.flatnonzero(~np.isfinite(g[1:]))[:5] + 1
+        raise ValueError(f"Γ is not finite at n = {bad.tolist()}")
+    return g
+
+
+def covariance_term(schedule: Schedule, gamma, t, data_range=(-1.0, 1.0)) -> np.ndarray:
+    """E tr Cov[x₀|x_t]/d ≈ (β̄_t/ᾱ_t)(1 − Γ_t), clipped to [0, ((b−a)/2)²] (Theorem 2)."""
+    a, b = data_range
+    g = as_gamma_vector(gamma, schedule.num_timesteps)
+    t = np.asarray(t, dtype=np.int64)
+    abar, bbar = schedule.alphas_cumprod[t], schedule.bar_betas[t]
+    raw = (bbar / abar) * (1.0 - g[t])
+    return np.clip(raw, 0.0, ((b - a) / 2.0) ** 2)
+
+
+def clipped_gamma(schedule: Schedule, gamma, data_range=(-1.0, 1.0)) -> np.ndarray:
+    """Γ_t projected so that its covariance term satisfies Theorem 2's bounds.
+
+    Equivalent to the clip in :func:`covariance_term`: cov ∈ [0, c²] ⇔
+    Γ_t ∈ [1 − (ᾱ_t/β̄_t) c², 1] with c = (b−a)/2.
+    """
+    a, b = data_range
+    n = schedule.num_timesteps
+    g = as_gamma_vector(gamma, n).copy()
+    t = np.arange(1, n + 1)
+    lower = 1.0 - schedule.alphas_cumprod[t] / schedule.bar_betas[t] * ((b - a) / 2.0) ** 2
+    g[1:] = np.clip(g[1:], lower, 1.0)
+    return g
+
+
+def pixel_clip_bound(clip_pixel: float) -> float:
+    """Largest σ² with E|σ z| ≤ y·2/255 for z ~ N(0, 1): σ ≤ y·(2/255)·√(π/2)."""
+    return (clip_pixel * (2.0 / 255.0) * math.sqrt(math.pi / 2.0)) ** 2
+
+
+def step_variances(
+    schedule: Schedule,
+    trajectory,
+    method: str,
+    gamma=None,
+    eta: float = 0.0,
+    data_range=(-1.0, 1.0),
+    clip_pixel: float | None = None,
+) -> StepVariances:
+    """σ² for every step s → t of ``trajectory`` (ascending τ_1 = 1 < … < τ_K = N).
+
+    ``eta`` applies to the DDIM family only. ``clip_pixel`` (y, off by default)
+    caps the variance of the step into τ_1 for the analytic methods, the
+    paper's sampling-time clip (§6): the noise added there reaches the output.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method '{method}'; choose one of {list(METHODS)}")
+    tau = np.asarray(trajectory, dtype=np.int64)
+    n = schedule.num_timesteps
+    if tau.ndim != 1 or tau.shape[0] < 2 or tau[0] != 1 or tau[-1] != n or np.any(np.diff(tau) <= 0):
+        raise ValueError(f"trajectory must increase strictly from 1 to N={n}; got {tau.tolist()[:8]}…")
+    if method in ANALYTIC_METHODS and gamma is None:
+        raise ValueError(f"method '{method}' needs Γ (a Γ file)")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+
+    s, t = tau[:-1][::-1], tau[1:][::-1]
+    abar, bbar = schedule.alphas_cumprod, schedule.bar_betas
+    beta_ts = 1.0 - abar[t] / abar[s]  # β_{t|s}
+    tilde = bbar[s] * beta_ts / bbar[t]  # β̃_{s|t}
+
+    if method in DDPM_FAMILY:
+        lam2 = tilde
+        gam2 = abar[s] * beta_ts**2 / bbar[t] ** 2
+    else:
+        lam2 = eta**2 * tilde
+        gam2 = (np.sqrt(abar[s]) - np.sqrt((bbar[s] - lam2) * abar[t] / bbar[t])) ** 2
+
+    if method == "ddpm-beta":
+        sigma2 = beta_ts.copy()
+    elif method in ("ddpm-tilde", "ddim"):
+        sigma2 = lam2.copy()
+    else:
+        sigma2 = lam2 + gam2 * covariance_term(schedule, gamma, t, data_range)
+        if clip_pixel is not None:
+            last = s == tau[0]
+            sigma2[last] = np.minimum(sigma2[last], pixel_clip_bound(clip_pixel))
+    return StepVariances(method, s, t, lam2, sigma2)

@@ -1,0 +1,145 @@
+"""Noise schedules and timestep trajectories, in float64.
+
+Conventions (DESIGN.md): timesteps n = 1..N; arrays indexed by n have length
+N+1. ``alphas_cumprod[0] = 1`` means clean data, ``betas[0] = 0`` is unused.
+Everything stays float64: the cosine schedule's ᾱ_N ≈ 2e-9 is lost in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+MIN_STEPS = 10
+MAX_STEPS = 4000
+TRAJECTORIES = ("even", "quadratic", "optimal")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A forward process q(x_n | x_0) = N(√ᾱ_n x_0, β̄_n I), n = 1..N."""
+
+    name: str
+    betas: np.ndarray  # length N+1, betas[0] = 0
+
+    def __post_init__(self):
+        b = np.asarray(self.betas, dtype=np.float64)
+        if b.ndim != 1 or b.shape[0] < MIN_STEPS + 1 or b.shape[0] > MAX_STEPS + 1:
+            raise ValueError(
+                f"schedule '{self.name}': need {MIN_STEPS}..{MAX_STEPS} betas, got {b.shape[0] - 1}"
+            )
+        if b[0] != 0.0:
+            raise ValueError(f"schedule '{self.name}': betas[0] must be 0 (index 0 is unused)")
+        inner = b[1:]
+        if not np.all(np.isfinite(inner)) or np.any(inner <= 0) or np.any(inner >= 1):
+            raise ValueError(f"schedule '{self.name}': every beta must lie in (0, 1)")
+        b.setflags(write=False)
+        object.__setattr__(self, "betas", b)
+        abar = np.cumprod(1.0 - b)
+        abar.setflags(write=False)
+        object.__setattr__(self, "_abar", abar)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.shape[0] - 1
+
+    @property
+    def alphas_cumprod(self) -> np.ndarray:
+        """ᾱ_n for n = 0..N (ᾱ_0 = 1)."""
+        return self._abar  # type: ignore[attr-defined]
+
+    @property
+    def bar_betas(self) -> np.ndarray:
+        """β̄_n = 1 − ᾱ_n for n = 0..N (β̄_0 = 0)."""
+        return 1.0 - self._abar  # type: ignore[attr-defined]
+
+    def betas_sha256(self) -> str:
+        """sha256 of β_1..β_N as float64 little-endian: identifies the schedule in Γ files."""
+        return hashlib.sha256(self.betas[1:].astype("<f8").tobytes()).hexdigest()
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "num_timesteps": self.num_timesteps,
+            "betas_sha256": self.betas_sha256(),
+        }
+
+
+def linear_betas(num_timesteps: int, start: float = 1e-4, end: float = 0.02) -> np.ndarray:
+    """Ho et al. (2020): β linear from 1e-4 to 0.02 (returned as β_1..β_N)."""
+    return np.linspace(start, end, num_timesteps, dtype=np.float64)
+
+
+def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """Nichol & Dhariwal (2021): ᾱ(t) ∝ cos²((t/N + s)/(1 + s)·π/2), β capped at 0.999."""
+    n = np.arange(num_timesteps + 1, dtype=np.float64)
+    f = np.cos((n / num_timesteps + s) / (1.0 + s) * math.pi / 2.0) ** 2
+    abar = f / f[0]
+    return np.minimum(1.0 - abar[1:] / abar[:-1], max_beta)
+
+
+def make_schedule(name: str, num_timesteps: int | None = None, betas=None) -> Schedule:
+    """Build a schedule by name ('linear', 'cosine') or from explicit β_1..β_N ('custom')."""
+    if betas is not None:
+        inner = np.asarray(betas, dtype=np.float64).reshape(-1)
+        if num_timesteps is not None and inner.shape[0] != num_timesteps:
+            raise ValueError(f"got {inner.shape[0]} betas but num_timesteps={num_timesteps}")
+        return Schedule(name if name else "custom", np.concatenate([[0.0], inner]))
+    if num_timesteps is None:
+        raise ValueError("num_timesteps is required unless betas are given")
+    if not MIN_STEPS <= num_timesteps <= MAX_STEPS:
+        raise ValueError(f"num_timesteps must be in [{MIN_STEPS}, {MAX_STEPS}], got {num_timesteps}")
+    builders = {"linear": linear_betas, "cosine": cosine_betas}
+    if name not in builders:
+        raise ValueError(f"unknown schedule '{name}'; choose one of {sorted(builders)} or pass betas")
+    return Schedule(name, np.concatenate([[0.0], builders[name](num_timesteps)]))
+
+
+def _check_k(num_timesteps: int, num_steps: int) -> None:
+    if not 2 <= num_steps <= num_timesteps:
+        raise ValueError(f"number of steps K must satisfy 2 <= K <= N={num_timesteps}, got K={num_steps}")
+
+
+def even_trajectory(num_timesteps: int, num_steps: int) -> np.ndarray:
+    """τ_k = round(1 + (N−1)(k−1)/(K−1)), k = 1..K (rounding half up)."""
+    _check_k(num_timesteps, num_steps)
+    k = np.arange(num_steps, dtype=np.float64)
+    tau = np.floor(1.0 + (num_timesteps - 1) * k / (num_steps - 1) + 0.5).astype(np.int64)
+    return tau
+
+
+def quadratic_trajectory(num_timesteps: int, num_steps: int) -> np.ndarray:
+    """τ_k ≈ 1 + (N−1)((k−1)/(K−1))², made strictly increasing.
+
+    Dense near n = 1 where the data detail lives (Song et al., DDIM). Where the
+    rounding would repeat a timestep we push it up by one; the cap τ_k ≤ N−(K−k)
+    keeps room for the remaining nodes, so every K in [2, N] works.
+    """
+    _check_k(num_timesteps, num_steps)
+    k = np.arange(num_steps, dtype=np.float64)
+    raw = np.floor(1.0 + (num_timesteps - 1) * (k / (num_steps - 1)) ** 2 + 0.5).astype(np.int64)
+    tau = raw.copy()
+    for i in range(1, num_steps):
+        tau[i] = max(tau[i], tau[i - 1] + 1)
+    for i in range(num_steps - 2, -1, -1):
+        tau[i] = min(tau[i], tau[i + 1] - 1)
+    return tau
+
+
+def make_trajectory(kind: str, schedule: Schedule, num_steps: int, gamma=None, **kw) -> np.ndarray:
+    """τ_1 = 1 < … < τ_K = N by name: 'even', 'quadratic' or 'optimal' (needs Γ)."""
+    n = schedule.num_timesteps
+    if kind == "even":
+        return even_trajectory(n, num_steps)
+    if kind == "quadratic":
+        return quadratic_trajectory(n, num_steps)
+    if kind == "optimal":
+        if gamma is None:
+            raise ValueError("the optimal trajectory needs a Γ vector (from a Γ file)")
+        from .trajectory import optimal_trajectory
+
+        return optimal_trajectory(schedule, gamma, num_steps, **kw)
+    raise ValueError(f"unknown trajectory '{kind}'; choose one of {list(TRAJECTORIES)}")
