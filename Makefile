@@ -1,0 +1,34 @@
+# Set-up and checks. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU wheel of torch; override on a GPU cluster (e.g. TORCH_SPEC="torch==2.13.0+cu128").
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev,fid]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(PY) -m adpm_dist.demo --out demo_out
+
+test: venv
+	$(PY) -m ruff check adpm_dist tools tests
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+lint: venv
+	$(PY) -m ruff check adpm_dist tools tests
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache
