@@ -116,6 +116,29 @@ def init(timeout_s: float = 600.0) -> DistInfo:
     return info
 
 
+def init_group(timeout_s: float = 600.0) -> DistInfo:
+    """``init()``, and for a single process a private one-member group as well.
+
+    Engines such as DeepSpeed need a process group even when there is one
+    process. An in-memory ``HashStore`` needs no port, so single-process runs
+    side by side (tests, notebooks) never collide on MASTER_PORT.
+    """
+    info = init(timeout_s)
+    if not info.distributed and not tdist.is_initialized():
+        export_env(info)  # DeepSpeed reads RANK/LOCAL_RANK/... from the environment
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(device_for(info))
+        tdist.init_process_group(
+            backend=backend,
+            store=tdist.HashStore(),
+            rank=0,
+            world_size=1,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return info
+
+
 def is_initialized() -> bool:
     return tdist.is_available() and tdist.is_initialized()
 

@@ -64,29 +64,46 @@ def as_gamma_vector(gamma, num_timesteps: int) -> np.ndarray:
     return g
 
 
-def covariance_term(schedule: Schedule, gamma, t, data_range=(-1.0, 1.0)) -> np.ndarray:
-    """E tr Cov[x₀|x_t]/d ≈ (β̄_t/ᾱ_t)(1 − Γ_t), clipped to [0, ((b−a)/2)²] (Theorem 2)."""
-    a, b = data_range
-    g = as_gamma_vector(gamma, schedule.num_timesteps)
-    t = np.asarray(t, dtype=np.int64)
-    abar, bbar = schedule.alphas_cumprod[t], schedule.bar_betas[t]
-    raw = (bbar / abar) * (1.0 - g[t])
-    return np.clip(raw, 0.0, ((b - a) / 2.0) ** 2)
+def isotonic_increasing(values: np.ndarray) -> np.ndarray:
+    """Least-squares non-decreasing fit (pool-adjacent-violators), O(n)."""
+    means: list[float] = []
+    sizes: list[int] = []
+    for v in np.asarray(values, dtype=np.float64):
+        means.append(float(v))
+        sizes.append(1)
+        while len(means) > 1 and means[-2] > means[-1]:
+            m2, n2 = means.pop(), sizes.pop()
+            m1, n1 = means.pop(), sizes.pop()
+            means.append((m1 * n1 + m2 * n2) / (n1 + n2))
+            sizes.append(n1 + n2)
+    return np.repeat(means, sizes)
 
 
-def clipped_gamma(schedule: Schedule, gamma, data_range=(-1.0, 1.0)) -> np.ndarray:
-    """Γ_t projected so that its covariance term satisfies Theorem 2's bounds.
+def covariance_estimate(
+    schedule: Schedule, gamma, data_range=(-1.0, 1.0), monotone: bool = True
+) -> np.ndarray:
+    """E tr Cov[x₀|x_t]/d ≈ (β̄_t/ᾱ_t)(1 − Γ_t) for t = 0..N (index 0: 0), made feasible.
 
-    Equivalent to the clip in :func:`covariance_term`: cov ∈ [0, c²] ⇔
-    Γ_t ∈ [1 − (ᾱ_t/β̄_t) c², 1] with c = (b−a)/2.
+    Theorem 2 bounds it to [0, ((b−a)/2)²]; Γ_t ≥ 0 adds the bound β̄_t/ᾱ_t.
+    With ``monotone`` (default) the estimate is first projected onto
+    non-decreasing sequences in t (isotonic least squares): the true quantity is
+    non-decreasing because x₀ → x_s → x_t is a Markov chain, so x_t never says
+    more about x₀ than x_s does. This matters where Monte-Carlo error in Γ_t is
+    amplified by β̄_t/ᾱ_t (large t): there the raw estimate jumps between the
+    two clips, and a 0 would claim x₀ is known exactly from very noisy x_t.
+    For an exact Γ the projection changes nothing. Order: clip to the box,
+    isotonic fit, clip again (the box's upper edge is itself non-decreasing).
     """
     a, b = data_range
     n = schedule.num_timesteps
-    g = as_gamma_vector(gamma, n).copy()
-    t = np.arange(1, n + 1)
-    lower = 1.0 - schedule.alphas_cumprod[t] / schedule.bar_betas[t] * ((b - a) / 2.0) ** 2
-    g[1:] = np.clip(g[1:], lower, 1.0)
-    return g
+    g = as_gamma_vector(gamma, n)
+    abar, bbar = schedule.alphas_cumprod[1:], schedule.bar_betas[1:]
+    upper = np.minimum(((b - a) / 2.0) ** 2, bbar / abar)
+    cov = np.clip((bbar / abar) * (1.0 - g[1:]), 0.0, upper)
+    if monotone:
+        # Clip first so that wild estimates at large t cannot drag the fit down.
+        cov = np.clip(isotonic_increasing(cov), 0.0, upper)
+    return np.concatenate([[0.0], cov])
 
 
 def pixel_clip_bound(clip_pixel: float) -> float:
@@ -102,12 +119,14 @@ def step_variances(
     eta: float = 0.0,
     data_range=(-1.0, 1.0),
     clip_pixel: float | None = None,
+    monotone: bool = True,
 ) -> StepVariances:
     """σ² for every step s → t of ``trajectory`` (ascending τ_1 = 1 < … < τ_K = N).
 
     ``eta`` applies to the DDIM family only. ``clip_pixel`` (y, off by default)
     caps the variance of the step into τ_1 for the analytic methods, the
     paper's sampling-time clip (§6): the noise added there reaches the output.
+    ``monotone``: see :func:`covariance_estimate`.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}'; choose one of {list(METHODS)}")
@@ -137,7 +156,8 @@ def step_variances(
     elif method in ("ddpm-tilde", "ddim"):
         sigma2 = lam2.copy()
     else:
-        sigma2 = lam2 + gam2 * covariance_term(schedule, gamma, t, data_range)
+        cov = covariance_estimate(schedule, gamma, data_range, monotone)
+        sigma2 = lam2 + gam2 * cov[t]
         if clip_pixel is not None:
             last = s == tau[0]
             sigma2[last] = np.minimum(sigma2[last], pixel_clip_bound(clip_pixel))

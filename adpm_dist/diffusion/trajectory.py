@@ -5,39 +5,50 @@ trajectory τ is, up to terms that telescope (and so do not depend on τ),
 
     (d/2) Σ_{k=2}^{K} J(τ_{k−1}, τ_k),   J(s, t) = log(1 − β_{t|s} Γ_t / β̄_t),
 
-so the best τ is a least-cost K-node path from 1 to N: an O(K N²) DP with no
-network calls once Γ is known.
+because σ*²_{s|t} = (β_{t|s}/α_{t|s})(1 − β_{t|s}Γ_t/β̄_t) and the step's KL
+is (d/2) log(σ*²/β̃_{s|t}). The best τ is a least-cost K-node path from 1 to N:
+an O(K N²) DP with no network calls once Γ is known.
 
-The log's argument. With an exact model Γ_t ≤ 1, and then the argument is
-≥ α_{t|s} β̄_s / β̄_t > 0. Model error can make Γ_t > 1 and the argument ≤ 0
-(log undefined, NaN, or −∞ that the DP would greedily love). Our rule: the DP
-scores each step with the variance the sampler will *actually* use, i.e. with
-Γ_t projected onto Theorem 2's feasible interval [1 − (ᾱ_t/β̄_t)((b−a)/2)², 1]
-(:func:`clipped_gamma`). This is the same clip the analytic variance applies,
-so cost and sampler never disagree, the argument stays ≥ α_{t|s}β̄_s/β̄_t > 0,
-and no ad-hoc split of the timeline is needed. Where Γ_t hits the upper end
-the step's covariance term is 0 and its cost is the smallest one possible for
-that (s, t) — the same optimism the clipped sampler has.
+When the log's argument is ≤ 0. With an exact model Γ_t ≤ 1 and the argument
+is ≥ α_{t|s}β̄_s/β̄_t > 0. An estimated Γ_t can exceed 1, most often at large t
+where Monte-Carlo error is amplified by β̄_t/ᾱ_t; the log is then undefined,
+and merely clipping Γ_t to 1 is worse than useless: it says x₀ is known
+exactly from x_t, so a jump from s = 1 straight to such a t looks almost free
+and the DP takes it (we saw NLL go from 7 to 900 bits/dim on a 2-D mixture).
+
+Our rule: score every step with the variance the sampler will actually use,
+written in the equivalent form J(s, t) = log(σ²_{s|t} α_{t|s}/β_{t|s}) with
+σ² = β̃_{s|t} + γ²_{s|t}·c_t and c_t the feasible covariance estimate of
+:func:`analytic.covariance_estimate` — Γ's covariance term projected onto
+non-decreasing sequences in t (a property the true quantity has) and clipped to
+Theorem 2's bounds. Then σ² ≥ β̃ > 0, the argument is always positive, no
+ad-hoc split of the timeline is needed, the DP and the sampler never disagree,
+and for an exact Γ (already feasible) J is exactly the paper's.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .analytic import clipped_gamma
+from .analytic import covariance_estimate
 from .schedule import Schedule, _check_k
 
 
-def step_cost_matrix(schedule: Schedule, gamma, data_range=(-1.0, 1.0)) -> np.ndarray:
+def step_cost_matrix(
+    schedule: Schedule, gamma, data_range=(-1.0, 1.0), monotone: bool = True
+) -> np.ndarray:
     """C[s, t] = J(s, t) for 1 ≤ s < t ≤ N, +inf elsewhere; shape (N+1, N+1)."""
     n = schedule.num_timesteps
-    g = clipped_gamma(schedule, gamma, data_range)
+    cov = covariance_estimate(schedule, gamma, data_range, monotone)
     abar, bbar = schedule.alphas_cumprod, schedule.bar_betas
     idx = np.arange(1, n + 1)
     s, t = idx[:, None], idx[None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
-        beta_ts = 1.0 - abar[t] / abar[s]
-        cost = np.log1p(-beta_ts * g[t] / bbar[t])
+        alpha_ts = abar[t] / abar[s]
+        beta_ts = 1.0 - alpha_ts
+        tilde = bbar[s] * beta_ts / bbar[t]
+        gam2 = abar[s] * beta_ts**2 / bbar[t] ** 2
+        cost = np.log((tilde + gam2 * cov[t]) * alpha_ts / beta_ts)
     out = np.full((n + 1, n + 1), np.inf)
     out[1:, 1:] = np.where(s < t, cost, np.inf)
     return out
@@ -48,7 +59,9 @@ def path_cost(cost: np.ndarray, trajectory) -> float:
     return float(np.sum(cost[tau[:-1], tau[1:]]))
 
 
-def optimal_trajectory(schedule: Schedule, gamma, num_steps: int, data_range=(-1.0, 1.0)) -> np.ndarray:
+def optimal_trajectory(
+    schedule: Schedule, gamma, num_steps: int, data_range=(-1.0, 1.0), monotone: bool = True
+) -> np.ndarray:
     """Least-cost τ_1 = 1 < … < τ_K = N under J, for any 2 ≤ K ≤ N.
 
     D_k[t] = min_s D_{k−1}[s] + J(s, t), one vectorised (N+1)² min per k;
@@ -56,7 +69,7 @@ def optimal_trajectory(schedule: Schedule, gamma, num_steps: int, data_range=(-1
     """
     n = schedule.num_timesteps
     _check_k(n, num_steps)
-    cost = step_cost_matrix(schedule, gamma, data_range)
+    cost = step_cost_matrix(schedule, gamma, data_range, monotone)
     best = np.full(n + 1, np.inf)
     best[1] = 0.0
     back = np.zeros((num_steps, n + 1), dtype=np.int64)
@@ -66,7 +79,7 @@ def optimal_trajectory(schedule: Schedule, gamma, num_steps: int, data_range=(-1
         back[k] = np.argmin(total, axis=0)
         best = total[back[k], cols]
     if not np.isfinite(best[n]):
-        raise RuntimeError("no finite-cost trajectory found (this is a bug: please report Γ and K)")
+        raise RuntimeError("no finite-cost trajectory found (a bug: please report Γ and K)")
     tau = np.empty(num_steps, dtype=np.int64)
     tau[-1] = n
     for k in range(num_steps - 1, 0, -1):

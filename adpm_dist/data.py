@@ -1,0 +1,826 @@
+"""WebDataset shards in any storage: writing them, and streaming them to every rank.
+
+Shard format (WebDataset): a tar whose members are ``{key}.png`` (uint8, 1 or 3 channels)
+and ``{key}.cls`` (class index as ASCII), grouped by key. Each shard folder holds a
+``manifest.json`` written last (its presence means the set is complete) with, per shard,
+its split, sample count, offset within the split and sha256.
+
+Two streams:
+
+- :class:`TrainStream` — resampled shards with a reproducible RNG seeded by
+  (seed, epoch, rank, worker), a shuffle buffer and optional horizontal flips. Every rank
+  yields exactly ``batches_per_epoch`` batches, so data-parallel training never hangs on
+  uneven data, and re-creating epoch ``e`` gives the same batches (exact resume).
+- :func:`eval_batches` — every sample exactly once across all ranks and DataLoader workers,
+  each with its global id (manifest offset + index in shard). The split is by sample
+  ranges, not whole shards, so it works with more ranks × workers than shards.
+
+8-bit convention: pixels v ∈ {0..255} decode to x = v/127.5 − 1, so values lie on the
+256-level grid in [−1, 1] (the discretised likelihood relies on it).
+
+Bad input (truncated tar, undecodable image, wrong size, missing field) is skipped, counted
+by kind in a :class:`DataSummary`, warned once per file, and summarised at the end; above
+``max_bad_fraction`` the stream stops with :class:`BadDataError`.
+
+Importing this module registers an ``s3://`` opener in ``webdataset.gopen.gopen_schemes``
+(at import time, so DataLoader workers started with spawn get it too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from adpm_dist import storage
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "adpm_dist.shards/1"
+BAD_KINDS = (
+    "truncated",  # samples missing because the tar ended early or is corrupt
+    "unreadable_shard",  # the shard could not be opened or read at all
+    "undecodable_image",
+    "wrong_size",
+    "missing_field",
+    "unexpected_sample",  # more samples in a shard than its manifest entry says
+)
+
+
+# ============================================================================ webdataset hook
+
+
+def _gopen_storage(url: str, mode: str = "rb", bufsize: int = 8192, **_kw: Any) -> IO[bytes]:
+    """webdataset opener for s3:// through our storage layer (per-process client)."""
+    fs = storage.filesystem(url)
+    return fs.open(url[len("s3://") :], mode)
+
+
+def _register_gopen() -> None:
+    import webdataset.gopen as wds_gopen
+
+    wds_gopen.gopen_schemes["s3"] = _gopen_storage
+
+
+_register_gopen()
+
+
+# ============================================================================ bad-input accounting
+
+
+class BadDataError(RuntimeError):
+    """Too much of the input was bad; the message lists kinds and files."""
+
+
+@dataclass
+class DataSummary:
+    """Good/bad sample counts by kind and by file; mergeable across workers and ranks."""
+
+    good: int = 0
+    bad: Counter = field(default_factory=Counter)
+    bad_files: dict[str, Counter] = field(default_factory=dict)
+
+    @property
+    def bad_total(self) -> int:
+        return int(sum(self.bad.values()))
+
+    @property
+    def seen(self) -> int:
+        return self.good + self.bad_total
+
+    @property
+    def bad_fraction(self) -> float:
+        return self.bad_total / self.seen if self.seen else 0.0
+
+    def add_bad(self, url: str, kind: str, n: int = 1) -> None:
+        if n <= 0:
+            return
+        self.bad[kind] += n
+        self.bad_files.setdefault(url, Counter())[kind] += n
+
+    def merge(self, other: DataSummary | dict) -> None:
+        if isinstance(other, dict):
+            other = DataSummary.from_dict(other)
+        self.good += other.good
+        self.bad.update(other.bad)
+        for url, kinds in other.bad_files.items():
+            self.bad_files.setdefault(url, Counter()).update(kinds)
+
+    def to_dict(self) -> dict:
+        return {
+            "good": self.good,
+            "bad": dict(self.bad),
+            "bad_files": {u: dict(k) for u, k in self.bad_files.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataSummary:
+        return cls(
+            good=int(d.get("good", 0)),
+            bad=Counter(d.get("bad", {})),
+            bad_files={u: Counter(k) for u, k in d.get("bad_files", {}).items()},
+        )
+
+    def report(self, max_files: int = 10) -> str:
+        if not self.bad_total:
+            return f"{self.good} samples, none bad"
+        kinds = ", ".join(f"{k}={n}" for k, n in sorted(self.bad.items()))
+        files = "; ".join(
+            f"{url} ({', '.join(f'{k}={n}' for k, n in sorted(c.items()))})"
+            for url, c in sorted(self.bad_files.items())[:max_files]
+        )
+        more = len(self.bad_files) - max_files
+        tail = f"; … and {more} more files" if more > 0 else ""
+        return (
+            f"{self.good} good, {self.bad_total} bad samples "
+            f"({100 * self.bad_fraction:.2f}%): {kinds}. Files: {files}{tail}"
+        )
+
+    def check(self, max_bad_fraction: float, *, min_seen: int = 0) -> None:
+        """Raise BadDataError if the bad fraction exceeds the limit (once ``min_seen`` seen)."""
+        if self.seen and self.seen >= min_seen and self.bad_fraction > max_bad_fraction:
+            raise BadDataError(
+                f"bad input above the limit of {100 * max_bad_fraction:.2f}%: {self.report()}"
+            )
+
+
+class _FileWarner:
+    """Warn once per file per process (a resampled bad shard would otherwise spam logs)."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def __call__(self, url: str, kind: str, detail: str) -> None:
+        if url not in self._seen:
+            self._seen.add(url)
+            log.warning("bad input in %s: %s (%s); skipping, counted in the summary", url, kind,
+                        storage.redact(detail))
+
+
+# ============================================================================ URLs and manifests
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def _split_top_level_commas(spec: str) -> list[str]:
+    """'a-{0..3}.tar,b.tar' -> ['a-{0..3}.tar', 'b.tar'] (commas inside braces stay)."""
+    parts, depth, cur = [], 0, []
+    for ch in spec:
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth = max(depth - 1, 0)
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def expand_urls(spec: str | Sequence[str]) -> list[str]:
+    """Shard URLs from brace patterns, globs, folders (their *.tar) and comma lists.
+
+    Fails before any work starts — naming the pattern or URL — when a pattern matches
+    nothing, a listed shard is missing, the bucket does not exist or the server refuses
+    the credentials.
+    """
+    import braceexpand
+
+    items = _split_top_level_commas(spec) if isinstance(spec, str) else [str(s) for s in spec]
+    if not items:
+        raise ValueError(f"no shard URLs given: {spec!r}")
+    checked_buckets: set[str] = set()
+    out: list[str] = []
+    for item in items:
+        for url in braceexpand.braceexpand(item):
+            if storage.is_remote(url):
+                bucket = url[len("s3://") :].split("/", 1)[0]
+                if bucket not in checked_buckets:
+                    storage.check_access(url)
+                    checked_buckets.add(bucket)
+            if _GLOB_CHARS.search(url):
+                found = storage.glob(url)
+                if not found:
+                    raise FileNotFoundError(f"shard pattern {url!r} (from {item!r}) matches nothing")
+                out.extend(found)
+            elif url.endswith("/") or (not url.endswith(".tar") and storage.isdir(url)):
+                found = storage.glob(storage.join(url.rstrip("/"), "*.tar"))
+                if not found:
+                    raise FileNotFoundError(f"shard folder {url!r} holds no *.tar files")
+                out.extend(found)
+            else:
+                out.append(url)
+    _check_all_exist(out, spec)
+    return out
+
+
+def _check_all_exist(urls: list[str], spec: Any) -> None:
+    """One listing per parent folder instead of one request per shard."""
+    by_parent: dict[str, list[str]] = {}
+    for u in urls:
+        by_parent.setdefault(storage.dirname(u), []).append(u)
+    for parent, members in by_parent.items():
+        try:
+            present = {storage.basename(p) for p in storage.listdir(parent)}
+        except FileNotFoundError:
+            present = set()
+        missing = [u for u in members if storage.basename(u) not in present]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+            raise FileNotFoundError(f"{len(missing)} shard(s) from {spec!r} do not exist: {shown}")
+
+
+def read_manifest(url_or_dir: str) -> dict:
+    """The manifest of a shard folder (or of the manifest URL itself), validated."""
+    url = url_or_dir if url_or_dir.endswith(".json") else storage.join(url_or_dir, MANIFEST_NAME)
+    try:
+        text = storage.read_text(url)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"shard manifest {url} not found ({exc})") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"shard manifest {url} is not valid JSON: {exc}") from None
+    for name in ("shards", "resolution", "channels"):
+        if name not in manifest:
+            raise ValueError(f"shard manifest {url} lacks the field {name!r}")
+    for i, entry in enumerate(manifest["shards"]):
+        for name in ("name", "split", "count", "offset"):
+            if name not in entry:
+                raise ValueError(f"shard manifest {url}: shard entry {i} lacks {name!r}")
+    return manifest
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What we know about one shard before reading it (count/offset None without manifest)."""
+
+    url: str
+    count: int | None = None
+    offset: int | None = None
+    split: str | None = None
+    manifest_url: str | None = None
+
+
+def shard_table(urls: Sequence[str], *, require_manifest: bool) -> tuple[list[ShardInfo], dict]:
+    """Per-shard counts/offsets from the manifests beside the shards, plus the image format.
+
+    Returns (shards, fmt) where fmt has 'resolution' and 'channels' (None when unknown).
+    """
+    manifests: dict[str, dict | None] = {}
+    infos: list[ShardInfo] = []
+    formats: set[tuple] = set()
+    for url in urls:
+        folder = storage.dirname(url)
+        if folder not in manifests:
+            try:
+                manifests[folder] = read_manifest(folder)
+            except FileNotFoundError:
+                if require_manifest:
+                    raise
+                manifests[folder] = None
+        m = manifests[folder]
+        if m is None:
+            infos.append(ShardInfo(url))
+            continue
+        entry = next((s for s in m["shards"] if s["name"] == storage.basename(url)), None)
+        manifest_url = storage.join(folder, MANIFEST_NAME)
+        if entry is None:
+            raise ValueError(f"shard {url} is not listed in {manifest_url}")
+        infos.append(
+            ShardInfo(url, int(entry["count"]), int(entry["offset"]), entry["split"], manifest_url)
+        )
+        formats.add((int(m["resolution"]), int(m["channels"])))
+    if len(formats) > 1:
+        raise ValueError(f"shards mix image formats (resolution, channels) {sorted(formats)}")
+    res, ch = next(iter(formats)) if formats else (None, None)
+    return infos, {"resolution": res, "channels": ch}
+
+
+# ============================================================================ reading shards
+
+
+def _iter_tar_groups(url: str, stop_after: int | None = None) -> Iterator[dict[str, bytes]]:
+    """Samples of one shard in tar order as {'__key__': key, ext: bytes, ...}.
+
+    A group is yielded only once complete (the next key starts or the tar ends), so a
+    sample cut by truncation is never yielded. Stops early after ``stop_after`` groups.
+    Tar/IO errors propagate to the caller, which accounts for them.
+    """
+    n = 0
+    with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        key, sample = None, {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            folder, base = posixpath.split(member.name)
+            stem, _, ext = base.partition(".")
+            k = posixpath.join(folder, stem)
+            extracted = tar.extractfile(member)
+            data = extracted.read() if extracted is not None else b""
+            if k != key:
+                if key is not None:
+                    yield sample
+                    n += 1
+                    if stop_after is not None and n >= stop_after:
+                        return
+                key, sample = k, {"__key__": k}
+            sample[ext] = data
+        if key is not None:
+            yield sample
+
+
+def decode_png(data: bytes, channels: int | None) -> np.ndarray:
+    """PNG bytes -> uint8 array (H, W, C); converted to ``channels`` (1 or 3) if given."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()  # decode now: a corrupt file raises here, not later
+        if channels == 1 or (channels is None and len(img.getbands()) < 3):
+            img = img.convert("L")
+        else:
+            img = img.convert("RGB")
+        arr = np.asarray(img, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, C) -> float32 (C, H, W) on the 256-level grid in [−1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float() / 127.5 - 1.0
+
+
+class _ShardReader:
+    """Reads samples from shards, decoding and checking them, counting every bad one."""
+
+    def __init__(self, resolution: int | None, channels: int | None, image_field: str = "png"):
+        self.resolution = resolution
+        self.channels = channels
+        self.image_field = image_field
+        self.summary = DataSummary()
+        self.warn = _FileWarner()
+
+    def _bad(self, url: str, kind: str, detail: str, n: int = 1) -> None:
+        self.summary.add_bad(url, kind, n)
+        self.warn(url, kind, detail)
+
+    def decode(self, url: str, sample: dict[str, bytes]) -> np.ndarray | None:
+        if self.image_field not in sample:
+            self._bad(url, "missing_field", f"sample {sample['__key__']!r} has no .{self.image_field}")
+            return None
+        try:
+            arr = decode_png(sample[self.image_field], self.channels)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure means an unusable image
+            self._bad(url, "undecodable_image", f"sample {sample['__key__']!r}: {exc}")
+            return None
+        if self.resolution is not None and arr.shape[:2] != (self.resolution, self.resolution):
+            self._bad(
+                url,
+                "wrong_size",
+                f"sample {sample['__key__']!r} is {arr.shape[1]}x{arr.shape[0]}, "
+                f"expected {self.resolution}x{self.resolution}",
+            )
+            return None
+        return arr
+
+    def read(self, shard: ShardInfo, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(index in shard, image) for samples lo <= index < hi that decode correctly.
+
+        Samples in [lo, hi) that are absent (truncated/unreadable shard) are counted as bad
+        by this reader — and only by it, since ranges of different readers do not overlap.
+        """
+        count = shard.count
+        hi = count if hi is None else hi
+        stop_after = hi if hi is not None else None
+        seen = 0  # groups with index in [lo, hi)
+        index = -1
+        problem: tuple[str, str] | None = None
+        try:
+            for index, sample in enumerate(_iter_tar_groups(shard.url, stop_after)):
+                if index < lo:
+                    continue
+                if count is not None and index >= count:
+                    self._bad(shard.url, "unexpected_sample",
+                              f"sample {sample['__key__']!r} beyond the manifest count {count}")
+                    continue
+                seen += 1
+                arr = self.decode(shard.url, sample)
+                if arr is not None:
+                    self.summary.good += 1
+                    yield index, arr
+        except (tarfile.TarError, EOFError) as exc:
+            problem = ("truncated", f"tar ends or breaks after {index + 1} samples: {exc}")
+        except OSError as exc:
+            problem = ("unreadable_shard", str(exc))
+        if hi is not None:
+            missing = max(hi - lo, 0) - seen
+            if missing > 0:
+                kind, detail = problem or (
+                    "truncated", f"{index + 1} samples, manifest says {count}")
+                self._bad(shard.url, kind, detail, missing)
+        elif problem is not None:
+            self._bad(shard.url, problem[0], problem[1])
+
+    def take_summary(self) -> dict:
+        """The counts since the last call (a delta, sent from workers with each batch)."""
+        out = self.summary.to_dict()
+        self.summary = DataSummary()
+        return out
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+# ============================================================================ training stream
+
+
+class _TrainEpoch(IterableDataset):
+    """One epoch of one rank; each DataLoader worker yields its share of the batches."""
+
+    def __init__(self, stream: TrainStream, epoch: int):
+        super().__init__()
+        self.s = stream
+        self.epoch = epoch
+
+    def worker_batches(self, worker: int, num_workers: int) -> int:
+        n = self.s.batches_per_epoch
+        return n // num_workers + (1 if worker < n % num_workers else 0)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict]]:
+        worker, num_workers = _worker()
+        return self.iter_worker(worker, num_workers)
+
+    def iter_worker(self, worker: int, num_workers: int) -> Iterator[tuple[torch.Tensor, dict]]:
+        s = self.s
+        n_batches = self.worker_batches(worker, num_workers)
+        if n_batches == 0:
+            return
+        rng = np.random.default_rng([s.seed, self.epoch, s.rank, worker])
+        reader = _ShardReader(s.resolution, s.channels)
+        samples = self._resampled(rng, reader)
+        buffer: list[np.ndarray] = []
+        for arr in samples:  # fill the shuffle buffer first
+            buffer.append(arr)
+            if len(buffer) >= s.shuffle_buffer:
+                break
+        batch: list[torch.Tensor] = []
+        done = 0
+        while done < n_batches:
+            j = int(rng.integers(len(buffer)))
+            arr = buffer[j]
+            nxt = next(samples, None)  # the stream is endless; None never happens in practice
+            if nxt is not None:
+                buffer[j] = nxt
+            x = to_tensor(arr)
+            if s.hflip and rng.random() < 0.5:
+                x = x.flip(-1)
+            batch.append(x)
+            if len(batch) == s.batch_size:
+                yield torch.stack(batch), reader.take_summary()
+                batch = []
+                done += 1
+
+    def _resampled(self, rng: np.random.Generator, reader: _ShardReader) -> Iterator[np.ndarray]:
+        """Endless samples from shards drawn with replacement; fails if nothing decodes."""
+        shards = self.s.shards
+        fruitless = 0
+        while True:
+            shard = shards[int(rng.integers(len(shards)))]
+            produced = 0
+            for _i, arr in reader.read(shard):
+                produced += 1
+                yield arr
+            fruitless = 0 if produced else fruitless + 1
+            if fruitless > 2 * len(shards) + 8:
+                raise BadDataError(
+                    f"no decodable samples after reading {fruitless} shards: "
+                    f"{reader.summary.report()}"
+                )
+
+
+class TrainStream:
+    """Endless-data training batches: exactly ``batches_per_epoch`` per rank per epoch.
+
+    Batches are float32 (batch_size, C, H, W) in [−1, 1]. The same (seed, epoch, rank,
+    world_size, num_workers) always gives the same batches, so a resumed run re-creates
+    epoch ``e`` and skips the batches it has done. Shards are drawn with replacement, so
+    ranks never run out and never need the same number of shards.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int | None = None,
+        world_size: int | None = None,
+        batches_per_epoch: int,
+        num_workers: int = 2,
+        resolution: int | None = None,
+        channels: int | None = None,
+        hflip: bool = False,
+        shuffle_buffer: int = 1000,
+        max_bad_fraction: float = 0.01,
+    ):
+        from adpm_dist import dist
+
+        info = dist.env_info()
+        self.rank = info.rank if rank is None else int(rank)
+        self.world_size = info.world_size if world_size is None else int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+        if batch_size < 1 or batches_per_epoch < 1 or shuffle_buffer < 1:
+            raise ValueError("batch_size, batches_per_epoch and shuffle_buffer must be >= 1")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.urls = expand_urls(urls)
+        self.shards, fmt = shard_table(self.urls, require_manifest=False)
+        self.resolution = _agree("resolution", resolution, fmt["resolution"], self.urls[0])
+        self.channels = channels if channels is not None else fmt["channels"]
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.batches_per_epoch = int(batches_per_epoch)
+        self.num_workers = int(num_workers)
+        self.hflip = bool(hflip)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.summary = DataSummary()  # accumulated over all epochs of this rank
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def epoch(self, e: int) -> Iterator[torch.Tensor]:
+        """The batches of epoch ``e`` for this rank (a fresh, reproducible pass)."""
+        dataset = _TrainEpoch(self, int(e))
+        produced = 0
+        for batch, delta in _loader(dataset, self.num_workers):
+            self.summary.merge(delta)
+            self.summary.check(self.max_bad_fraction, min_seen=_MIN_SEEN_FOR_EARLY_STOP)
+            produced += 1
+            yield batch
+        if produced != self.batches_per_epoch:  # a worker died quietly: never hand out less
+            raise RuntimeError(
+                f"epoch {e} produced {produced} batches, expected {self.batches_per_epoch}"
+            )
+        _finish(self.summary, self.max_bad_fraction, f"train epoch {e} rank {self.rank}")
+
+
+# ============================================================================ evaluation stream
+
+
+def consumer_range(total: int, consumer: int, n_consumers: int) -> tuple[int, int]:
+    """Contiguous, disjoint, covering slice [lo, hi) of ``total`` items for one consumer."""
+    return total * consumer // n_consumers, total * (consumer + 1) // n_consumers
+
+
+class _EvalPass(IterableDataset):
+    """The samples of one rank, split by contiguous sample ranges across workers."""
+
+    def __init__(self, shards: list[ShardInfo], fmt: dict, batch_size: int, rank: int,
+                 world_size: int):
+        super().__init__()
+        self.shards = shards
+        self.fmt = fmt
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+        worker, num_workers = _worker()
+        return self.iter_worker(worker, num_workers)
+
+    def iter_worker(self, worker: int, num_workers: int):
+        consumer = self.rank * num_workers + worker
+        total = sum(s.count for s in self.shards)
+        lo, hi = consumer_range(total, consumer, self.world_size * num_workers)
+        reader = _ShardReader(self.fmt["resolution"], self.fmt["channels"])
+        ids: list[int] = []
+        images: list[torch.Tensor] = []
+        start = 0  # position of this shard in the concatenation of the given shards
+        for shard in self.shards:
+            a, b = max(lo - start, 0), min(hi - start, shard.count)
+            start += shard.count
+            if a >= b:
+                continue
+            for index, arr in reader.read(shard, a, b):
+                ids.append(shard.offset + index)
+                images.append(to_tensor(arr))
+                if len(ids) == self.batch_size:
+                    yield torch.tensor(ids, dtype=torch.long), torch.stack(images), reader.take_summary()
+                    ids, images = [], []
+        if ids:
+            yield torch.tensor(ids, dtype=torch.long), torch.stack(images), reader.take_summary()
+        elif reader.summary.seen:
+            empty = torch.empty(0, dtype=torch.long)
+            yield empty, torch.empty(0), reader.take_summary()  # counts only; dropped by caller
+
+
+class EvalBatches:
+    """Iterator of (ids, images) over this rank's share; ``summary`` holds the bad-input counts."""
+
+    def __init__(self, dataset: _EvalPass, num_workers: int, max_bad_fraction: float):
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.max_bad_fraction = max_bad_fraction
+        self.summary = DataSummary()
+        self.total = sum(s.count for s in dataset.shards)
+        self._it = self._run()
+
+    def _run(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for ids, images, delta in _loader(self.dataset, self.num_workers):
+            self.summary.merge(delta)
+            # Against the whole set's size: a rank cannot know the others' counts.
+            if self.summary.bad_total > self.max_bad_fraction * self.total:
+                self.summary.check(self.max_bad_fraction)
+            if len(ids):
+                yield ids, images
+        _finish(self.summary, self.max_bad_fraction, f"eval rank {self.dataset.rank}")
+
+    def __iter__(self) -> EvalBatches:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return next(self._it)
+
+
+def eval_batches(
+    urls: str | Sequence[str],
+    *,
+    batch_size: int,
+    rank: int | None = None,
+    world_size: int | None = None,
+    num_workers: int = 2,
+    max_bad_fraction: float = 0.0,
+) -> EvalBatches:
+    """(ids, images) batches: each sample of the shards exactly once across ranks × workers.
+
+    ``ids`` are global sample ids in [0, split total) from the manifest (shard offset +
+    index within the shard); images are float32 (B, C, H, W) in [−1, 1]. The last batch of
+    each worker may be short. Needs the manifest beside the shards (for counts/offsets).
+    """
+    from adpm_dist import dist
+
+    info = dist.env_info()
+    rank = info.rank if rank is None else int(rank)
+    world_size = info.world_size if world_size is None else int(world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    expanded = expand_urls(urls)
+    dupes = sorted({u for u in expanded if expanded.count(u) > 1})
+    if dupes:
+        raise ValueError(f"evaluation shards listed twice would be counted twice: {dupes[:5]}")
+    shards, fmt = shard_table(expanded, require_manifest=True)
+    splits = {(s.manifest_url, s.split) for s in shards}
+    if len(splits) > 1:
+        raise ValueError(f"evaluation shards must come from one manifest and split, got {splits}")
+    return EvalBatches(_EvalPass(shards, fmt, int(batch_size), rank, world_size),
+                       int(num_workers), float(max_bad_fraction))
+
+
+# ============================================================================ shared helpers
+
+_MIN_SEEN_FOR_EARLY_STOP = 256  # don't stop a run on the first bad sample of a tiny prefix
+
+
+def _loader(dataset: IterableDataset, num_workers: int) -> Iterable:
+    if num_workers <= 0:
+        return iter(dataset)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, prefetch_factor=4)
+
+
+def _finish(summary: DataSummary, max_bad_fraction: float, what: str) -> None:
+    if summary.bad_total:
+        log.warning("%s: %s", what, summary.report())
+    summary.check(max_bad_fraction)
+
+
+def _agree(name: str, given: int | None, stored: int | None, where: str) -> int | None:
+    if given is not None and stored is not None and int(given) != int(stored):
+        raise ValueError(f"{name}={given} requested, but the shards of {where} store {stored}")
+    return given if given is not None else stored
+
+
+# ============================================================================ writing shards
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    """uint8 (H, W), (H, W, 1) or (H, W, 3) -> PNG bytes (deterministic for equal input)."""
+    if arr.dtype != np.uint8:
+        raise ValueError(f"images must be uint8, got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+class _HashingWriter(io.RawIOBase):
+    """Passes bytes through while computing sha256 and size (for the manifest)."""
+
+    def __init__(self, sink: IO[bytes]):
+        super().__init__()
+        self.sink = sink
+        self.sha = hashlib.sha256()
+        self.nbytes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.nbytes += len(b)
+        self.sink.write(b)
+        return len(b)
+
+
+def write_shard(url: str, samples: Iterable[dict[str, bytes | str]]) -> dict:
+    """Write one tar shard atomically; returns {'count', 'sha256', 'bytes'}.
+
+    Each sample is {'__key__': key, ext: bytes-or-str, ...}. Member metadata is fixed
+    (mtime 0, uid 0, no names), so equal samples give byte-identical shards and reruns
+    are idempotent.
+    """
+    count = 0
+    with storage.open_write(url) as raw:
+        hashing = _HashingWriter(raw)
+        with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in samples:
+                key = str(sample["__key__"])
+                if "." in posixpath.basename(key):
+                    raise ValueError(f"sample key {key!r} must not contain '.'")
+                for ext, value in sample.items():
+                    if ext == "__key__":
+                        continue
+                    data = value.encode() if isinstance(value, str) else bytes(value)
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    info.mtime = 0
+                    info.mode = 0o444
+                    tar.addfile(info, io.BytesIO(data))
+                count += 1
+    return {"count": count, "sha256": hashing.sha.hexdigest(), "bytes": hashing.nbytes}
+
+
+def write_split(
+    out_url: str,
+    split: str,
+    images: Iterable[np.ndarray],
+    labels: Iterable[int] | None,
+    *,
+    shard_size: int,
+    progress: Any = None,
+) -> list[dict]:
+    """Write ``{split}-000000.tar``… under ``out_url``; returns the manifest shard entries.
+
+    Keys are ``{split}_{index:08d}`` with index the sample's id within the split.
+    """
+    if shard_size < 1:
+        raise ValueError("shard_size must be >= 1")
+    entries: list[dict] = []
+    label_iter = iter(labels) if labels is not None else None
+    pending: list[dict] = []
+    index = 0
+
+    def flush() -> None:
+        name = f"{split}-{len(entries):06d}.tar"
+        result = write_shard(storage.join(out_url, name), pending)
+        offset = entries[-1]["offset"] + entries[-1]["count"] if entries else 0
+        entries.append({"name": name, "split": split, "offset": offset, **result})
+        pending.clear()
+
+    for arr in images:
+        sample: dict[str, bytes | str] = {"__key__": f"{split}_{index:08d}", "png": encode_png(arr)}
+        if label_iter is not None:
+            sample["cls"] = str(int(next(label_iter)))
+        pending.append(sample)
+        index += 1
+        if progress is not None:
+            progress()
+        if len(pending) == shard_size:
+            flush()
+    if pending:
+        flush()
+    return entries
+
+
+def write_manifest(out_url: str, manifest: dict) -> str:
+    """Write manifest.json last (atomically): its presence marks the shard set complete."""
+    url = storage.join(out_url, MANIFEST_NAME)
+    storage.write_text(url, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return url

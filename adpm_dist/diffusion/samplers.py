@@ -1,0 +1,115 @@
+"""One reverse loop for every method (DDPM-, DDIM- and Analytic-family).
+
+Samplers are pure functions of an ``eps_fn(x, n) -> ε̂`` (n = 1..N, a LongTensor
+of the batch size) and of per-image ``torch.Generator``s: image i's starting
+noise and every noise it receives come from generator i alone, so the output
+for an image does not depend on which batch or rank it was drawn in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .analytic import StepVariances, step_variances
+from .schedule import Schedule
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_generators(seeds: Sequence[int], device="cpu") -> list[torch.Generator]:
+    """One generator per image, seeded by that image's own seed."""
+    gens = []
+    for seed in seeds:
+        g = torch.Generator(device=device)
+        g.manual_seed(int(seed))
+        gens.append(g)
+    return gens
+
+
+def per_image_normal(generators: Sequence[torch.Generator], shape, dtype, device) -> torch.Tensor:
+    """A (len(generators), *shape) standard normal tensor, row i drawn from generator i."""
+    return torch.stack(
+        [torch.randn(tuple(shape), generator=g, dtype=dtype, device=device) for g in generators]
+    )
+
+
+def predict_x0(schedule: Schedule, x_t: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
+    """x̂₀ = (x_t − √β̄_t ε̂)/√ᾱ_t (the forward relation solved for x₀)."""
+    abar = float(schedule.alphas_cumprod[t])
+    return (x_t - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)
+
+
+def reverse_mean(
+    schedule: Schedule, x_t: torch.Tensor, x0_hat: torch.Tensor, s: int, t: int, lambda2: float
+) -> torch.Tensor:
+    """μ = √ᾱ_s x̂₀ + √(β̄_s − λ²)·(x_t − √ᾱ_t x̂₀)/√β̄_t (paper Eq. 9; = μ̃ for λ² = β̃)."""
+    abar_s, abar_t = float(schedule.alphas_cumprod[s]), float(schedule.alphas_cumprod[t])
+    eps_hat = (x_t - math.sqrt(abar_t) * x0_hat) / math.sqrt(1.0 - abar_t)
+    return math.sqrt(abar_s) * x0_hat + math.sqrt(max(1.0 - abar_s - lambda2, 0.0)) * eps_hat
+
+
+def run_reverse(
+    eps_fn: EpsFn,
+    schedule: Schedule,
+    steps: StepVariances,
+    generators: Sequence[torch.Generator],
+    shape: Sequence[int],
+    *,
+    dtype=torch.float32,
+    device="cpu",
+    clip_range: tuple[float, float] | None = (-1.0, 1.0),
+    progress: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Sample x_N ~ N(0, I) and run every step of ``steps``; the last step returns x̂₀.
+
+    ``clip_range`` clips x̂₀ to the data range before it forms the mean (None: off).
+    ``progress`` is called once per network evaluation.
+    """
+    x = per_image_normal(generators, shape, dtype, device)
+    batch = x.shape[0]
+
+    def x0_at(x_t: torch.Tensor, t: int) -> torch.Tensor:
+        n = torch.full((batch,), t, dtype=torch.long, device=device)
+        x0 = predict_x0(schedule, x_t, eps_fn(x_t, n).to(x_t.dtype), t)
+        if progress is not None:
+            progress()
+        return x0.clamp(*clip_range) if clip_range is not None else x0
+
+    for s, t, lam2, sig2 in zip(steps.s, steps.t, steps.lambda2, steps.sigma2):
+        mean = reverse_mean(schedule, x, x0_at(x, int(t)), int(s), int(t), float(lam2))
+        if sig2 > 0:
+            mean = mean + math.sqrt(float(sig2)) * per_image_normal(generators, shape, dtype, device)
+        x = mean
+    # Last step τ_1 → 0: p(x₀|x_{τ_1}) has mean x̂₀(x_{τ_1}); we return the mean, as is usual.
+    return x0_at(x, int(steps.s[-1]))
+
+
+def sample(
+    eps_fn: EpsFn,
+    schedule: Schedule,
+    trajectory,
+    method: str,
+    generators: Sequence[torch.Generator],
+    shape: Sequence[int],
+    *,
+    gamma=None,
+    eta: float = 0.0,
+    data_range: tuple[float, float] = (-1.0, 1.0),
+    clip_pixel: float | None = None,
+    clip_x0: bool = True,
+    dtype=torch.float32,
+    device="cpu",
+    progress: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Draw ``len(generators)`` samples of ``shape`` with any method on any trajectory."""
+    steps = step_variances(
+        schedule, trajectory, method, gamma=gamma, eta=eta, data_range=data_range,
+        clip_pixel=clip_pixel,
+    )
+    return run_reverse(
+        eps_fn, schedule, steps, generators, shape, dtype=dtype, device=device,
+        clip_range=data_range if clip_x0 else None, progress=progress,
+    )

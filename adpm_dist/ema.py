@@ -1,0 +1,58 @@
+"""Exponential moving average of model weights, kept in fp32.
+
+The EMA lives in its own copy of the network (``EMA.model``) so it can be
+saved with ``models.io.model_to_bytes`` and loaded by the later stages as an
+ordinary model. Each update reads the *full* training weights; under ZeRO-3
+the caller passes them through ``deepspeed.zero.GatheredParameters``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """θ_ema ← d θ_ema + (1 − d) θ, with optional warm-up d_k = min(d, (1 + k) / (10 + k))."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        self.model = copy.deepcopy(model).float().eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def current_decay(self) -> float:
+        if self.warmup:
+            k = self.num_updates
+            return min(self.decay, (1.0 + k) / (10.0 + k))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, params: list[torch.Tensor], buffers: list[torch.Tensor] | None = None) -> None:
+        """One step; ``params`` in the order of ``self.model.parameters()``."""
+        d = self.current_decay()
+        mine = list(self.model.parameters())
+        if len(mine) != len(params):
+            raise ValueError(f"EMA has {len(mine)} parameters, update got {len(params)}")
+        for ema_p, p in zip(mine, params):
+            ema_p.lerp_(p.detach().to(ema_p.device, torch.float32), 1.0 - d)
+        if buffers is not None:
+            for ema_b, b in zip(self.model.buffers(), buffers):
+                ema_b.copy_(b.detach())
+        self.num_updates += 1
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """fp32 weights by state-dict name (what goes into ema.safetensors)."""
+        return {k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()}
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, torch.Tensor], num_updates: int) -> None:
+        missing = self.model.load_state_dict(tensors, strict=True)
+        del missing
+        self.num_updates = int(num_updates)

@@ -1,0 +1,310 @@
+"""The Γ file: one JSON object, format "adpm-gamma/1". Write, read, validate, merge.
+
+Γ_n := E_{x_n~q_n} ‖ε_θ(x_n, n)‖²/d (DESIGN.md). The file keeps the sufficient
+statistics per n = 1..N — ``sum`` (Σ‖ε‖²/d), ``sum_sq`` (Σ(‖ε‖²/d)²),
+``count`` — so that separate runs merge exactly; ``gamma`` and ``stderr`` are
+derived from them. ``contributions`` records which (run, rank, sample-id
+range) went in; two contributions with the same ``run_id`` and intersecting
+ranges would double count, and are refused.
+
+JSON only — never pickle: a Γ file can come from anyone's bucket.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import __version__
+
+FORMAT = "adpm-gamma/1"
+PER_T_FIELDS = ("sum", "sum_sq", "count", "gamma", "stderr")
+
+
+class GammaFileError(ValueError):
+    """A Γ file is malformed or does not fit the schedule/model it is used with."""
+
+
+def _stats(sum_: np.ndarray, sum_sq: np.ndarray, count: np.ndarray):
+    """Γ = mean and its standard error (sample std / √count); 0 where count is 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = count.astype(np.float64)
+        mean = np.where(count > 0, sum_ / np.maximum(c, 1), 0.0)
+        var = np.where(count > 1, (sum_sq - c * mean**2) / np.maximum(c - 1, 1), 0.0)
+        stderr = np.sqrt(np.maximum(var, 0.0) / np.maximum(c, 1))
+    return mean, stderr
+
+
+@dataclass
+class GammaFile:
+    schedule: dict
+    model: dict
+    sum: np.ndarray
+    sum_sq: np.ndarray
+    count: np.ndarray
+    data: dict = field(default_factory=dict)
+    contributions: list = field(default_factory=list)
+    created: str = ""
+    adpm_dist_version: str = __version__
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, schedule, model: dict, data: dict | None = None) -> GammaFile:
+        n = schedule.num_timesteps
+        return cls(
+            schedule=schedule.describe(),
+            model=dict(model),
+            sum=np.zeros(n),
+            sum_sq=np.zeros(n),
+            count=np.zeros(n, dtype=np.int64),
+            data=dict(data or {}),
+        )
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.schedule["num_timesteps"])
+
+    @property
+    def gamma(self) -> np.ndarray:
+        """Γ_n for n = 1..N (length N)."""
+        return _stats(self.sum, self.sum_sq, self.count)[0]
+
+    @property
+    def stderr(self) -> np.ndarray:
+        return _stats(self.sum, self.sum_sq, self.count)[1]
+
+    def gamma_vector(self) -> np.ndarray:
+        """Γ as length N+1 (index 0 unused, NaN), the layout the diffusion maths uses."""
+        return np.concatenate([[np.nan], self.gamma])
+
+    def is_complete(self) -> bool:
+        return bool(np.all(self.count > 0))
+
+    def add(self, t: np.ndarray, values: np.ndarray) -> None:
+        """Accumulate per-sample ‖ε‖²/d ``values`` observed at timesteps ``t`` (1..N)."""
+        t = np.asarray(t, dtype=np.int64) - 1
+        v = np.asarray(values, dtype=np.float64)
+        np.add.at(self.sum, t, v)
+        np.add.at(self.sum_sq, t, v * v)
+        np.add.at(self.count, t, 1)
+
+    def to_dict(self) -> dict:
+        mean, stderr = _stats(self.sum, self.sum_sq, self.count)
+        out = {
+            "format": FORMAT,
+            "schedule": self.schedule,
+            "model": self.model,
+            "data": self.data,
+            "sum": self.sum.tolist(),
+            "sum_sq": self.sum_sq.tolist(),
+            "count": [int(c) for c in self.count],
+            "gamma": mean.tolist(),
+            "stderr": stderr.tolist(),
+            "contributions": self.contributions,
+            "created": self.created or _now(),
+            "adpm_dist_version": self.adpm_dist_version,
+        }
+        if self.extra:
+            out["extra"] = self.extra
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, allow_nan=False)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def from_dict(obj, source: str = "<Γ file>", require_complete: bool = True) -> GammaFile:
+    """Validate a parsed Γ file and build a :class:`GammaFile`; errors name ``source``."""
+
+    def fail(msg: str):
+        raise GammaFileError(f"{source}: {msg}")
+
+    if not isinstance(obj, dict):
+        fail("not a JSON object")
+    if obj.get("format") != FORMAT:
+        fail(f"format is {obj.get('format')!r}, expected {FORMAT!r}")
+    for key in ("schedule", "model", "sum", "sum_sq", "count", "contributions"):
+        if key not in obj:
+            fail(f"missing field '{key}'")
+    sched = obj["schedule"]
+    if not isinstance(sched, dict) or not {"name", "num_timesteps", "betas_sha256"} <= set(sched):
+        fail("field 'schedule' needs name, num_timesteps and betas_sha256")
+    if not isinstance(obj["model"], dict) or "digest" not in obj["model"]:
+        fail("field 'model' needs a digest")
+    n = sched["num_timesteps"]
+    if not isinstance(n, int) or n < 1:
+        fail(f"schedule.num_timesteps must be a positive integer, got {n!r}")
+    arrays = {}
+    for key in ("sum", "sum_sq", "count"):
+        val = obj[key]
+        if not isinstance(val, list) or len(val) != n:
+            got = len(val) if isinstance(val, list) else type(val).__name__
+            fail(f"field '{key}' must be a list of length N={n}, got {got}")
+        try:
+            arr = np.asarray(val, dtype=np.float64)
+        except (TypeError, ValueError):
+            fail(f"field '{key}' holds non-numbers")
+        if not np.all(np.isfinite(arr)):
+            bad = (np.flatnonzero(~np.isfinite(arr))[:5] + 1).tolist()
+            fail(f"field '{key}' is not finite at n = {bad}")
+        arrays[key] = arr
+    count = arrays["count"]
+    if np.any(count < 0) or np.any(count != np.round(count)):
+        fail("field 'count' must hold non-negative integers")
+    if require_complete and np.any(count <= 0):
+        bad = (np.flatnonzero(count <= 0)[:5] + 1).tolist()
+        fail(f"count is 0 at n = {bad}…: Γ was not estimated at every timestep")
+    if np.any(arrays["sum"] < 0) or np.any(arrays["sum_sq"] < 0):
+        fail("sum and sum_sq of squared norms cannot be negative")
+    contributions = obj["contributions"]
+    if not isinstance(contributions, list):
+        fail("field 'contributions' must be a list")
+    for i, c in enumerate(contributions):
+        ok = (
+            isinstance(c, dict)
+            and isinstance(c.get("run_id"), str)
+            and isinstance(c.get("samples"), list)
+            and len(c["samples"]) == 2
+            and all(isinstance(x, int) for x in c["samples"])
+            and c["samples"][0] <= c["samples"][1]
+        )
+        if not ok:
+            fail(f"contributions[{i}] needs run_id (str), rank, world_size, samples [start, end]")
+    return GammaFile(
+        schedule=dict(sched),
+        model=dict(obj["model"]),
+        sum=arrays["sum"],
+        sum_sq=arrays["sum_sq"],
+        count=count.astype(np.int64),
+        data=dict(obj.get("data") or {}),
+        contributions=list(contributions),
+        created=str(obj.get("created", "")),
+        adpm_dist_version=str(obj.get("adpm_dist_version", "")),
+        extra=dict(obj.get("extra") or {}),
+    )
+
+
+def loads(text: str, source: str = "<Γ file>", require_complete: bool = True) -> GammaFile:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise GammaFileError(f"{source}: not valid JSON ({exc})") from None
+    return from_dict(obj, source, require_complete)
+
+
+def read_gamma(url: str, require_complete: bool = True) -> GammaFile:
+    from . import storage
+
+    try:
+        text = storage.read_text(url)
+    except FileNotFoundError:
+        raise GammaFileError(f"{url}: no such Γ file") from None
+    return loads(text, url, require_complete)
+
+
+def write_gamma(gamma_file: GammaFile, url: str) -> None:
+    """Write atomically: nothing half-written is ever visible under ``url``."""
+    from . import storage
+
+    storage.write_text(url, gamma_file.to_json())
+
+
+def check_schedule(gamma_file: GammaFile, schedule, source: str = "Γ file") -> None:
+    """Refuse a Γ file estimated under another schedule, naming both."""
+    want = schedule.describe()
+    got = gamma_file.schedule
+    if got.get("betas_sha256") != want["betas_sha256"] or got.get("num_timesteps") != want[
+        "num_timesteps"
+    ]:
+        raise GammaFileError(
+            f"{source} was estimated for schedule {got.get('name')!r} "
+            f"(N={got.get('num_timesteps')}, betas sha256 {str(got.get('betas_sha256'))[:12]}…) "
+            f"but the model uses {want['name']!r} (N={want['num_timesteps']}, "
+            f"betas sha256 {want['betas_sha256'][:12]}…)"
+        )
+
+
+def check_model(gamma_file: GammaFile, digest: str, name: str = "", source: str = "Γ file") -> None:
+    """Refuse a Γ file estimated with another network, naming both."""
+    got = gamma_file.model
+    if got.get("digest") != digest:
+        raise GammaFileError(
+            f"{source} was estimated with model {got.get('name', '?')!r} "
+            f"(digest {str(got.get('digest'))[:12]}…) but the model in use is {name or '?'!r} "
+            f"(digest {digest[:12]}…)"
+        )
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    (a0, a1), (b0, b1) = a["samples"], b["samples"]
+    return a["run_id"] == b["run_id"] and max(a0, b0) < min(a1, b1)
+
+
+def find_overlap(contributions: list) -> tuple[dict, dict] | None:
+    """First pair of contributions that share run_id and intersecting sample ranges."""
+    by_run: dict[str, list] = {}
+    for c in contributions:
+        by_run.setdefault(c["run_id"], []).append(c)
+    for group in by_run.values():
+        group = sorted(group, key=lambda c: c["samples"][0])
+        for prev, cur in zip(group, group[1:]):
+            if _overlap(prev, cur):
+                return prev, cur
+    return None
+
+
+def merge(files: list[GammaFile], sources: list[str] | None = None) -> GammaFile:
+    """Exact merge: sums and counts add. Refuses mismatched schedule/model and overlaps."""
+    if not files:
+        raise GammaFileError("nothing to merge")
+    sources = sources or [f"input {i}" for i in range(len(files))]
+    first, src0 = files[0], sources[0]
+    for gf, src in zip(files[1:], sources[1:]):
+        if gf.schedule.get("betas_sha256") != first.schedule.get("betas_sha256"):
+            raise GammaFileError(
+                f"cannot merge: {src} has schedule {gf.schedule.get('name')!r} "
+                f"(N={gf.schedule.get('num_timesteps')}) but {src0} has "
+                f"{first.schedule.get('name')!r} (N={first.schedule.get('num_timesteps')})"
+            )
+        if gf.model.get("digest") != first.model.get("digest"):
+            raise GammaFileError(
+                f"cannot merge: {src} is for model {gf.model.get('name', '?')!r} "
+                f"({str(gf.model.get('digest'))[:12]}…) but {src0} is for "
+                f"{first.model.get('name', '?')!r} ({str(first.model.get('digest'))[:12]}…)"
+            )
+    contributions = [c for gf in files for c in gf.contributions]
+    clash = find_overlap(contributions)
+    if clash:
+        a, b = clash
+        raise GammaFileError(
+            f"cannot merge: run {a['run_id']!r} contributes samples {a['samples']} and "
+            f"{b['samples']} twice (overlapping ranges would double count)"
+        )
+    out = GammaFile(
+        schedule=dict(first.schedule),
+        model=dict(first.model),
+        sum=np.sum([gf.sum for gf in files], axis=0),
+        sum_sq=np.sum([gf.sum_sq for gf in files], axis=0),
+        count=np.sum([gf.count for gf in files], axis=0).astype(np.int64),
+        data={"merged_from": [gf.data for gf in files]},
+        contributions=contributions,
+    )
+    return out
+
+
+def summary(gf: GammaFile) -> dict:
+    se = gf.stderr
+    return {
+        "num_timesteps": gf.num_timesteps,
+        "samples_per_t_min": int(gf.count.min()),
+        "samples_per_t_max": int(gf.count.max()),
+        "max_stderr": float(se.max()) if se.size else math.nan,
+        "contributions": len(gf.contributions),
+    }

@@ -1,0 +1,741 @@
+"""Training of the ε-network with DeepSpeed over torch.distributed.
+
+    python -m adpm_dist.train --config configs/tiny.yaml train.run_dir=s3://b/run key=value ...
+    torchrun --nproc_per_node 2 -m adpm_dist.train --config configs/cifar10.yaml ...
+
+One DeepSpeed engine on every path (single process included): ZeRO stage from
+the config, fp32 on CPU and bf16 on GPU, torch AdamW with explicit weight decay,
+linear warm-up, gradient clipping, and an fp32 EMA of the weights.
+
+Loss (L_simple): n ~ U{1..N}, ε ~ N(0, I), x_n = √ᾱ_n x_0 + √β̄_n ε,
+loss = ‖ε_θ(x_n, n) − ε‖² (mean), or the L1 norm. The timesteps, the noise and
+the dropout RNG of step s on rank r come from generators seeded by
+(seed, s, r): nothing random depends on history, which is what makes resume exact.
+
+Run directory (a local path or ``s3://``)::
+
+    config.yaml              resolved config of the latest (re)start
+    ckpt/step_XXXXXXXX/      DeepSpeed state (+ ema.safetensors of that step)
+    ema.safetensors          fp32 EMA weights: what estimation and sampling load
+    metrics.jsonl            one JSON object per logged step
+    samples/step_XXXXXXXX.png  optional sample grids
+    latest.json              written LAST; rerunning resumes from it
+
+Exit status: 0 done; ``preempt.REQUEUE_EXIT_CODE`` (75) checkpointed after
+SIGUSR1/SIGTERM, requeue me; ``DIVERGED_EXIT_CODE`` (3) stopped after
+``train.max_bad_steps`` non-finite losses in a row (last good state saved);
+2 bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import dist, preempt, storage
+from .config import Config, ConfigError, build_config, config_to_yaml
+from .diffusion.schedule import Schedule, make_schedule
+from .ema import EMA
+
+DIVERGED_EXIT_CODE = 3
+CONFIG_ERROR_EXIT_CODE = 2
+LATEST = "latest.json"
+EMA_FILE = "ema.safetensors"
+METRICS_FILE = "metrics.jsonl"
+
+log = logging.getLogger("adpm_dist.train")
+
+
+# ---------------------------------------------------------------- randomness
+
+
+def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
+    """A 63-bit seed for (seed, step, rank, stream): independent of history and world order."""
+    state = np.random.SeedSequence([int(seed), int(step), int(rank), int(stream)])
+    return int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def draw_noise(
+    shape: tuple[int, ...], num_timesteps: int, seed: int, step: int, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, ε) for one step on one rank: n ~ U{1..N} (int64, [B]), ε ~ N(0, I) (float32).
+
+    Drawn on the CPU so the numbers do not depend on the device.
+    """
+    g = torch.Generator(device="cpu")
+    g.manual_seed(step_seed(seed, step, rank))
+    n = torch.randint(1, num_timesteps + 1, (shape[0],), generator=g, dtype=torch.int64)
+    eps = torch.randn(shape, generator=g, dtype=torch.float32)
+    return n, eps
+
+
+def diffuse(
+    x0: torch.Tensor, n: torch.Tensor, eps: torch.Tensor, schedule: Schedule
+) -> torch.Tensor:
+    """x_n = √ᾱ_n x_0 + √β̄_n ε; the float64 schedule is cast to x0's dtype only here."""
+    abar = torch.from_numpy(np.array(schedule.alphas_cumprod, dtype=np.float64))
+    a = abar[n.cpu()].sqrt().to(device=x0.device, dtype=x0.dtype)
+    b = (1.0 - abar[n.cpu()]).sqrt().to(device=x0.device, dtype=x0.dtype)
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    return a.view(shape) * x0 + b.view(shape) * eps
+
+
+def eps_loss(pred: torch.Tensor, eps: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Mean over every element (L_simple); 'l1' for the absolute error."""
+    pred = pred.float()
+    if kind == "mse":
+        return F.mse_loss(pred, eps)
+    if kind == "l1":
+        return F.l1_loss(pred, eps)
+    raise ValueError(f"unknown loss '{kind}'; choose 'mse' or 'l1'")
+
+
+def training_loss(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    schedule: Schedule,
+    *,
+    seed: int,
+    step: int,
+    rank: int,
+    kind: str = "mse",
+) -> torch.Tensor:
+    """The loss of one step on one rank (what the engine backpropagates)."""
+    n, eps = draw_noise(tuple(x0.shape), schedule.num_timesteps, seed, step, rank)
+    n, eps = n.to(x0.device), eps.to(x0.device)
+    x_n = diffuse(x0.float(), n, eps, schedule)
+    dtype = next(model.parameters()).dtype
+    # Dropout draws from the global RNG: seed it per step too, or resume would differ.
+    torch.manual_seed(step_seed(seed, step, rank, stream=1))
+    pred = model(x_n.to(dtype), n)
+    return eps_loss(pred, eps, kind)
+
+
+# ---------------------------------------------------------------- DeepSpeed
+
+
+def _prepare_deepspeed() -> None:
+    """Environment DeepSpeed needs before its import (see shared/ENVIRONMENT.md)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    # The shm all-reduce op is a 35 s JIT build on CPU and only helps large intra-node
+    # CPU jobs; gloo is what we measured and test.
+    if os.environ.get("ADPM_DS_SHM", "0") != "1":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+
+
+def use_bf16(cfg: Config) -> bool:
+    if cfg.train.precision == "bf16":
+        return True
+    if cfg.train.precision == "fp32":
+        return False
+    return torch.cuda.is_available()
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run."""
+    per_rank = per_rank_batch(cfg, world_size)
+    return {
+        "train_batch_size": per_rank * world_size,
+        "train_micro_batch_size_per_gpu": per_rank,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.optim.lr,
+                "betas": list(cfg.optim.betas),
+                "eps": cfg.optim.eps,
+                # Explicit: with torch_adam DeepSpeed would otherwise use torch's 0.01.
+                "weight_decay": cfg.optim.weight_decay,
+                # torch.optim.AdamW instead of JIT-compiling FusedAdam (88 s on CPU).
+                "torch_adam": True,
+            },
+        },
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": use_bf16(cfg)},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def per_rank_batch(cfg: Config, world_size: int) -> int:
+    if cfg.data.batch_size % world_size:
+        raise ConfigError(
+            f"config key 'data.batch_size' ({cfg.data.batch_size}) is the global batch and must "
+            f"be divisible by the world size ({world_size})"
+        )
+    return cfg.data.batch_size // world_size
+
+
+def warmup_factor(warmup_steps: int):
+    """lr multiplier after k optimizer steps: linear from 1/W to 1 over W steps."""
+
+    def factor(k: int) -> float:
+        return 1.0 if warmup_steps <= 0 else min(1.0, (k + 1) / warmup_steps)
+
+    return factor
+
+
+def _safe_checkpoint_engine(engine) -> None:
+    """Make DeepSpeed load its checkpoints with ``weights_only=True`` (no arbitrary unpickling)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+        TorchCheckpointEngine,
+    )
+
+    current = engine.checkpoint_engine
+    if not isinstance(current, TorchCheckpointEngine):
+        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(current).__name__}")
+
+    class WeightsOnlyCheckpointEngine(type(current)):
+        def load(self, path: str, map_location=None):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    current.__class__ = WeightsOnlyCheckpointEngine
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
+    """deepspeed.initialize with our config and a LambdaLR warm-up; returns the engine."""
+    import deepspeed
+
+    def scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(cfg.optim.warmup_steps))
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world_size),
+    )
+    _safe_checkpoint_engine(engine)
+    return engine
+
+
+def full_parameters(engine):
+    """Context giving full parameters (ZeRO-3 gathers them; other stages have them)."""
+    import contextlib
+
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
+    return contextlib.nullcontext()
+
+
+def grad_norm_zero0(engine) -> float:
+    """‖g‖ of the (already averaged) gradients under ZeRO-0, where DeepSpeed keeps none."""
+    total = torch.zeros((), dtype=torch.float64)
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            total += p.grad.detach().double().pow(2).sum().cpu()
+    return float(total.sqrt())
+
+
+# ---------------------------------------------------------------- data
+
+
+def batches_from(stream, start_step: int, batches_per_epoch: int) -> Iterator[torch.Tensor]:
+    """Batches from step ``start_step`` on: epoch s // B, skipping the s % B already used."""
+    epoch, skip = divmod(start_step, batches_per_epoch)
+    while True:
+        count = 0
+        for i, batch in enumerate(stream.epoch(epoch)):
+            count += 1
+            if i >= skip:
+                yield batch
+        if count != batches_per_epoch:
+            raise RuntimeError(
+                f"training stream epoch {epoch} gave {count} batches, expected {batches_per_epoch}"
+            )
+        epoch, skip = epoch + 1, 0
+
+
+def make_stream(cfg: Config, model_config: dict, info: dist.DistInfo):
+    """The data layer's TrainStream for this rank (equal batch counts on every rank)."""
+    from . import data
+
+    per_rank = per_rank_batch(cfg, info.world_size)
+    bpe = cfg.data.batches_per_epoch
+    if bpe == 0:
+        bpe = data.batches_per_epoch(cfg.data.urls, cfg.data.batch_size)
+    resolution = cfg.data.resolution or model_config.get("resolution")
+    channels = cfg.data.channels or model_config.get("in_channels")
+    stream = data.TrainStream(
+        list(cfg.data.urls),
+        batch_size=per_rank,
+        seed=cfg.train.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        batches_per_epoch=bpe,
+        num_workers=cfg.data.num_workers,
+        resolution=resolution,
+        channels=channels,
+        hflip=cfg.data.hflip,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )
+    return stream, bpe
+
+
+# ---------------------------------------------------------------- run directory
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class RunDir:
+    """Where a run keeps its state; DeepSpeed writes only to the local ``stage`` folder."""
+
+    url: str
+    stage: str  # local folder holding ckpt/<tag>/ as DeepSpeed wrote or will read it
+
+    @classmethod
+    def create(cls, url: str, stage_dir: str = "") -> RunDir:
+        if not storage.is_remote(url):
+            return cls(url=url, stage=storage.local_path(url))
+        base = stage_dir or os.path.join(tempfile.gettempdir(), "adpm_stage")
+        return cls(url=url, stage=os.path.join(base, _digest(url)))
+
+    @property
+    def remote(self) -> bool:
+        return storage.is_remote(self.url)
+
+    def join(self, *parts: str) -> str:
+        return storage.join(self.url, *parts)
+
+    def stage_ckpt(self) -> str:
+        return os.path.join(self.stage, "ckpt")
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def read_latest(run: RunDir) -> dict[str, Any] | None:
+    url = run.join(LATEST)
+    if not storage.exists(url):
+        return None
+    try:
+        latest = json.loads(storage.read_text(url))
+    except json.JSONDecodeError as exc:
+        raise RuntimeError(f"{url}: invalid JSON ({exc})") from None
+    for key in ("step", "ema", "deepspeed", "schedule", "model"):
+        if key not in latest:
+            raise RuntimeError(f"{url}: missing key '{key}'")
+    return latest
+
+
+class Metrics:
+    """metrics.jsonl on rank 0: appended locally at once; for s3:// rewritten at checkpoints."""
+
+    def __init__(self, run: RunDir, resume_step: int, enabled: bool) -> None:
+        self.run = run
+        self.url = run.join(METRICS_FILE)
+        self.enabled = enabled
+        self.lines: list[str] = []
+        if not enabled:
+            return
+        if storage.exists(self.url):
+            kept = []
+            for line in storage.read_text(self.url).splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a crash: drop it, the run re-logs that step
+            self.lines = kept
+        # Lines past the checkpoint we resume from will be logged again: drop them now.
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        text = "".join(line + "\n" for line in self.lines)
+        storage.write_text(self.url, text)
+
+    def append(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps(record, allow_nan=True)
+        self.lines.append(line)
+        if not self.run.remote:
+            with open(storage.local_path(self.url), "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+
+    def flush(self) -> None:
+        if self.enabled and self.run.remote:
+            self._rewrite()
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+@dataclass
+class State:
+    step: int = 0  # batches consumed (skipped non-finite steps included)
+    bad_in_row: int = 0
+    skipped_total: int = 0
+    last_saved: int = -1
+    history: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, info: dist.DistInfo) -> None:
+        from .models.registry import build_model
+
+        self.cfg = cfg
+        self.info = info
+        self.device = dist.device_for(info)
+        self.schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+        self.run = RunDir.create(cfg.train.run_dir, cfg.train.stage_dir)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        try:
+            model = build_model(cfg.model.preset, **cfg.model.options)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'model': {exc}") from None
+        self.model_config = dict(model.config)
+        self.ema = EMA(model, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
+        self.engine = build_engine(cfg, model, info.world_size)
+        self.state = State()
+        self.schedule_info = {
+            "name": self.schedule.name,
+            "num_timesteps": self.schedule.num_timesteps,
+        }
+
+    # -- checkpoints --------------------------------------------------------
+
+    def _ema_bytes(self) -> bytes:
+        from .models.io import model_to_bytes
+
+        meta = {"schedule": self.schedule_info, "step": self.state.step, "run_dir": self.run.url}
+        return model_to_bytes(self.ema.model, metadata=meta)
+
+    def save(self) -> None:
+        """Collective: DeepSpeed state → stage, upload, then ema, metrics, latest.json (last)."""
+        step = self.state.step
+        tag = checkpoint_tag(step)
+        client = {
+            "adpm_step": step,
+            "adpm_bad_in_row": self.state.bad_in_row,
+            "adpm_skipped_total": self.state.skipped_total,
+            "adpm_ema_updates": self.ema.num_updates,
+        }
+        self.engine.save_checkpoint(
+            self.run.stage_ckpt(), tag=tag, client_state=client, save_latest=False
+        )
+        ema_bytes = self._ema_bytes() if self.info.is_main else b""
+        if self.info.is_main:
+            storage.write_bytes(os.path.join(self.run.stage_ckpt(), tag, EMA_FILE), ema_bytes)
+        dist.barrier()
+        if self.run.remote and self.info.local_rank == 0:
+            # Each node uploads what its ranks wrote (ZeRO shards are per rank).
+            storage.upload_dir(
+                os.path.join(self.run.stage_ckpt(), tag), self.run.join("ckpt", tag)
+            )
+        dist.barrier()
+        if self.info.is_main:
+            storage.write_bytes(self.run.join(EMA_FILE), ema_bytes)
+            self.metrics.flush()
+            latest = {
+                "step": step,
+                "ema": EMA_FILE,
+                "deepspeed": f"ckpt/{tag}",
+                "schedule": self.schedule_info,
+                "model": self.model_config,
+            }
+            storage.write_text(self.run.join(LATEST), json.dumps(latest, indent=2) + "\n")
+        dist.barrier()
+        if self.run.remote and self.info.local_rank == 0:
+            self._prune_stage(keep=tag)
+        self.state.last_saved = step
+
+    def _prune_stage(self, keep: str) -> None:
+        """Staged copies of older checkpoints are already uploaded: free the local disk."""
+        root = self.run.stage_ckpt()
+        if not os.path.isdir(root):
+            return
+        for name in os.listdir(root):
+            if name != keep and name.startswith("step_"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+    def resume(self) -> bool:
+        """Load latest.json's checkpoint if there is one; True when resumed."""
+        latest = read_latest(self.run)
+        if latest is None:
+            return False
+        where = self.run.join(LATEST)
+        if latest["schedule"] != self.schedule_info:
+            raise ConfigError(
+                f"{where}: run was trained with schedule {latest['schedule']}, config asks for "
+                f"{self.schedule_info} (config keys 'diffusion.*'); use a new train.run_dir"
+            )
+        if latest["model"] != self.model_config:
+            raise ConfigError(
+                f"{where}: run was trained with model {latest['model']}, config builds "
+                f"{self.model_config} (config keys 'model.*'); use a new train.run_dir"
+            )
+        tag = os.path.basename(latest["deepspeed"].rstrip("/"))
+        local = os.path.join(self.run.stage_ckpt(), tag)
+        if self.run.remote:
+            if self.info.local_rank == 0:
+                shutil.rmtree(local, ignore_errors=True)
+                storage.download_dir(self.run.join(latest["deepspeed"]), local)
+            dist.barrier()
+        path, client = self.engine.load_checkpoint(
+            self.run.stage_ckpt(), tag=tag, load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        if path is None:
+            raise RuntimeError(f"{self.run.join(latest['deepspeed'])}: DeepSpeed could not load it")
+        from .models.io import model_from_bytes
+
+        with open(os.path.join(local, EMA_FILE), "rb") as fh:
+            ema_model, _ = model_from_bytes(fh.read(), source=os.path.join(local, EMA_FILE))
+        self.ema.load_tensors(ema_model.state_dict(), client["adpm_ema_updates"])
+        self.state.step = int(client["adpm_step"])
+        self.state.bad_in_row = int(client["adpm_bad_in_row"])
+        self.state.skipped_total = int(client["adpm_skipped_total"])
+        self.state.last_saved = self.state.step
+        if self.state.step != int(latest["step"]):
+            raise RuntimeError(f"{where}: step {latest['step']} but checkpoint has {self.state.step}")
+        return True
+
+    # -- one step -----------------------------------------------------------
+
+    def step(self, x0: torch.Tensor) -> dict[str, Any]:
+        """Forward, agree across ranks, backward + update unless the loss is not finite."""
+        cfg, engine = self.cfg, self.engine
+        x0 = x0.to(self.device, non_blocking=True)
+        loss = training_loss(
+            engine, x0, self.schedule, seed=cfg.train.seed, step=self.state.step,
+            rank=self.info.rank, kind=cfg.train.loss,
+        )
+        # One all-reduce per step: the mean loss (NaN/inf on any rank poisons the sum, so
+        # all ranks skip together) and the preemption flag (any rank ⇒ all ranks stop).
+        shared = torch.tensor(
+            [loss.detach().float().item(), 1.0 if preempt.requested() else 0.0],
+            dtype=torch.float64,
+        )
+        dist.all_reduce_sum(shared)
+        mean_loss = float(shared[0]) / self.info.world_size
+        out: dict[str, Any] = {"loss": mean_loss, "preempt": bool(shared[1] > 0)}
+        if not math.isfinite(mean_loss):
+            self.state.bad_in_row += 1
+            self.state.skipped_total += 1
+            out["skipped"] = True
+            if self.info.is_main:
+                warnings.warn(
+                    f"step {self.state.step}: non-finite loss ({mean_loss}); update skipped "
+                    f"({self.state.bad_in_row} in a row)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return out
+        engine.backward(loss)
+        want_norm = (self.state.step + 1) % cfg.train.log_every == 0
+        norm = grad_norm_zero0(engine) if want_norm and engine.zero_optimization_stage() == 0 \
+            else None
+        engine.step()
+        if norm is None and want_norm:
+            g = engine.get_global_grad_norm()
+            norm = float(g) if g is not None else None
+        with full_parameters(engine):
+            self.ema.update(list(engine.module.parameters()), list(engine.module.buffers()))
+        self.state.bad_in_row = 0
+        out["grad_norm"] = norm
+        out["skipped"] = False
+        return out
+
+    # -- samples --------------------------------------------------------------
+
+    def sample_grid(self) -> None:
+        """A PNG grid of EMA samples (DDIM, even trajectory) on rank 0."""
+        from PIL import Image
+
+        from .diffusion.samplers import make_generators, sample
+        from .diffusion.schedule import even_trajectory
+
+        cfg = self.cfg.train
+        mc = self.model_config
+        shape = (mc["in_channels"], mc["resolution"], mc["resolution"])
+        model = self.ema.model
+        k = min(cfg.sample_steps, self.schedule.num_timesteps)
+        with torch.no_grad():
+            imgs = sample(
+                lambda x, n: model(x, n), self.schedule,
+                even_trajectory(self.schedule.num_timesteps, k), "ddim",
+                make_generators([self.cfg.train.seed * 100003 + i
+                                 for i in range(cfg.sample_count)]),
+                shape, device=self.device,
+            )
+        imgs = ((imgs.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+        count, c, h, w = imgs.shape
+        cols = int(math.ceil(math.sqrt(count)))
+        rows = int(math.ceil(count / cols))
+        grid = torch.zeros((c, rows * h, cols * w), dtype=torch.uint8)
+        for i in range(count):
+            r, q = divmod(i, cols)
+            grid[:, r * h:(r + 1) * h, q * w:(q + 1) * w] = imgs[i]
+        arr = grid.permute(1, 2, 0).numpy()
+        pil = Image.fromarray(arr[:, :, 0] if c == 1 else arr)
+        import io
+
+        buf = io.BytesIO()
+        pil.save(buf, format="PNG")
+        storage.write_bytes(
+            self.run.join("samples", f"{checkpoint_tag(self.state.step)}.png"), buf.getvalue()
+        )
+
+    # -- the loop -------------------------------------------------------------
+
+    def fit(self) -> int:
+        cfg, info, state = self.cfg, self.info, self.state
+        if info.is_main:
+            storage.makedirs(self.run.url)
+            storage.check_access(self.run.url)
+        dist.barrier()
+        resumed = self.resume()
+        self.metrics = Metrics(self.run, state.step, enabled=info.is_main)
+        if info.is_main:
+            storage.write_text(self.run.join("config.yaml"), config_to_yaml(cfg))
+            log.info("%s at step %d of %d in %s", "resumed" if resumed else "starting",
+                     state.step, cfg.train.total_steps, self.run.url)
+        if state.step >= cfg.train.total_steps:
+            if not resumed:
+                self.save()  # total_steps = 0: still leave a loadable run
+            return 0
+        stream, bpe = make_stream(cfg, self.model_config, info)
+        batches = batches_from(stream, state.step, bpe)
+        self.engine.train()
+        t_last, step_last = time.perf_counter(), state.step
+        with _progress(info.is_main and cfg.train.progress) as bar:
+            task = bar.add_task("train", total=cfg.train.total_steps, completed=state.step)
+            while state.step < cfg.train.total_steps:
+                out = self.step(next(batches))
+                state.step += 1
+                bar.update(task, completed=state.step,
+                           description=f"train loss {out['loss']:.4f}")
+                if state.step % cfg.train.log_every == 0 or out["skipped"]:
+                    now = time.perf_counter()
+                    rate = (state.step - step_last) * cfg.data.batch_size / max(now - t_last, 1e-9)
+                    t_last, step_last = now, state.step
+                    self.metrics.append({
+                        "step": state.step, "loss": out["loss"],
+                        "lr": float(self.engine.get_lr()[0]),
+                        "grad_norm": out.get("grad_norm"), "images_per_s": rate,
+                        "skipped": out["skipped"], "time": time.time(),
+                    })
+                if state.bad_in_row >= cfg.train.max_bad_steps:
+                    self.save()
+                    if info.is_main:
+                        log.error("stopping: %d non-finite losses in a row at step %d; last "
+                                  "good state saved", state.bad_in_row, state.step)
+                    return DIVERGED_EXIT_CODE
+                if out["preempt"]:
+                    self.save()
+                    if info.is_main:
+                        log.warning("preempted (%s): checkpointed step %d; exit %d to requeue",
+                                    ",".join(preempt.received()) or "peer", state.step,
+                                    preempt.REQUEUE_EXIT_CODE)
+                    return preempt.REQUEUE_EXIT_CODE
+                if cfg.train.sample_every and state.step % cfg.train.sample_every == 0 \
+                        and info.is_main:
+                    self.sample_grid()
+                if state.step % cfg.train.ckpt_every == 0:
+                    self.save()
+        if state.last_saved != state.step:
+            self.save()
+        return 0
+
+
+class _NullProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *a, **k):
+        return 0
+
+    def update(self, *a, **k):
+        pass
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return _NullProgress()
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn())
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m adpm_dist.train",
+        description="Train an ε-network with DeepSpeed (single process or under torchrun).",
+    )
+    p.add_argument("--config", help="YAML config (may name 'preset: NAME' as its base)")
+    p.add_argument("--preset", help="a configs/NAME.yaml preset applied first")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return p.parse_args(argv)
+
+
+def train(cfg: Config) -> int:
+    """Run (or resume) training with a resolved config; returns the exit status."""
+    _prepare_deepspeed()
+    info = dist.init_group()
+    try:
+        with preempt.PreemptionHandler():
+            trainer = Trainer(cfg, info)
+            return trainer.fit()
+    finally:
+        dist.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = build_config(args.config, args.overrides, preset=args.preset)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT_CODE
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
