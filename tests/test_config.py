@@ -1,0 +1,126 @@
+"""Config layering (preset < user YAML < overrides), key/type checking, round trip."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from adpm_dist import config as C
+
+
+def test_every_preset_loads_and_builds_its_schedule():
+    from adpm_dist.diffusion.schedule import make_schedule
+    from adpm_dist.models.registry import PRESETS as MODEL_PRESETS
+
+    for name in C.PRESETS:
+        cfg = C.build_config(preset=name)
+        assert cfg.model.preset in MODEL_PRESETS, name
+        make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+        assert cfg.data.urls, name
+
+
+def test_paper_hyperparameters_of_cifar10_preset():
+    cfg = C.build_config(preset="cifar10")
+    # Ho et al. (2020): lr 2e-4, batch 128, warm-up 5000, clip 1, EMA 0.9999, flips, 800k.
+    assert (cfg.optim.lr, cfg.data.batch_size, cfg.optim.warmup_steps) == (2e-4, 128, 5000)
+    assert (cfg.optim.grad_clip, cfg.train.ema_decay, cfg.data.hflip) == (1.0, 0.9999, True)
+    assert cfg.train.total_steps == 800_000
+    assert (cfg.diffusion.schedule, cfg.diffusion.num_timesteps) == ("linear", 1000)
+    im = C.build_config(preset="imagenet64")
+    assert (im.diffusion.schedule, im.diffusion.num_timesteps) == ("cosine", 4000)
+
+
+def test_precedence_preset_then_user_yaml_then_overrides(tmp_path):
+    user = tmp_path / "user.yaml"
+    user.write_text(yaml.safe_dump({
+        "preset": "cifar10",
+        "optim": {"lr": 1.0e-4},
+        "train": {"total_steps": 10, "run_dir": "from_yaml"},
+        "model": {"options": {"dropout": 0.2}},
+    }))
+    cfg = C.build_config(user, ["train.run_dir=s3://b/run", "model.options.ch=64",
+                                "data.urls=[a.tar, b.tar]"])
+    assert cfg.optim.lr == 1e-4  # user YAML beats the preset's 2e-4
+    assert cfg.optim.warmup_steps == 5000  # untouched preset value survives
+    assert cfg.train.total_steps == 10
+    assert cfg.train.run_dir == "s3://b/run"  # override beats user YAML
+    assert cfg.model.options == {"dropout": 0.2, "ch": 64}  # maps merge key by key
+    assert cfg.data.urls == ["a.tar", "b.tar"]
+    assert cfg.model.preset == "cifar10"
+
+
+@pytest.mark.parametrize(
+    "override, named, choice",
+    [
+        ("optim.lrr=1e-3", "optim.lrr", "lr"),
+        ("trian.total_steps=3", "trian", "train"),
+        ("train.ckpt_evry=5", "train.ckpt_evry", "ckpt_every"),
+    ],
+)
+def test_unknown_key_names_key_and_choices(override, named, choice):
+    with pytest.raises(C.ConfigError) as err:
+        C.build_config(preset="tiny", overrides=[override])
+    msg = str(err.value)
+    assert f"'{named}'" in msg and "valid choices" in msg and choice in msg
+    assert f"did you mean '{choice}'" in msg
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: tiny\ndata:\n  batchsize: 4\n")
+    with pytest.raises(C.ConfigError) as err:
+        C.build_config(bad)
+    assert str(bad) in str(err.value) and "'data.batchsize'" in str(err.value)
+    assert "batch_size" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.total_steps=abc", "expects int"),
+        ("train.total_steps=1.5", "expects int"),
+        ("data.hflip=maybe", "expects bool"),
+        ("optim.lr=fast", "expects float"),
+        ("train.zero_stage=5", "zero_stage"),
+        ("train.loss=huber", "train.loss"),
+        ("train.precision=fp16", "train.precision"),
+        ("optim.betas=[0.9]", "optim.betas"),
+        ("train", "section.key=value"),
+    ],
+)
+def test_mistyped_values_are_rejected(override, fragment):
+    with pytest.raises(C.ConfigError) as err:
+        C.build_config(preset="tiny", overrides=[override])
+    assert fragment in str(err.value)
+
+
+def test_yaml_float_without_dot_is_a_float():
+    # YAML 1.1 reads 1e-4 as a string; the config accepts it as the float it means.
+    cfg = C.build_config(preset="tiny", overrides=["optim.lr=1e-4", "optim.weight_decay=0"])
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.weight_decay, float)
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(C.ConfigError) as err:
+        C.build_config(preset="cifar100")
+    assert "cifar10" in str(err.value) and "tiny" in str(err.value)
+
+
+def test_resolved_config_round_trips():
+    cfg = C.build_config(preset="celeba64", overrides=["train.seed=7", "model.options.ch=32"])
+    again = C.config_from_yaml(C.config_to_yaml(cfg))
+    assert again == cfg
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(C.ConfigError, match="not found"):
+        C.build_config(tmp_path / "nope.yaml")
+
+
+def test_main_returns_2_and_names_the_bad_key(capsys):
+    from adpm_dist import train
+
+    rc = train.main(["--config", str(C.preset_path("tiny")), "optim.weight_decy=0.1"])
+    assert rc == train.CONFIG_ERROR_EXIT_CODE
+    err = capsys.readouterr().err
+    assert "optim.weight_decy" in err and "weight_decay" in err
