@@ -63,7 +63,8 @@ def test_b_single_gaussian_variance_is_exactly_optimal(sched_name, num_steps, fa
     abar = truth.abar_from_betas(sched.betas[1:])
     gamma = np.concatenate([[np.nan], (1 - abar[1:]) / (abar[1:] * s0_sq + 1 - abar[1:])])
     # The oracle model's Γ agrees with the closed form (a one-component mixture).
-    oracle = GaussianMixtureEps([[0.1] * d], [np.sqrt(s0_sq)], [1.0], {"name": sched_name, "num_timesteps": 1000})
+    spec = {"name": sched_name, "num_timesteps": 1000}
+    oracle = GaussianMixtureEps([[0.1] * d], [np.sqrt(s0_sq)], [1.0], spec)
     x = torch.randn(4, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     n = torch.tensor([1, 10, 500, 1000])
     eps = oracle(x, n)
@@ -129,7 +130,8 @@ def test_d_analytic_samples_match_mixture_better_than_ddpm_tilde():
                    gamma=gamma, dtype=torch.float64)
         dist[method] = truth.energy_distance(x.numpy(), reference)
     # What a perfect sampler scores against the same reference (sampling noise alone).
-    null = truth.energy_distance(oracle.sample_data(1500, torch.Generator().manual_seed(7)).numpy(), reference)
+    perfect = oracle.sample_data(1500, torch.Generator().manual_seed(7)).numpy()
+    null = truth.energy_distance(perfect, reference)
     assert dist["analytic-ddpm"] < dist["ddpm-tilde"], dist
     assert dist["ddpm-tilde"] - dist["analytic-ddpm"] > 3 * null, (dist, null)
 
