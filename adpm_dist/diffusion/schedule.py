@@ -143,3 +143,28 @@ def make_trajectory(kind: str, schedule: Schedule, num_steps: int, gamma=None, *
 
         return optimal_trajectory(schedule, gamma, num_steps, **kw)
     raise ValueError(f"unknown trajectory '{kind}'; choose one of {list(TRAJECTORIES)}")
+
+
+def schedule_from_description(desc: dict, source: str = "schedule") -> Schedule:
+    """Rebuild the schedule a Γ file or checkpoint describes, and check its betas digest.
+
+    ``desc`` has ``name`` and ``num_timesteps`` (named schedules) or ``betas``
+    (any other), and optionally ``betas_sha256``, which must then match.
+    """
+    try:
+        if "betas" in desc:
+            sched = make_schedule(desc.get("name", "custom"), betas=desc["betas"])
+        else:
+            sched = make_schedule(desc["name"], int(desc["num_timesteps"]))
+    except KeyError as exc:
+        raise ValueError(f"{source}: schedule description lacks {exc.args[0]!r}") from None
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    want = desc.get("betas_sha256")
+    if want is not None and want != sched.betas_sha256():
+        raise ValueError(
+            f"{source}: schedule {desc.get('name')!r} (N={desc.get('num_timesteps')}) has betas digest "
+            f"{want[:12]}…, but rebuilding it gives {sched.betas_sha256()[:12]}… — a custom schedule "
+            "must carry its 'betas'"
+        )
+    return sched

@@ -1,0 +1,73 @@
+"""``plan``: print a trajectory and each step's σ² for a Γ file, without a network.
+
+    python -m adpm_dist.launch plan --gamma G.json --steps K --method analytic-ddpm \
+        --trajectory optimal [--eta 0] [--clip-pixel y] [--json]
+
+The schedule comes from the Γ file itself, so the plan is the one the sampler
+will run with that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .diffusion.analytic import METHODS, step_variances
+from .diffusion.schedule import TRAJECTORIES, make_trajectory, schedule_from_description
+from .gamma import GammaFileError, read_gamma
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adpm_dist.launch plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--gamma", required=True, help="Γ file (local path, file:// or s3://)")
+    p.add_argument("--steps", type=int, required=True, help="number of steps K (2 <= K <= N)")
+    p.add_argument("--method", default="analytic-ddpm", choices=METHODS)
+    p.add_argument("--trajectory", default="even", choices=TRAJECTORIES)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η (DDIM family only)")
+    p.add_argument("--clip-pixel", type=float, default=None, metavar="Y",
+                   help="cap the variance of the step into τ_1 at Y pixels (analytic methods)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def make_plan(gamma_url: str, steps: int, method: str, trajectory: str, eta=0.0, clip_pixel=None) -> dict:
+    gf = read_gamma(gamma_url)
+    sched = schedule_from_description(gf.schedule, gamma_url)
+    gamma = gf.gamma_vector()
+    tau = make_trajectory(trajectory, sched, steps, gamma=gamma)
+    var = step_variances(sched, tau, method, gamma=gamma, eta=eta, clip_pixel=clip_pixel)
+    return {"trajectory": [int(t) for t in tau], "steps": var.rows()}
+
+
+def print_table(plan: dict, args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{args.method}, {args.trajectory} trajectory, K={args.steps}")
+    table.add_column("step", justify="right")
+    table.add_column("t → s", justify="right")
+    table.add_column("σ²", justify="right")
+    for i, row in enumerate(plan["steps"], start=1):
+        table.add_row(str(i), f"{row['t']} → {row['s']}", f"{row['sigma2']:.6e}")
+    console = Console()
+    console.print(table)
+    console.print(f"trajectory: {plan['trajectory']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        plan = make_plan(args.gamma, args.steps, args.method, args.trajectory, args.eta, args.clip_pixel)
+    except (GammaFileError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(plan))
+    else:
+        print_table(plan, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The `plan` command: trajectory and σ² from a Γ file, table and JSON forms."""
+
+import json
+
+import numpy as np
+
+from adpm_dist import plan
+from adpm_dist.diffusion.analytic import step_variances
+from adpm_dist.diffusion.schedule import make_schedule
+from adpm_dist.diffusion.trajectory import optimal_trajectory
+from adpm_dist.gamma import GammaFile
+
+
+def write_gamma(path, schedule):
+    gf = GammaFile.empty(schedule, {"digest": "d0", "name": "toy"})
+    n = np.arange(1, schedule.num_timesteps + 1)
+    for shift in (0.0, 0.01):
+        gf.add(n, 1 - 0.95 * np.exp(-n / 30) - shift)
+    gf.contributions.append({"run_id": "t", "rank": 0, "world_size": 1, "samples": [0, 2]})
+    path.write_text(gf.to_json())
+    return gf
+
+
+def test_plan_json_matches_the_maths(tmp_path, capsys):
+    sched = make_schedule("cosine", 200)
+    gf = write_gamma(tmp_path / "g.json", sched)
+    rc = plan.main(["--gamma", str(tmp_path / "g.json"), "--steps", "6", "--method", "analytic-ddpm",
+                    "--trajectory", "optimal", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    tau = optimal_trajectory(sched, gf.gamma_vector(), 6)
+    assert out["trajectory"] == tau.tolist()
+    steps = out["steps"]
+    assert [s["t"] for s in steps] == sorted((s["t"] for s in steps), reverse=True) and steps[0]["t"] == 200
+    want = step_variances(sched, tau, "analytic-ddpm", gamma=gf.gamma_vector()).sigma2
+    np.testing.assert_allclose([s["sigma2"] for s in steps], want, rtol=1e-15)
+
+
+def test_plan_table_and_errors(tmp_path, capsys):
+    write_gamma(tmp_path / "g.json", make_schedule("linear", 50))
+    assert plan.main(["--gamma", str(tmp_path / "g.json"), "--steps", "4", "--method", "ddim"]) == 0
+    assert "σ²" in capsys.readouterr().out
+    assert plan.main(["--gamma", str(tmp_path / "g.json"), "--steps", "51"]) == 2
+    assert "2 <= K <= N=50" in capsys.readouterr().err
+    assert plan.main(["--gamma", str(tmp_path / "missing.json"), "--steps", "4"]) == 2
+    assert "missing.json" in capsys.readouterr().err
