@@ -6,10 +6,11 @@ A checkpoint is one safetensors blob whose header metadata holds
 * ``adpm_dist.config``: ``model.config`` as JSON (what ``build_model`` needs);
 * ``adpm_dist.metadata``: the caller's extra metadata as one JSON object.
 
-Tensors are stored in float32 whatever the training dtype, so a checkpoint
-loads into a fresh fp32 model anywhere. The bytes functions are the core;
-``save_model``/``load_model`` are thin local-file wrappers (remote storage
-goes through ``adpm_dist.storage`` with the same bytes).
+Half-precision tensors are stored as float32 (float64 stays float64), so a
+checkpoint of a mixed-precision run loads into a fresh fp32 model anywhere.
+The bytes functions are the core; ``save_model``/``load_model`` are thin
+local-file wrappers (remote storage goes through ``adpm_dist.storage`` with
+the same bytes).
 """
 
 from __future__ import annotations
@@ -60,22 +61,25 @@ def _canonical_json(obj: Any) -> str:
 
 
 def state_dict_fp32(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU copies of the state dict, floating tensors cast to float32.
+    """Detached, contiguous CPU copies of the state dict, half precision upcast to float32.
 
-    Copies (not views) so tensors that share storage can be saved by
-    safetensors and later training steps cannot change what was captured.
+    fp16/bf16 (mixed-precision training) become float32 exactly; float64
+    tensors (e.g. the oracle's schedule buffers) stay float64, since narrowing
+    them would lose what the design keeps in double precision. Copies (not
+    views) so tensors that share storage can be saved by safetensors and later
+    training steps cannot change what was captured.
     """
     out: dict[str, torch.Tensor] = {}
     for name, tensor in unwrap(model).state_dict().items():
         t = tensor.detach().to("cpu")
-        if t.is_floating_point():
+        if t.is_floating_point() and torch.finfo(t.dtype).bits < 32:
             t = t.to(torch.float32)
         out[name] = t.contiguous().clone()
     return out
 
 
 def model_to_bytes(model: nn.Module, metadata: dict[str, Any] | None = None) -> bytes:
-    """Serialise weights (float32) + ``model.config`` + ``metadata`` to safetensors bytes."""
+    """Serialise weights (half precision as float32), ``model.config`` and ``metadata``."""
     header = {
         KEY_FORMAT: FORMAT,
         KEY_CONFIG: _canonical_json(_config_of(model)),
@@ -115,13 +119,16 @@ def _json_field(meta: dict[str, str], key: str, source: str) -> dict[str, Any]:
     return value
 
 
-def model_from_bytes(data: bytes, *, source: str = "<bytes>") -> tuple[nn.Module, dict[str, Any]]:
+def model_from_bytes(
+    data: bytes | bytearray | memoryview, *, source: str = "<bytes>"
+) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model from checkpoint bytes; returns (model, extra metadata).
 
     Any defect (truncation, foreign file, missing/invalid config, weights that
     do not fit the config) raises ValueError naming ``source``. The model is
-    returned in eval mode on the CPU, in float32.
+    returned in eval mode on the CPU, in the dtypes its constructor creates.
     """
+    data = bytes(data)  # accept bytearray / memoryview from storage backends
     meta = _read_header_metadata(data, source)
     if meta.get(KEY_FORMAT) != FORMAT:
         raise ValueError(f"{source}: checkpoint format {meta.get(KEY_FORMAT)!r}, "
@@ -175,8 +182,8 @@ def model_digest(model: nn.Module) -> str:
     """sha256 hex digest of the architecture and weights, independent of run and device.
 
     Hashes the canonical config JSON, then for every state-dict entry in
-    sorted name order its name, dtype, shape and little-endian bytes (floats
-    as float32, as stored in checkpoints). Equal configs and weights give
+    sorted name order its name, dtype, shape and little-endian bytes (half
+    precision as float32, as stored in checkpoints). Equal configs and weights give
     equal digests; a saved-and-loaded model has the digest of the original.
     """
     h = hashlib.sha256()

@@ -5,6 +5,19 @@ registered constructor and the constructor's keyword arguments as the other
 keys. Every model built here carries its own config as ``model.config``, so
 ``build_model(model.config)`` rebuilds the same architecture; checkpoints
 (``adpm_dist.models.io``) store exactly that dict next to the weights.
+
+Presets (ε output; counts checked in tests/test_models.py):
+
+==========  =========  ==========================================================
+preset      params     architecture
+==========  =========  ==========================================================
+tiny          176,849  8×8×1, ch 16, mult (1,2), 1 block, attn 4 — tests, sklearn digits
+mnist       4,404,737  28×28×1 padded to 32, ch 64, mult (1,1,2), 2 blocks, attn 16
+cifar10    35,746,307  Ho et al. 2020: 32×32×3, ch 128, mult (1,2,2,2), 2 blocks, attn 16
+celeba64   78,700,803  DDIM/Analytic-DPM: 64×64×3, ch 128, mult (1,2,2,2,4), attn 16
+imagenet64 121,060,483 Improved DDPM: 64×64×3, ch 128, mult (1,2,3,4), 3 blocks,
+                       attn 16 and 8, 4 heads, scale-shift norm, dropout 0
+==========  =========  ==========================================================
 """
 
 from __future__ import annotations
