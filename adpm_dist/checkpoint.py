@@ -79,13 +79,27 @@ def load_checkpoint(spec: str) -> LoadedModel:
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def eps_function(model: nn.Module, device: torch.device) -> EpsFn:
-    """ε(x, n) on ``device``: bf16 autocast on CUDA, the model's own dtype on CPU."""
-    model.to(device)
-    use_autocast = device.type == "cuda"
+PRECISIONS = ("auto", "fp32", "fp64", "bf16")
+
+
+def eps_function(model: nn.Module, device: torch.device, precision: str = "auto") -> EpsFn:
+    """ε(x, n) on ``device``. ``auto``: bf16 autocast on CUDA, fp32 on CPU.
+
+    ``fp64`` runs the network in float64: slower, but its output for an image
+    then does not depend on what else is in the batch (fp32 CPU kernels differ
+    at ~1e-7 between batch sizes), which makes results exactly invariant to
+    world size and batch size.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    dtype = torch.float64 if precision == "fp64" else torch.float32
+    model.to(device=device, dtype=dtype) if precision == "fp64" else model.to(device)
+    use_autocast = precision == "bf16"
 
     def eps(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=use_autocast):
-            return model(x.to(device), n.to(device))
+            return model(x.to(device=device, dtype=dtype), n.to(device))
 
     return eps

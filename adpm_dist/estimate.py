@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from . import dist, storage
-from .checkpoint import CheckpointError, eps_function, load_checkpoint
+from .checkpoint import PRECISIONS, CheckpointError, eps_function, load_checkpoint
 from .diffusion.moments import q_sample
 from .gamma import GammaFile, GammaFileError, read_gamma, write_gamma
 
@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", default=None, help="id recorded in contributions (default: derived)")
     p.add_argument("--max-bad-fraction", type=float, default=0.0,
                    help="fraction of bad samples tolerated before the job stops")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16 autocast on GPU, fp32 on CPU; fp64 for bit-stable invariance")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -283,6 +285,7 @@ def run(args) -> int:
         "model": loaded.digest, "data": data_key, "seed": args.seed, "samples_per_t": per_t,
         "timesteps": args.timesteps, "world_size": world, "num_workers": args.num_workers,
         "data_batch": data_batch, "run_id": run_id, "target_stderr": args.target_stderr,
+        "precision": args.precision,
     }
 
     # A finished job is a no-op; a different job's file is never overwritten.
@@ -311,7 +314,7 @@ def run(args) -> int:
             raise SystemExit(f"error: {partial} was written by a different command "
                              f"({_diff(state.fingerprint, fingerprint)}); rerun it unchanged or delete it")
 
-    eps_fn = eps_function(loaded.model, device)
+    eps_fn = eps_function(loaded.model, device, args.precision)
     ev = PairEvaluator(eps_fn, schedule, args.batch_size, state, device)
     units = islice(work_units(args, rank, world, total, per_t, data_batch), state.units_done, None)
     ids_seen: list[int] = []
@@ -370,6 +373,9 @@ def run(args) -> int:
                           "evaluations_per_s": round(evaluations / max(wall, 1e-9), 1)}))
     dist.barrier()
     storage.remove(partial)
+    dist.barrier()
+    if rank == 0:
+        storage.remove(args.out + ".partial", recursive=True)
     dist.shutdown()
     return 0
 

@@ -10,3 +10,5 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+pytest_plugins = ["tests.s3_server"]

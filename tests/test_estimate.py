@@ -1,0 +1,202 @@
+"""The sharded Γ job (issue 5): invariances, resume, no-op rerun, merge, real S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from adpm_dist import estimate
+from adpm_dist.gamma import read_gamma
+from tests.estimate_helpers import ROOT, free_port, make_digit_shards, save_tiny_model, torchrun
+from tests.s3_server import subprocess_env
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("est")
+    data = make_digit_shards(str(base / "shards"), limit=300, shard_size=20)
+    model = str(base / "tiny.safetensors")
+    save_tiny_model(model)
+    return {"base": base, "data": data, "model": model}
+
+
+def common(setup, out, *extra):
+    return ["--checkpoint", setup["model"], "--data", setup["data"], "--out", str(out),
+            "--num-workers", "0", "--no-progress", *extra]
+
+
+def test_single_process_file_is_complete_and_consistent(setup, tmp_path):
+    out = tmp_path / "g.json"
+    assert estimate.main(common(setup, out, "--batch-size", "64")) == 0
+    gf = read_gamma(str(out))
+    assert gf.is_complete() and set(gf.count.tolist()) == {60}  # 20% of 300 digits, every t
+    assert 0 < gf.gamma.min() and np.all(gf.stderr > 0)
+    assert gf.extra["evaluations_per_s"] > 0
+    ranges = sorted(c["samples"] for c in gf.contributions)
+    assert ranges == [[0, 60]]
+    assert not os.path.exists(str(out) + ".partial") or not os.listdir(str(out) + ".partial")
+
+
+def test_world_size_batch_size_and_worker_invariance(setup, tmp_path):
+    """fp64 network: everything else (noise, assignment, accumulation) is exactly invariant."""
+    one = tmp_path / "one.json"
+    assert estimate.main(common(setup, one, "--batch-size", "64", "--precision", "fp64")) == 0
+    three = tmp_path / "three.json"
+    res = torchrun(3, common(setup, three, "--batch-size", "48", "--data-batch", "5", "--num-workers", "2",
+                             "--precision", "fp64"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    other = tmp_path / "other.json"
+    assert estimate.main(common(setup, other, "--batch-size", "7", "--data-batch", "3",
+                                "--precision", "fp64")) == 0
+    a, b, c = (read_gamma(str(p)) for p in (one, three, other))
+    for g in (b, c):
+        np.testing.assert_array_equal(g.count, a.count)
+        np.testing.assert_allclose(g.sum, a.sum, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(g.sum_sq, a.sum_sq, rtol=1e-12, atol=0)
+    assert {c["rank"] for c in b.contributions} == {0, 1, 2}
+    # In fp32 the CPU kernels round differently per batch size (~1e-7); nothing more.
+    fp32 = tmp_path / "fp32.json"
+    assert estimate.main(common(setup, fp32, "--batch-size", "7", "--data-batch", "3")) == 0
+    np.testing.assert_allclose(read_gamma(str(fp32)).sum, a.sum, rtol=1e-6)
+
+
+def test_more_samples_per_t_than_data_uses_fresh_noise(setup, tmp_path):
+    out = tmp_path / "g.json"
+    assert estimate.main(common(setup, out, "--samples-per-t", "150", "--timesteps", "1,5-7,20")) == 0
+    gf = read_gamma(str(out), require_complete=False)
+    assert gf.count[[0, 4, 5, 6, 19]].tolist() == [150] * 5 and gf.count.sum() == 750
+    assert [c["samples"] for c in gf.contributions] == [[0, 150]]  # pair-sample ids 0..149
+
+
+def test_rerun_of_finished_job_is_a_noop_and_other_jobs_are_refused(setup, tmp_path, capsys):
+    out = tmp_path / "g.json"
+    assert estimate.main(common(setup, out, "--timesteps", "1-20")) == 0
+    before = out.read_bytes()
+    mtime = out.stat().st_mtime_ns
+    assert estimate.main(common(setup, out, "--timesteps", "1-20")) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert out.read_bytes() == before and out.stat().st_mtime_ns == mtime
+    with pytest.raises(SystemExit, match="different estimate"):
+        estimate.main(common(setup, out, "--timesteps", "1-20", "--seed", "5"))
+
+
+def test_kill_minus_9_then_rerun_gives_the_uninterrupted_result(setup, tmp_path):
+    args = ["--timesteps", "all", "--data-batch", "2", "--flush-every", "1", "--batch-size", "16"]
+    ref = tmp_path / "ref.json"
+    res = torchrun(2, common(setup, ref, *args))
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    out = tmp_path / "killed.json"
+    cmd_args = common(setup, out, *args)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), "-m", "adpm_dist.estimate", *cmd_args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    partial = str(out) + ".partial"
+    deadline = time.time() + 120
+    victim = None
+    while time.time() < deadline and victim is None:
+        files = os.listdir(partial) if os.path.isdir(partial) else []
+        states = [json.loads(open(os.path.join(partial, f)).read()) for f in files if f.endswith(".json")]
+        if any(s["units_done"] >= 3 for s in states):
+            victim = _worker_pid(proc.pid, rank=1)
+        time.sleep(0.05)
+    assert victim, "the job never flushed partial state"
+    os.kill(victim, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and not out.exists()
+    res = torchrun(2, cmd_args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = read_gamma(str(ref)), read_gamma(str(out))
+    np.testing.assert_array_equal(b.count, a.count)
+    np.testing.assert_array_equal(b.sum, a.sum)
+    np.testing.assert_array_equal(b.sum_sq, a.sum_sq)
+    assert sorted(map(tuple, (c["samples"] for c in b.contributions))) == sorted(
+        map(tuple, (c["samples"] for c in a.contributions)))
+
+
+def _worker_pid(launcher_pid: int, rank: int) -> int | None:
+    """PID of the torchrun child whose RANK is ``rank``."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        is_worker = b"adpm_dist.estimate" in cmdline and b"torch.distributed.run" not in cmdline
+        if is_worker and f"RANK={rank}".encode() in env and int(pid) != launcher_pid:
+            return int(pid)
+    return None
+
+
+def test_merge_of_disjoint_runs_equals_one_run_over_the_union(setup, tmp_path):
+    whole = tmp_path / "whole.json"
+    assert estimate.main(common(setup, whole, "--samples-per-t", "120")) == 0
+    # Two runs over disjoint timestep sets (distinct run ids) add up to the whole run exactly:
+    # the noise of a pair depends on (seed, sample id, t) only.
+    lo, hi = tmp_path / "lo.json", tmp_path / "hi.json"
+    assert estimate.main(common(setup, lo, "--timesteps", "1-10", "--samples-per-t", "120")) == 0
+    assert estimate.main(common(setup, hi, "--timesteps", "11-20", "--samples-per-t", "120")) == 0
+    merged = tmp_path / "merged.json"
+    merge = [sys.executable, str(ROOT / "tools" / "merge_gamma.py"), str(lo), str(hi), "-o", str(merged),
+             "--allow-incomplete"]
+    res = subprocess.run(merge, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["samples_per_t_min"] == 120
+    a, m = read_gamma(str(whole)), read_gamma(str(merged))
+    np.testing.assert_array_equal(m.count, a.count)
+    np.testing.assert_allclose(m.sum, a.sum, rtol=1e-13)
+    # The same run twice overlaps and is refused.
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "merge_gamma.py"), str(whole), str(whole),
+                          "-o", str(tmp_path / "dup.json")], capture_output=True, text=True)
+    assert res.returncode == 2 and "twice" in res.stderr
+
+
+def test_merge_refuses_another_model(setup, tmp_path):
+    other_model = str(tmp_path / "other.safetensors")
+    save_tiny_model(other_model, seed=1)
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert estimate.main(common(setup, a, "--timesteps", "1-3")) == 0
+    args = common(setup, b, "--timesteps", "1-3", "--seed", "1")
+    args[1] = other_model
+    assert estimate.main(args) == 0
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "merge_gamma.py"), str(a), str(b), "-o",
+                          str(tmp_path / "m.json"), "--allow-incomplete"], capture_output=True, text=True)
+    assert res.returncode == 2 and "model" in res.stderr
+
+
+def test_bad_arguments_fail_clearly(setup, tmp_path, capsys):
+    assert estimate.main(common(setup, tmp_path / "g.json", "--timesteps", "0-3")) == 2
+    assert "1..20" in capsys.readouterr().err
+    args = common(setup, tmp_path / "g.json")
+    args[1] = str(tmp_path / "nothing-here")
+    assert estimate.main(args) == 2
+    assert "nothing-here" in capsys.readouterr().err
+
+
+def test_data_and_output_on_the_local_s3_server(setup, s3_server, s3_bucket, tmp_path):
+    shards = make_digit_shards(f"{s3_bucket}/shards", limit=300, shard_size=20)
+    model = f"{s3_bucket}/tiny.safetensors"
+    save_tiny_model(model)
+    out = f"{s3_bucket}/gamma/g.json"
+    args = ["--checkpoint", model, "--data", shards, "--out", out, "--num-workers", "1", "--no-progress",
+            "--timesteps", "1-20"]
+    res = torchrun(2, args, env=subprocess_env(s3_server))
+    assert res.returncode == 0, res.stderr[-3000:]
+    gf = read_gamma(out)
+    local = tmp_path / "local.json"
+    assert estimate.main(common(setup, local, "--timesteps", "1-20")) == 0
+    np.testing.assert_allclose(gf.sum, read_gamma(str(local)).sum, rtol=1e-6)  # fp32 network
+    assert s3_server.secret not in json.dumps(gf.to_dict())
