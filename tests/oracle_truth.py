@@ -95,3 +95,28 @@ def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
         return float(np.mean(np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))))
 
     return 2 * mean_dist(x, y) - mean_dist(x, x) - mean_dist(y, y)
+
+
+def exact_gamma_on_data(x0: np.ndarray, abar: float, m: float, s: float, w0: float,
+                        nodes: int = 120) -> float:
+    """Γ_t = mean_i E_ε‖ε*(√ᾱ x0_i + √β̄ ε)‖²/d for a FIXED data set x0 (n, d).
+
+    ε* is the two-cluster oracle (clusters differ along axis 1 only). Coordinates
+    j ≥ 2 enter linearly: E[(√β̄ x_j / v)²] = β̄(ᾱ x0_j² + β̄)/v². Axis 1 is a 1-D
+    Gauss–Hermite expectation over ε₁, done once per distinct value of x0_1.
+    """
+    v = abar * s * s + (1.0 - abar)
+    bbar = 1.0 - abar
+    d = x0.shape[1]
+    others = (bbar * (abar * x0[:, 1:] ** 2 + bbar) / v**2).sum(axis=1)
+    z, w = np.polynomial.hermite_e.hermegauss(nodes)  # weight exp(−z²/2)
+    w = w / w.sum()
+    uniq, inverse = np.unique(x0[:, 0], return_inverse=True)
+    x = math.sqrt(abar) * uniq[:, None] + math.sqrt(bbar) * z[None, :]
+    mus = np.array([-m, m]) * math.sqrt(abar)
+    logp = np.log([w0, 1.0 - w0])[None, None, :] - 0.5 * (x[..., None] - mus) ** 2 / v
+    post = np.exp(logp - logp.max(axis=-1, keepdims=True))
+    post /= post.sum(axis=-1, keepdims=True)
+    eps1 = math.sqrt(bbar) * (post * (x[..., None] - mus)).sum(axis=-1) / v
+    axis = (eps1**2 * w[None, :]).sum(axis=1)[inverse]
+    return float(np.mean((others + axis) / d))
