@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev,fid]"
+	$(PIP) install -q -e ".[dev,fid,diffusers]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
