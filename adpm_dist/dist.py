@@ -80,16 +80,37 @@ def env_info(environ=None) -> DistInfo:
     return DistInfo()
 
 
+def env_vars(info: DistInfo) -> dict[str, str]:
+    """The torchrun-style variables describing ``info`` (for this process or a child's env)."""
+    return {
+        "RANK": str(info.rank),
+        "WORLD_SIZE": str(info.world_size),
+        "LOCAL_RANK": str(info.local_rank),
+        "LOCAL_WORLD_SIZE": str(info.local_world_size),
+        "NODE_RANK": str(info.node_rank),
+        "MASTER_ADDR": info.master_addr,
+        "MASTER_PORT": str(info.master_port),
+    }
+
+
 def export_env(info: DistInfo) -> None:
     """Write the torchrun-style variables (DeepSpeed and init_method='env://' read them)."""
-    os.environ.update(
-        RANK=str(info.rank),
-        WORLD_SIZE=str(info.world_size),
-        LOCAL_RANK=str(info.local_rank),
-        LOCAL_WORLD_SIZE=str(info.local_world_size),
-        MASTER_ADDR=info.master_addr,
-        MASTER_PORT=str(info.master_port),
-    )
+    os.environ.update(env_vars(info))
+
+
+def scheduler_info(environ=None) -> dict:
+    """What the batch scheduler says about this process: SLURM job id, node name, restarts.
+
+    ``restart_count`` is how many times SLURM requeued the job (0 on the first run);
+    all values are None outside a SLURM job.
+    """
+    env = os.environ if environ is None else environ
+    job_id = env.get("SLURM_JOB_ID")
+    return {
+        "job_id": job_id,
+        "node_name": env.get("SLURMD_NODENAME"),
+        "restart_count": int(env.get("SLURM_RESTART_COUNT", 0)) if job_id else None,
+    }
 
 
 def device_for(info: DistInfo) -> torch.device:

@@ -11,4 +11,4 @@ if ROOT not in sys.path:
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-pytest_plugins = ["tests.s3_server"]
+pytest_plugins = ["tests.s3_server", "tests.slurm_cluster"]
