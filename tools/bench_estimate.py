@@ -52,8 +52,8 @@ def run_job(args, out, extra=()):
     from adpm_dist.gamma import read_gamma
 
     rc = estimate.main(["--checkpoint", args.ckpt, "--data", args.data, "--out", out, "--timesteps",
-                        f"1-{args.timesteps}", "--batch-size", str(args.batch_size), "--num-workers", "1",
-                        "--no-progress", *extra])
+                        f"1-{args.timesteps}", "--batch-size", str(args.batch_size), "--num-workers",
+                        str(args.num_workers), "--no-progress", *extra])
     assert rc == 0
     return read_gamma(out, require_complete=False)
 
@@ -80,7 +80,7 @@ def reread_per_t(args, model, schedule) -> float:
     with torch.inference_mode():
         for t in range(1, args.timesteps + 1):
             for _, x in eval_batches(args.data, batch_size=args.batch_size, rank=0, world_size=1,
-                                     num_workers=1):
+                                     num_workers=args.num_workers):
                 n = torch.full((x.shape[0],), t)
                 eps = model(q_sample(schedule, x, n, torch.randn_like(x)), n)
                 evals += float(eps.shape[0])
@@ -98,8 +98,11 @@ def peak_rss(args, out, per_t) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="mnist", help="model preset (mnist: 4.4M params, 28 px)")
-    p.add_argument("--timesteps", type=int, default=40, help="timesteps 1..T to estimate")
+    p.add_argument("--model", default="tiny", help="model preset (tiny: 8 px; mnist: 4.4M params, 28 px)")
+    p.add_argument("--timesteps", type=int, default=64, help="timesteps 1..T to estimate")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="data workers (on a 2-core CPU box a worker competes with the model for cores)")
     p.add_argument("--num-timesteps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--samples", type=int, default=160, help="digits used (half are the test split)")
@@ -108,19 +111,25 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as work:
         args.ckpt, args.data, model = make_inputs(work, args.model, args.num_timesteps, args.samples)
         model.eval()
-        gf = run_job(args, os.path.join(work, "g.json"))
-        job = gf.extra["evaluations_per_s"]
-        evals = int(gf.count.sum())
-        shape = (model.config["in_channels"], model.config["resolution"], model.config["resolution"])
-        bare = bare_forward(model, args.batch_size, shape, evals, args.num_timesteps)
         from adpm_dist.diffusion.schedule import make_schedule
 
-        naive = reread_per_t(args, model, make_schedule("linear", args.num_timesteps))
+        shape = (model.config["in_channels"], model.config["resolution"], model.config["resolution"])
+        jobs, bares, naives = [], [], []
+        # Alternate the three measurements and take medians: this machine is shared and noisy.
+        for i in range(args.repeats):
+            gf = run_job(args, os.path.join(work, f"g{i}.json"))
+            jobs.append(gf.extra["evaluations_per_s"])
+            evals = int(gf.count.sum())
+            bares.append(bare_forward(model, args.batch_size, shape, evals, args.num_timesteps))
+            naives.append(reread_per_t(args, model, make_schedule("linear", args.num_timesteps)))
+        job, bare, naive = (float(np.median(v)) for v in (jobs, bares, naives))
         rss1 = peak_rss(args, os.path.join(work, "m1.json"), args.samples // 2)
         rss4 = peak_rss(args, os.path.join(work, "m4.json"), 4 * (args.samples // 2))
     print(json.dumps({
         "benchmark": "estimate", "model": args.model, "batch_size": args.batch_size,
-        "evaluations": evals, "torch_threads": torch.get_num_threads(),
+        "evaluations": evals, "num_workers": args.num_workers,
+        "torch_threads": torch.get_num_threads(), "repeats": args.repeats,
+        "job_runs": [round(v, 1) for v in jobs], "bare_runs": [round(v, 1) for v in bares],
         "job_evals_per_s": round(job, 1), "bare_forward_evals_per_s": round(bare, 1),
         "ratio_vs_bare_forward": round(job / bare, 3),
         "reread_per_t_evals_per_s": round(naive, 1), "factor_vs_reread_per_t": round(job / naive, 2),
