@@ -26,20 +26,10 @@ pytestmark = pytest.mark.timeout(600)
 
 def test_distributed_job_with_exact_eps_matches_exact_gamma(tmp_path):
     d, count = 4, 320
-    oracle = two_cluster_mixture(d, {"name": "linear", "num_timesteps": 1000})
-    oracle.config["shape"] = [1, 2, 2]
-    oracle.shape = (1, 2, 2)
-    x = oracle.sample_data(count, torch.Generator().manual_seed(2)).reshape(count, d).numpy()
-    pixels = np.clip(np.rint((x + 1) * 127.5), 0, 255).astype(np.uint8)
-    np.savez(tmp_path / "mix.npz", images=pixels.reshape(count, 2, 2))
-    subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), f"npz:{tmp_path / 'mix.npz'}",
-                    str(tmp_path / "shards"), "--shard-size", "64", "--test-fraction", "0.5"],
-                   check=True, capture_output=True)
-    save_model(oracle, tmp_path / "oracle.safetensors")
+    args = _mixture_shards(tmp_path, count=count, num_timesteps=1000, seed=2)
     out = tmp_path / "gamma.json"
-    res = torchrun(2, ["--checkpoint", str(tmp_path / "oracle.safetensors"),
-                       "--data", str(tmp_path / "shards" / "test-*.tar"), "--out", str(out),
-                       "--batch-size", "512", "--num-workers", "1", "--no-progress"])
+    args[args.index("--num-workers") + 1] = "1"
+    res = torchrun(2, [*args, "--out", str(out), "--batch-size", "512"])
     assert res.returncode == 0, res.stderr[-3000:]
     gf = read_gamma(str(out))
     assert gf.count.min() == gf.count.max() == count // 2
@@ -58,19 +48,23 @@ def test_distributed_job_with_exact_eps_matches_exact_gamma(tmp_path):
             data.append(img.reshape(-1)[:d] / 127.5 - 1.0)
     data = np.stack(data)
     assert data.shape == (count // 2, d)
-    abar = truth.abar_from_betas(oracle.schedule.betas[1:])
+    from adpm_dist.diffusion.schedule import make_schedule
+
+    abar = truth.abar_from_betas(make_schedule("linear", 1000).betas[1:])
     exact = np.array([truth.exact_gamma_on_data(data, abar[t], 0.5, 0.15, 0.3) for t in range(1, 1001)])
     z = (gf.gamma - exact) / gf.stderr
     assert np.all(np.abs(z) < 4), f"t={np.argmax(np.abs(z)) + 1}: z={np.abs(z).max():.2f}"
     assert abs(z.mean()) < 0.25 and 0.5 < z.std() < 1.5
 
 
-def _mixture_shards(tmp_path, d=4, count=320, std=0.15):
-    oracle = two_cluster_mixture(d, {"name": "linear", "num_timesteps": 200}, std=std)
+def _mixture_shards(tmp_path, d=4, count=320, std=0.15, num_timesteps=200, seed=3):
+    """Mixture samples as 8-bit 2×2 shards (half test), and an oracle with cluster std ``std``."""
+    spec = {"name": "linear", "num_timesteps": num_timesteps}
+    oracle = two_cluster_mixture(d, spec, std=std)
     oracle.config["shape"] = [1, 2, 2]
     oracle.shape = (1, 2, 2)
-    x = two_cluster_mixture(d, {"name": "linear", "num_timesteps": 200}).sample_data(
-        count, torch.Generator().manual_seed(3)).reshape(count, d).numpy()
+    x = two_cluster_mixture(d, spec).sample_data(count, torch.Generator().manual_seed(seed))
+    x = x.reshape(count, d).numpy()
     pixels = np.clip(np.rint((x + 1) * 127.5), 0, 255).astype(np.uint8)
     np.savez(tmp_path / "mix.npz", images=pixels.reshape(count, 2, 2))
     subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), f"npz:{tmp_path / 'mix.npz'}",
