@@ -84,6 +84,7 @@ class TrainConfig:
     seed: int = 0
     total_steps: int = 1000
     ckpt_every: int = 1000
+    keep_ckpts: int = 0  # keep only the newest K checkpoints in run_dir/ckpt; 0 keeps all
     log_every: int = 10
     loss: str = "mse"  # "mse" (L_simple) or "l1"
     ema_decay: float = 0.9999
@@ -120,6 +121,7 @@ class Config:
             (self.train.zero_stage in (0, 1, 2, 3), "train.zero_stage", "must be 0, 1, 2 or 3"),
             (self.train.total_steps >= 0, "train.total_steps", "must be >= 0"),
             (self.train.ckpt_every > 0, "train.ckpt_every", "must be > 0"),
+            (self.train.keep_ckpts >= 0, "train.keep_ckpts", "must be >= 0"),
             (self.train.log_every > 0, "train.log_every", "must be > 0"),
             (self.train.max_bad_steps > 0, "train.max_bad_steps", "must be > 0"),
             (0.0 <= self.train.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)"),
@@ -182,6 +184,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise bad
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string: accept what float() accepts.
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)

@@ -41,7 +41,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -146,6 +146,28 @@ def _prepare_deepspeed() -> None:
     deepspeed.utils.logger.setLevel(logging.WARNING)
 
 
+def _forget_deepspeed_groups() -> None:
+    """Drop DeepSpeed's module-level caches of process groups after the group is destroyed.
+
+    DeepSpeed caches the data-parallel groups and its comm backend in module globals;
+    a second run in the same process (tests, notebooks, launchers calling ``main``)
+    would otherwise use groups of a destroyed default group.
+    """
+    import deepspeed.comm.comm as ds_comm
+    import deepspeed.utils.groups as ds_groups
+
+    ds_comm.cdb = None
+    for name, value in list(vars(ds_groups).items()):
+        if not (name.startswith("_") and name[1:2].isupper()):
+            continue
+        if isinstance(value, dict):
+            setattr(ds_groups, name, {})
+        elif value is not None and not isinstance(value, (str, int, float, bool)):
+            setattr(ds_groups, name, None)
+        elif name.startswith("_MPU_"):
+            setattr(ds_groups, name, None)
+
+
 def use_bf16(cfg: Config) -> bool:
     if cfg.train.precision == "bf16":
         return True
@@ -200,6 +222,16 @@ def warmup_factor(warmup_steps: int):
     return factor
 
 
+def _deepspeed_safe_globals() -> list:
+    """The data-only DeepSpeed classes its ZeRO checkpoints pickle (found by loading
+    stage 0-3 and bf16 checkpoints with ``weights_only=True``). Nothing callable."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
 def _safe_checkpoint_engine(engine) -> None:
     """Make DeepSpeed load its checkpoints with ``weights_only=True`` (no arbitrary unpickling)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
@@ -210,9 +242,12 @@ def _safe_checkpoint_engine(engine) -> None:
     if not isinstance(current, TorchCheckpointEngine):
         raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(current).__name__}")
 
+    allowed = _deepspeed_safe_globals()
+
     class WeightsOnlyCheckpointEngine(type(current)):
         def load(self, path: str, map_location=None):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
 
     current.__class__ = WeightsOnlyCheckpointEngine
 
@@ -273,6 +308,19 @@ def batches_from(stream, start_step: int, batches_per_epoch: int) -> Iterator[to
         epoch, skip = epoch + 1, 0
 
 
+def default_batches_per_epoch(cfg: Config) -> int:
+    """One pass over the data set: (samples in the manifests) // global batch (at least 1)."""
+    from . import data
+
+    shards, _ = data.shard_table(data.expand_urls(list(cfg.data.urls)), require_manifest=False)
+    if any(s.count is None for s in shards):
+        raise ConfigError(
+            "config key 'data.batches_per_epoch' is 0 but the shards have no manifest to count "
+            "samples from; set it explicitly"
+        )
+    return max(1, sum(int(s.count) for s in shards) // cfg.data.batch_size)
+
+
 def make_stream(cfg: Config, model_config: dict, info: dist.DistInfo):
     """The data layer's TrainStream for this rank (equal batch counts on every rank)."""
     from . import data
@@ -280,7 +328,7 @@ def make_stream(cfg: Config, model_config: dict, info: dist.DistInfo):
     per_rank = per_rank_batch(cfg, info.world_size)
     bpe = cfg.data.batches_per_epoch
     if bpe == 0:
-        bpe = data.batches_per_epoch(cfg.data.urls, cfg.data.batch_size)
+        bpe = default_batches_per_epoch(cfg)
     resolution = cfg.data.resolution or model_config.get("resolution")
     channels = cfg.data.channels or model_config.get("in_channels")
     stream = data.TrainStream(
@@ -314,11 +362,12 @@ class RunDir:
     stage: str  # local folder holding ckpt/<tag>/ as DeepSpeed wrote or will read it
 
     @classmethod
-    def create(cls, url: str, stage_dir: str = "") -> RunDir:
+    def create(cls, url: str, stage_dir: str = "", node_rank: int = 0) -> RunDir:
         if not storage.is_remote(url):
             return cls(url=url, stage=storage.local_path(url))
         base = stage_dir or os.path.join(tempfile.gettempdir(), "adpm_stage")
-        return cls(url=url, stage=os.path.join(base, _digest(url)))
+        # One folder per node: nodes sharing a host or a file system never race on it.
+        return cls(url=url, stage=os.path.join(base, _digest(url), f"node{node_rank}"))
 
     @property
     def remote(self) -> bool:
@@ -378,7 +427,7 @@ class Metrics:
     def append(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        line = json.dumps(record, allow_nan=True)
+        line = json.dumps(record, allow_nan=False)
         self.lines.append(line)
         if not self.run.remote:
             with open(storage.local_path(self.url), "a", encoding="utf-8") as fh:
@@ -394,14 +443,17 @@ class Metrics:
 
 @dataclass
 class State:
+    """Loop counters; all but last_saved travel in the checkpoint's client state."""
+
     step: int = 0  # batches consumed (skipped non-finite steps included)
     bad_in_row: int = 0
     skipped_total: int = 0
     last_saved: int = -1
-    history: list[float] = field(default_factory=list)
 
 
 class Trainer:
+    """One run: the engine, the EMA, the run directory and the loop (``fit``)."""
+
     def __init__(self, cfg: Config, info: dist.DistInfo) -> None:
         from .models.registry import build_model
 
@@ -409,7 +461,7 @@ class Trainer:
         self.info = info
         self.device = dist.device_for(info)
         self.schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
-        self.run = RunDir.create(cfg.train.run_dir, cfg.train.stage_dir)
+        self.run = RunDir.create(cfg.train.run_dir, cfg.train.stage_dir, info.node_rank)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         try:
             model = build_model(cfg.model.preset, **cfg.model.options)
@@ -466,10 +518,25 @@ class Trainer:
                 "model": self.model_config,
             }
             storage.write_text(self.run.join(LATEST), json.dumps(latest, indent=2) + "\n")
+            self._prune_run(tag, keep_last=self.cfg.train.keep_ckpts)
         dist.barrier()
         if self.run.remote and self.info.local_rank == 0:
             self._prune_stage(keep=tag)
         self.state.last_saved = step
+
+    def _prune_run(self, current: str, keep_last: int) -> None:
+        """Keep ``current`` and the ``keep_last - 1`` checkpoints before it (0 keeps all).
+
+        Runs after latest.json names ``current``. Folders newer than ``current`` (left by
+        a run that crashed before its latest.json) are not counted and not touched.
+        """
+        if keep_last <= 0:
+            return
+        root = self.run.join("ckpt")
+        tags = sorted(storage.basename(u.rstrip("/")) for u in storage.listdir(root))
+        older = [t for t in tags if t.startswith("step_") and t < current]
+        for tag in older[: max(0, len(older) - (keep_last - 1))]:
+            storage.remove(storage.join(root, tag), recursive=True)
 
     def _prune_stage(self, keep: str) -> None:
         """Staged copies of older checkpoints are already uploaded: free the local disk."""
@@ -557,6 +624,7 @@ class Trainer:
         want_norm = (self.state.step + 1) % cfg.train.log_every == 0
         norm = grad_norm_zero0(engine) if want_norm and engine.zero_optimization_stage() == 0 \
             else None
+        out["lr"] = float(engine.get_lr()[0])  # the rate this update uses
         engine.step()
         if norm is None and want_norm:
             g = engine.get_global_grad_norm()
@@ -641,9 +709,11 @@ class Trainer:
                     now = time.perf_counter()
                     rate = (state.step - step_last) * cfg.data.batch_size / max(now - t_last, 1e-9)
                     t_last, step_last = now, state.step
+                    finite = math.isfinite(out["loss"])
                     self.metrics.append({
-                        "step": state.step, "loss": out["loss"],
-                        "lr": float(self.engine.get_lr()[0]),
+                        "step": state.step, "loss": out["loss"] if finite else None,
+                        "nonfinite_loss": None if finite else str(out["loss"]),
+                        "lr": out.get("lr", float(self.engine.get_lr()[0])),
                         "grad_norm": out.get("grad_norm"), "images_per_s": rate,
                         "skipped": out["skipped"], "time": time.time(),
                     })
@@ -724,6 +794,7 @@ def train(cfg: Config) -> int:
             return trainer.fit()
     finally:
         dist.shutdown()
+        _forget_deepspeed_groups()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -731,10 +802,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = build_config(args.config, args.overrides, preset=args.preset)
+        return train(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE
-    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,162 @@
+"""Load a diffusers ``UNet2DModel`` folder as one of our ε-networks (optional extra).
+
+This module and :mod:`adpm_dist.hf` are the only places that import diffusers.
+
+Timesteps: we number them n = 1..N, diffusers 0..N−1 (its t = n−1 has our
+ᾱ_n). :class:`DiffusersEps` is the ONE place that mapping happens.
+
+``prediction_type``: ``epsilon`` is used as is; ``v_prediction`` and ``sample``
+are converted exactly to ε (our choice, documented
+here and tested): v: ε = √ᾱ_n v + √β̄_n x_n;  sample: ε = (x_n − √ᾱ_n x̂₀)/√β̄_n.
+Anything else is refused with a message naming the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..diffusion.schedule import Schedule, make_schedule
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class DiffusersError(ValueError):
+    """A diffusers folder cannot be used; the message names the file."""
+
+
+def diffusers_betas(config: dict[str, Any], source: str = "scheduler config") -> tuple[str, np.ndarray]:
+    """(schedule name, β_1..β_N float64) from a diffusers scheduler config, as diffusers builds them.
+
+    linear: linspace(start, end, N); scaled_linear: linspace(√start, √end, N)²;
+    squaredcos_cap_v2: Nichol & Dhariwal's cosine with β ≤ 0.999; trained_betas as given.
+    """
+    n = config.get("num_train_timesteps")
+    trained = config.get("trained_betas")
+    if trained is not None:
+        betas = np.asarray(trained, dtype=np.float64).reshape(-1)
+        if n is not None and betas.shape[0] != int(n):
+            raise DiffusersError(f"{source}: {betas.shape[0]} trained_betas but num_train_timesteps={n}")
+        return "diffusers:trained_betas", betas
+    if n is None:
+        raise DiffusersError(f"{source}: no 'num_train_timesteps' and no 'trained_betas'")
+    n = int(n)
+    kind = config.get("beta_schedule", "linear")
+    start = float(config.get("beta_start", 0.0001))
+    end = float(config.get("beta_end", 0.02))
+    if kind == "linear":
+        betas = np.linspace(start, end, n, dtype=np.float64)
+    elif kind == "scaled_linear":
+        betas = np.linspace(start**0.5, end**0.5, n, dtype=np.float64) ** 2
+    elif kind == "squaredcos_cap_v2":
+        def abar(x: float) -> float:
+            return float(np.cos((x + 0.008) / 1.008 * np.pi / 2) ** 2)
+        betas = np.array([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)])
+    else:
+        raise DiffusersError(f"{source}: beta_schedule '{kind}' is not supported "
+                             "(linear, scaled_linear, squaredcos_cap_v2 or trained_betas)")
+    name = f"diffusers:{kind}" if kind != "linear" else f"diffusers:linear({start:g},{end:g})"
+    return name, betas
+
+
+def schedule_from_diffusers(config: dict[str, Any], source: str = "scheduler config") -> Schedule:
+    name, betas = diffusers_betas(config, source)
+    try:
+        return make_schedule(name, betas=betas)
+    except ValueError as exc:
+        raise DiffusersError(f"{source}: {exc}") from None
+
+
+class DiffusersEps(nn.Module):
+    """forward(x, n) with our n = 1..N → the UNet's ε prediction at diffusers t = n − 1."""
+
+    def __init__(self, unet: nn.Module, schedule: Schedule, prediction_type: str, config: dict):
+        super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise DiffusersError(f"prediction_type '{prediction_type}' is not supported; "
+                                 f"choose one of {list(PREDICTION_TYPES)}")
+        self.unet = unet
+        self.prediction_type = prediction_type
+        self.schedule = schedule
+        self.config = config  # hashed by model_digest
+        self.shape = (config["in_channels"], config["resolution"], config["resolution"])
+        self.register_buffer("abar", torch.tensor(schedule.alphas_cumprod, dtype=torch.float64),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        out = self.unet(x, n - 1).sample  # the only 0-based mapping in the project
+        if self.prediction_type == "epsilon":
+            return out
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        abar = self.abar.to(x.device)[n].reshape(shape)
+        a, b = abar.sqrt().to(out.dtype), (1.0 - abar).sqrt().to(out.dtype)
+        if self.prediction_type == "v_prediction":
+            return a * out + b * x
+        return (x - a * out) / b
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DiffusersError(f"{path}: missing") from None
+    except json.JSONDecodeError as exc:
+        raise DiffusersError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _find(path: str) -> tuple[str, str]:
+    """(unet folder, scheduler config file) for the usual layouts."""
+    if os.path.isdir(os.path.join(path, "unet")):
+        unet_dir = os.path.join(path, "unet")
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        unet_dir = path
+    else:
+        raise DiffusersError(f"{path}: no unet/ subfolder and no config.json (not a diffusers folder)")
+    for cand in (os.path.join(path, "scheduler", "scheduler_config.json"),
+                 os.path.join(path, "scheduler_config.json")):
+        if os.path.isfile(cand):
+            return unet_dir, cand
+    raise DiffusersError(f"{path}: no scheduler/scheduler_config.json or scheduler_config.json")
+
+
+def load_diffusers(path: str):
+    """A ``LoadedModel`` for the diffusers folder ``path`` (CPU, eval mode)."""
+    from diffusers import UNet2DModel
+
+    from ..checkpoint import LoadedModel
+    from .io import model_digest
+
+    path = path[len("file://"):] if path.startswith("file://") else path
+    unet_dir, sched_file = _find(path)
+    sched_cfg = _read_json(sched_file)
+    unet_cfg = _read_json(os.path.join(unet_dir, "config.json"))
+    schedule = schedule_from_diffusers(sched_cfg, sched_file)
+    prediction_type = sched_cfg.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise DiffusersError(f"{sched_file}: prediction_type '{prediction_type}' is not supported; "
+                             f"choose one of {list(PREDICTION_TYPES)}")
+    unet = UNet2DModel.from_pretrained(unet_dir).eval()
+    size = unet_cfg.get("sample_size")
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise DiffusersError(f"{unet_dir}/config.json: only square sample_size is supported, got {size}")
+        size = size[0]
+    if not isinstance(size, int):
+        raise DiffusersError(f"{unet_dir}/config.json: needs an integer 'sample_size' (the image size)")
+    config = {
+        "type": "diffusers-unet2d",
+        "in_channels": int(unet_cfg.get("in_channels", 3)),
+        "resolution": size,
+        "unet": {k: v for k, v in unet_cfg.items() if not k.startswith("_")},
+        "prediction_type": prediction_type,
+        "schedule": schedule.describe(),
+    }
+    model = DiffusersEps(unet, schedule, prediction_type, config).eval()
+    name = f"diffusers:{os.path.basename(os.path.normpath(path))}"
+    return LoadedModel(model, schedule, model_digest(model), name, path)

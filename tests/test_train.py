@@ -1,0 +1,225 @@
+"""Single-process training with the real DeepSpeed engine on 8×8 digits shards.
+
+Exact resume (local and s3:// on the rclone S3 server), preemption by a real
+signal, non-finite losses, idempotent reruns. Weights are compared with the
+uninterrupted run of the same config, read back from what each run wrote.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from adpm_dist import preempt, storage, train
+from adpm_dist.config import preset_path
+from adpm_dist.models.io import model_from_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+TOTAL = 12
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> str:
+    """WebDataset shards of scikit-learn's digits, written by the data layer's tool."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import make_shards
+
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    make_shards.main(["digits", str(out), "--shard-size", "400"])
+    return str(out / "train-*.tar")
+
+
+def tiny_args(digits: str, run_dir: str, *extra: str) -> list[str]:
+    return [
+        "--config", str(preset_path("tiny")),
+        f"data.urls=[{digits}]", f"train.run_dir={run_dir}",
+        f"train.total_steps={TOTAL}", "train.ckpt_every=100", "train.log_every=1",
+        "data.batch_size=8", *extra,
+    ]
+
+
+def final_state(run_dir: str) -> tuple[int, dict, dict, list[dict]]:
+    """(step, DeepSpeed module weights, EMA weights, metrics) as the run left them."""
+    latest = json.loads(storage.read_text(storage.join(run_dir, "latest.json")))
+    blob = storage.read_bytes(
+        storage.join(run_dir, latest["deepspeed"], "mp_rank_00_model_states.pt")
+    )
+    module = torch.load(io.BytesIO(blob), weights_only=True)["module"]
+    ema_model, meta = model_from_bytes(storage.read_bytes(storage.join(run_dir, latest["ema"])))
+    assert meta["step"] == latest["step"]
+    assert meta["schedule"] == latest["schedule"] == {"name": "linear", "num_timesteps": 1000}
+    assert ema_model.config == latest["model"]
+    metrics = [json.loads(x) for x in storage.read_text(storage.join(run_dir, "metrics.jsonl"))
+               .splitlines()]
+    return latest["step"], module, ema_model.state_dict(), metrics
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference(digits, tmp_path_factory):
+    """TOTAL steps without interruption."""
+    run = str(tmp_path_factory.mktemp("ref") / "run")
+    assert train.main(tiny_args(digits, run)) == 0
+    return final_state(run)
+
+
+@pytest.mark.timeout(180)
+def test_uninterrupted_run_learns_and_writes_the_contract(reference):
+    step, module, ema, metrics = reference
+    assert step == TOTAL
+    assert [m["step"] for m in metrics] == list(range(1, TOTAL + 1))
+    losses = [m["loss"] for m in metrics]
+    assert all(0 < x < 5 for x in losses)
+    assert sum(losses[-4:]) < sum(losses[:4])  # the loss falls
+    assert all(m["lr"] > 0 and m["grad_norm"] > 0 and m["images_per_s"] > 0 for m in metrics)
+    # warm-up: lr rises linearly over the first optim.warmup_steps (5 in tiny) updates
+    assert metrics[0]["lr"] == pytest.approx(1e-3 / 5) and metrics[5]["lr"] == pytest.approx(1e-3)
+    # EMA differs from the raw weights but has moved away from the initial weights
+    assert any(not torch.equal(ema[k], module[k]) for k in module)
+
+
+@pytest.mark.timeout(240)
+def test_exact_resume_from_s3_matches_uninterrupted(digits, reference, s3_bucket, tmp_path):
+    run = f"{s3_bucket}/runs/tiny"
+    first = tiny_args(digits, run, f"train.stage_dir={tmp_path / 'stage_a'}", "train.total_steps=5")
+    assert train.main(first) == 0
+    assert storage.exists(f"{run}/ckpt/step_00000005/mp_rank_00_model_states.pt")
+    assert json.loads(storage.read_text(f"{run}/latest.json"))["step"] == 5
+    # A different staging folder: the state must really come back from S3.
+    second = tiny_args(digits, run, f"train.stage_dir={tmp_path / 'stage_b'}",
+                       "train.keep_ckpts=1")
+    assert train.main(second) == 0
+    step, module, ema, metrics = final_state(run)
+    ref_step, ref_module, ref_ema, ref_metrics = reference
+    assert step == ref_step == TOTAL
+    assert_same(module, ref_module)
+    assert_same(ema, ref_ema)
+    assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in ref_metrics])
+    assert storage.exists(f"{run}/config.yaml") and storage.exists(f"{run}/ema.safetensors")
+    # keep_ckpts=1: the step-5 checkpoint was pruned once step 12 was safely written
+    assert [storage.basename(u.rstrip("/")) for u in storage.listdir(f"{run}/ckpt")] == [
+        f"step_{TOTAL:08d}"]
+    # Rerunning a finished run is a no-op.
+    before = storage.read_text(f"{run}/latest.json")
+    assert train.main(second) == 0
+    assert storage.read_text(f"{run}/latest.json") == before
+
+
+@pytest.mark.timeout(240)
+def test_sigusr1_checkpoints_exits_for_requeue_and_resumes_exactly(digits, reference, tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adpm_dist.train", *tiny_args(digits, str(run)),
+         "train.progress=false"],
+        cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 150
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.communicate()[0]
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == preempt.REQUEUE_EXIT_CODE, out
+    assert "preempted (SIGUSR1)" in out
+    latest = json.loads((run / "latest.json").read_text())
+    stopped = latest["step"]
+    assert 2 <= stopped < TOTAL  # it finished the step in flight, then stopped
+    assert (run / "ckpt" / f"step_{stopped:08d}" / "mp_rank_00_model_states.pt").exists()
+    assert json.loads(metrics.read_text().splitlines()[-1])["step"] == stopped
+    # The requeued job (same command) resumes and ends where the uninterrupted run did.
+    assert train.main(tiny_args(digits, str(run))) == 0
+    step, module, ema, got = final_state(str(run))
+    assert step == TOTAL
+    assert_same(module, reference[1])
+    assert_same(ema, reference[2])
+    assert [m["step"] for m in got] == list(range(1, TOTAL + 1))
+
+
+@pytest.mark.timeout(180)
+def test_nonfinite_losses_are_skipped_then_the_run_stops(digits, tmp_path):
+    # lr = 1e30: the first update blows the weights up, every later loss is inf/NaN.
+    run = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        rc = train.main(tiny_args(digits, str(run), "optim.lr=1e30", "optim.warmup_steps=0"))
+    assert rc == train.DIVERGED_EXIT_CODE
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped"] for m in metrics] == [False, True, True, True]
+    assert metrics[0]["loss"] is not None
+    assert all(m["loss"] is None and m["nonfinite_loss"] in ("nan", "inf") for m in metrics[1:])
+    latest = json.loads((run / "latest.json").read_text())
+    assert latest["step"] == 4  # saved before stopping
+    # The saved state is the one after the last good update: skipped steps changed nothing.
+    blob = (run / latest["deepspeed"] / "mp_rank_00_model_states.pt").read_bytes()
+    state = torch.load(io.BytesIO(blob), weights_only=True)
+    assert state["global_steps"] == 1 and state["adpm_bad_in_row"] == 3
+
+
+@pytest.mark.timeout(120)
+def test_resume_refuses_a_different_model(digits, reference, tmp_path):
+    run = tmp_path / "run"
+    assert train.main(tiny_args(digits, str(run), "train.total_steps=1")) == 0
+    rc = train.main(tiny_args(digits, str(run), "model.options.ch=8"))
+    assert rc == train.CONFIG_ERROR_EXIT_CODE
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("engine_opts", [["train.zero_stage=2"], ["train.zero_stage=3"],
+                                         ["train.precision=bf16", "train.zero_stage=1"]])
+def test_exact_resume_with_other_zero_stages_and_bf16(digits, tmp_path, engine_opts):
+    def ema_of(run: Path) -> dict:
+        model, _ = model_from_bytes((run / "ema.safetensors").read_bytes())
+        return model.state_dict()
+
+    grids = engine_opts == ["train.zero_stage=2"]  # sample grids once: they cost CPU time
+    opts = [*engine_opts] + (["train.sample_every=4", "train.sample_steps=5",
+                              "train.sample_count=4"] if grids else [])
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert train.main(tiny_args(digits, str(straight), *opts, "train.total_steps=4")) == 0
+    assert train.main(tiny_args(digits, str(broken), *opts, "train.total_steps=2")) == 0
+    assert train.main(tiny_args(digits, str(broken), *opts, "train.total_steps=4")) == 0
+    assert_same(ema_of(broken), ema_of(straight))
+    if grids:
+        from PIL import Image
+
+        grid = Image.open(straight / "samples" / "step_00000004.png")
+        assert grid.size == (16, 16) and grid.mode == "L"  # 4 EMA samples of 8×8, 2×2
+
+
+def test_ema_follows_its_formula_in_fp32():
+    from adpm_dist.ema import EMA
+
+    net = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    ema = EMA(net, decay=0.9, warmup=True)
+    assert all(p.dtype == torch.float32 for p in ema.model.parameters())
+    start = [p.detach().float().clone() for p in ema.model.parameters()]
+    target = [torch.full_like(p, 2.0) for p in start]
+    ema.update(target)  # update 0: d = min(0.9, 1/10) = 0.1
+    ema.update(target)  # update 1: d = min(0.9, 2/11)
+    d0, d1 = 0.1, 2 / 11
+    for p, s in zip(ema.model.parameters(), start):
+        after0 = d0 * s + (1 - d0) * 2.0
+        torch.testing.assert_close(p, d1 * after0 + (1 - d1) * 2.0)
+    with pytest.raises(ValueError):
+        EMA(net, decay=1.0)

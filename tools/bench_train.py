@@ -1,0 +1,168 @@
+"""Steps/s of adpm_dist training (DeepSpeed engine) vs a plain torch DDP loop.
+
+    torchrun --nproc_per_node 2 tools/bench_train.py --preset tiny --zero-stage 0 --steps 60
+    python tools/bench_train.py --preset tiny            # one process
+
+Both loops train the same model (same initial weights) on the same batches (read
+once from ``--data`` shards through the training stream, or random in [−1, 1]),
+with the same loss, noise and timesteps, AdamW, gradient clipping and an EMA
+update per step. The adpm_dist side is ``Trainer.step`` itself — what the real
+loop runs, including its per-step cross-rank agreement on loss and preemption.
+The two are timed in alternating rounds in the same processes so machine load
+hits both alike; the best round of each counts. Rank 0 prints one JSON line:
+``{"adpm_steps_per_s", "ddp_steps_per_s", "ratio", ...}`` (ratio = adpm / ddp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny", help="configs/NAME.yaml for model and optimiser")
+    p.add_argument("--zero-stage", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (default: preset)")
+    p.add_argument("--steps", type=int, default=40, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--data", default=None, help="shard URLs; default random batches")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    return p.parse_args(argv)
+
+
+def make_batches(cfg, info, count: int, model_config: dict) -> list[torch.Tensor]:
+    from adpm_dist import train
+
+    per = train.per_rank_batch(cfg, info.world_size)
+    if cfg.data.urls and cfg.data.urls[0] != "random":
+        stream, _ = train.make_stream(cfg, model_config, info)
+        it = train.batches_from(stream, 0, stream.batches_per_epoch)
+        return [next(it) for _ in range(count)]
+    c, r = model_config["in_channels"], model_config["resolution"]
+    g = torch.Generator().manual_seed(1234 + info.rank)
+    return [torch.rand(per, c, r, r, generator=g) * 2 - 1 for _ in range(count)]
+
+
+class DDPLoop:
+    """The plain torch baseline: DDP + AdamW + warm-up + clipping + EMA."""
+
+    def __init__(self, cfg, model: torch.nn.Module, device: torch.device) -> None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from adpm_dist import train
+        from adpm_dist.diffusion.schedule import make_schedule
+        from adpm_dist.ema import EMA
+
+        self.cfg = cfg
+        self.model = DDP(model.to(device))
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, train.warmup_factor(cfg.optim.warmup_steps))
+        self.ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
+        self.schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+        self.device = device
+        self.step_count = 0
+        self.rank = torch.distributed.get_rank()
+
+    def step(self, x0: torch.Tensor) -> None:
+        from adpm_dist import train
+
+        loss = train.training_loss(self.model, x0.to(self.device), self.schedule,
+                                   seed=self.cfg.train.seed, step=self.step_count,
+                                   rank=self.rank, kind=self.cfg.train.loss)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.ema.update(list(self.model.module.parameters()))
+        self.step_count += 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from adpm_dist import dist, train
+    from adpm_dist.config import build_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train._prepare_deepspeed()
+    info = dist.init_group()
+    try:
+        overrides = [f"train.zero_stage={args.zero_stage}", "train.progress=false",
+                     f"train.run_dir={tempfile.mkdtemp(prefix='bench_train_')}"]
+        if args.batch_size:
+            overrides.append(f"data.batch_size={args.batch_size}")
+        overrides.append(f"data.urls=[{args.data or 'random'}]")
+        cfg = build_config(preset=args.preset, overrides=overrides)
+        trainer = train.Trainer(cfg, info)  # builds the model with seed cfg.train.seed
+        torch.manual_seed(cfg.train.seed)
+        from adpm_dist.models.registry import build_model
+
+        baseline_model = build_model(cfg.model.preset, **cfg.model.options)
+        ddp = DDPLoop(cfg, copy.deepcopy(baseline_model), dist.device_for(info))
+        batches = make_batches(cfg, info, args.warmup + args.steps, trainer.model_config)
+
+        def adpm_round(n: int, offset: int) -> float:
+            dist.barrier()
+            t = time.perf_counter()
+            for i in range(n):
+                trainer.step(batches[(offset + i) % len(batches)])
+                trainer.state.step += 1
+            dist.barrier()
+            return time.perf_counter() - t
+
+        def ddp_round(n: int, offset: int) -> float:
+            dist.barrier()
+            t = time.perf_counter()
+            for i in range(n):
+                ddp.step(batches[(offset + i) % len(batches)])
+            dist.barrier()
+            return time.perf_counter() - t
+
+        adpm_round(args.warmup, 0)
+        ddp_round(args.warmup, 0)
+        adpm_best, ddp_best = float("inf"), float("inf")
+        for r in range(args.rounds):
+            # alternate which goes first so drifting machine load is shared fairly
+            if r % 2 == 0:
+                adpm_best = min(adpm_best, adpm_round(args.steps, args.warmup))
+                ddp_best = min(ddp_best, ddp_round(args.steps, args.warmup))
+            else:
+                ddp_best = min(ddp_best, ddp_round(args.steps, args.warmup))
+                adpm_best = min(adpm_best, adpm_round(args.steps, args.warmup))
+        result = {
+            "preset": args.preset,
+            "world_size": info.world_size,
+            "zero_stage": args.zero_stage,
+            "global_batch": cfg.data.batch_size,
+            "steps_per_round": args.steps,
+            "rounds": args.rounds,
+            "device": str(dist.device_for(info)),
+            "precision": "bf16" if train.use_bf16(cfg) else "fp32",
+            "data": args.data or "random",
+            "adpm_steps_per_s": args.steps / adpm_best,
+            "ddp_steps_per_s": args.steps / ddp_best,
+            "ratio": ddp_best / adpm_best,
+        }
+        if info.is_main:
+            print(json.dumps(result))
+    finally:
+        dist.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
