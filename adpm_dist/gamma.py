@@ -78,8 +78,16 @@ class GammaFile:
         return _stats(self.sum, self.sum_sq, self.count)[1]
 
     def gamma_vector(self) -> np.ndarray:
-        """Γ as length N+1 (index 0 unused, NaN), the layout the diffusion maths uses."""
-        return np.concatenate([[np.nan], self.gamma])
+        """Γ as length N+1 (index 0 unused, NaN), the layout the diffusion maths uses.
+
+        Timesteps without samples (a Γ job run with ``--timesteps``) are NaN, so
+        that using them fails loudly instead of reading as Γ = 0.
+        """
+        return np.concatenate([[np.nan], np.where(self.count > 0, self.gamma, np.nan)])
+
+    def missing_timesteps(self) -> np.ndarray:
+        """The timesteps n (1..N) that have no samples."""
+        return np.flatnonzero(self.count == 0) + 1
 
     def is_complete(self) -> bool:
         return bool(np.all(self.count > 0))

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_plan(gamma_url: str, steps: int, method: str, trajectory: str, eta=0.0, clip_pixel=None) -> dict:
-    gf = read_gamma(gamma_url)
+    gf = read_gamma(gamma_url, require_complete=False)  # partial files: checked per trajectory
     sched = schedule_from_description(gf.schedule, gamma_url)
     gamma = gf.gamma_vector()
     tau = make_trajectory(trajectory, sched, steps, gamma=gamma)

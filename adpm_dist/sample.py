@@ -97,7 +97,7 @@ def load_gamma_for(spec: str | None, loaded: LoadedModel):
     """(Γ vector, sha256 of the file) checked against the model's schedule and digest; (None, None)."""
     if spec is None:
         return None, None
-    gf = read_gamma(spec)
+    gf = read_gamma(spec, require_complete=False)  # partial files: checked per trajectory
     check_schedule(gf, loaded.schedule, source=f"Γ file {spec}")
     check_model(gf, loaded.digest, loaded.name, source=f"Γ file {spec}")
     digest = hashlib.sha256(storage.read_bytes(spec)).hexdigest()

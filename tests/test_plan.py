@@ -44,3 +44,41 @@ def test_plan_table_and_errors(tmp_path, capsys):
     assert "2 <= K <= N=50" in capsys.readouterr().err
     assert plan.main(["--gamma", str(tmp_path / "missing.json"), "--steps", "4"]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_a_partial_gamma_file_serves_the_trajectories_it_covers(tmp_path, capsys):
+    # A Γ job run with --timesteps only at the even K=6 trajectory: it must give
+    # the σ² of the full file, and refuse trajectories it does not cover. Γ is
+    # exact for x₀ ~ N(0, 0.25 I): Γ_t = β̄_t/(0.25 ᾱ_t + β̄_t), whose covariance
+    # term is already non-decreasing, so the isotonic fit cannot tell the two apart.
+    sched = make_schedule("linear", 200)
+    exact = sched.bar_betas / (0.25 * sched.alphas_cumprod + sched.bar_betas)
+    tau = np.array([1, 41, 81, 120, 160, 200])
+
+    def gamma_file(ts, name):
+        gf = GammaFile.empty(sched, {"digest": "d0", "name": "toy"})
+        gf.add(ts, exact[ts])
+        gf.contributions.append({"run_id": name, "rank": 0, "world_size": 1, "samples": [0, 1]})
+        (tmp_path / f"{name}.json").write_text(gf.to_json())
+        return gf
+
+    full = gamma_file(np.arange(1, 201), "full")
+    part = gamma_file(tau, "part")
+    assert np.isnan(part.gamma_vector()[2]) and part.missing_timesteps().size == 200 - 6
+
+    args = ["--steps", "6", "--method", "analytic-ddpm", "--trajectory", "even", "--json"]
+    assert plan.main(["--gamma", str(tmp_path / "part.json"), *args]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["trajectory"] == tau.tolist()
+    want = step_variances(sched, tau, "analytic-ddpm", gamma=full.gamma_vector()).sigma2
+    np.testing.assert_allclose([s["sigma2"] for s in got["steps"]], want, rtol=1e-13)
+
+    # K=7 even steps from timesteps the file lacks; the optimal DP needs all of them.
+    assert plan.main(["--gamma", str(tmp_path / "part.json"), *args[:1], "7", *args[2:]]) == 2
+    err = capsys.readouterr().err
+    assert "Γ is missing at timesteps" in err and "34" in err and "--timesteps" in err
+    assert plan.main(["--gamma", str(tmp_path / "part.json"), "--steps", "6", "--trajectory", "optimal"]) == 2
+    assert "optimal trajectory needs Γ at every timestep" in capsys.readouterr().err
+    # Methods that do not use Γ never look at it.
+    assert plan.main(["--gamma", str(tmp_path / "part.json"), "--steps", "7", "--method", "ddim",
+                      "--json"]) == 0

@@ -43,9 +43,17 @@ def test_selftest_runs_one_rank_on_each_slurm_node(tmp_path, slurm_cluster):
     assert f"submitted selftest as SLURM job {job}" in res.stdout
     assert f"job {job} completed" in res.stdout
     # The sacct stand-in (what submitit polls) tells the same story as squeue.
-    sacct = slurm_cluster.run(str(Path(__file__).parents[1] / "slurm" / "bin" / "sacct"),
-                              "-o", "JobID,State,NodeList", "--parsable2", "-j", job, "-j", "999999")
-    assert sacct.stdout.splitlines() == ["JobID|State|NodeList", f"{job}|COMPLETED|n[1-2]"]
+    # submitit sees the tasks' results before slurmctld has finished the job's
+    # epilog, so the job may still read RUNNING/COMPLETING for a moment.
+    sacct_bin = str(Path(__file__).parents[1] / "slurm" / "bin" / "sacct")
+
+    def sacct_lines():
+        out = slurm_cluster.run(sacct_bin, "-o", "JobID,State,NodeList", "--parsable2",
+                                "-j", job, "-j", "999999").stdout.splitlines()
+        return out if out[1:] and "|COMPLETED|" in out[1] else None
+
+    lines = wait_for(sacct_lines, 30, f"job {job} to read COMPLETED in sacct")
+    assert lines == ["JobID|State|NodeList", f"{job}|COMPLETED|n[1-2]"]
 
 
 @pytest.mark.timeout(120)

@@ -51,17 +51,26 @@ class StepVariances:
         ]
 
 
-def as_gamma_vector(gamma, num_timesteps: int) -> np.ndarray:
-    """Γ as float64 of length N+1 (index 0 unused); accepts length N or N+1."""
+def as_gamma_vector(gamma, num_timesteps: int, allow_missing: bool = False) -> np.ndarray:
+    """Γ as float64 of length N+1 (index 0 unused); accepts length N or N+1.
+
+    ``allow_missing``: NaN marks a timestep the Γ file does not cover (a Γ job
+    restricted with ``--timesteps``); infinities are always refused.
+    """
     g = np.asarray(gamma, dtype=np.float64).reshape(-1)
     if g.shape[0] == num_timesteps:
         g = np.concatenate([[np.nan], g])
     if g.shape[0] != num_timesteps + 1:
         raise ValueError(f"Γ has {g.shape[0]} entries; the schedule has N={num_timesteps}")
-    if not np.all(np.isfinite(g[1:])):
-        bad = np.flatnonzero(~np.isfinite(g[1:]))[:5] + 1
-        raise ValueError(f"Γ is not finite at n = {bad.tolist()}")
+    bad = np.isinf(g[1:]) if allow_missing else ~np.isfinite(g[1:])
+    if np.any(bad):
+        raise ValueError(f"Γ is not finite at n = {(np.flatnonzero(bad)[:5] + 1).tolist()}")
     return g
+
+
+def _describe_timesteps(ts) -> str:
+    ts = [int(v) for v in ts]
+    return ",".join(map(str, ts[:12])) + (f",… ({len(ts)} in all)" if len(ts) > 12 else "")
 
 
 def isotonic_increasing(values: np.ndarray) -> np.ndarray:
@@ -96,13 +105,16 @@ def covariance_estimate(
     """
     a, b = data_range
     n = schedule.num_timesteps
-    g = as_gamma_vector(gamma, n)
-    abar, bbar = schedule.alphas_cumprod[1:], schedule.bar_betas[1:]
+    g = as_gamma_vector(gamma, n, allow_missing=True)
+    known = np.isfinite(g[1:])  # a partial Γ file: the fit runs over the timesteps it has
+    abar, bbar = schedule.alphas_cumprod[1:][known], schedule.bar_betas[1:][known]
     upper = np.minimum(((b - a) / 2.0) ** 2, bbar / abar)
-    cov = np.clip((bbar / abar) * (1.0 - g[1:]), 0.0, upper)
+    cov_known = np.clip((bbar / abar) * (1.0 - g[1:][known]), 0.0, upper)
     if monotone:
         # Clip first so that wild estimates at large t cannot drag the fit down.
-        cov = np.clip(isotonic_increasing(cov), 0.0, upper)
+        cov_known = np.clip(isotonic_increasing(cov_known), 0.0, upper)
+    cov = np.full(n, np.nan)
+    cov[known] = cov_known
     return np.concatenate([[0.0], cov])
 
 
@@ -157,6 +169,11 @@ def step_variances(
         sigma2 = lam2.copy()
     else:
         cov = covariance_estimate(schedule, gamma, data_range, monotone)
+        missing = np.unique(t[~np.isfinite(cov[t])])
+        if missing.size:
+            raise ValueError(
+                f"Γ is missing at timesteps {_describe_timesteps(missing)} that this trajectory "
+                "steps from; run the Γ job with --timesteps covering them (or 'all')")
         sigma2 = lam2 + gam2 * cov[t]
         if clip_pixel is not None:
             last = s == tau[0]

@@ -40,6 +40,11 @@ def step_cost_matrix(
     """C[s, t] = J(s, t) for 1 ≤ s < t ≤ N, +inf elsewhere; shape (N+1, N+1)."""
     n = schedule.num_timesteps
     cov = covariance_estimate(schedule, gamma, data_range, monotone)
+    missing = np.flatnonzero(~np.isfinite(cov[2:])) + 2  # Γ_1 is never used by a step
+    if missing.size:
+        raise ValueError(
+            f"the optimal trajectory needs Γ at every timestep 2..{n}; {missing.size} are missing "
+            f"(first: {missing[:5].tolist()}); run the Γ job with --timesteps all")
     abar, bbar = schedule.alphas_cumprod, schedule.bar_betas
     idx = np.arange(1, n + 1)
     s, t = idx[:, None], idx[None, :]
