@@ -45,6 +45,7 @@ import torch
 from . import dist, storage
 from .checkpoint import PRECISIONS, CheckpointError, eps_function, load_checkpoint
 from .diffusion.moments import q_sample
+from .diffusion.schedule import even_trajectory, quadratic_trajectory
 from .gamma import GammaFile, GammaFileError, read_gamma, write_gamma
 
 NOISE_BLOCK = 16  # timesteps per noise generator: noise depends on (seed, id, t) only
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the Γ file to write (local, file:// or s3://)")
     p.add_argument("--samples-per-t", type=int, default=None,
                    help="samples per timestep (default: every sample once; more → extra passes)")
-    p.add_argument("--timesteps", default="all", help="'all' or a list like 1,2,10-20")
+    p.add_argument("--timesteps", default="all",
+                   help="'all', a list like 1,2,10-20, or the trajectories to serve, like even:10,100")
     p.add_argument("--batch-size", type=int, default=256, help="(sample, t) pairs per forward pass")
     p.add_argument("--data-batch", type=int, default=None,
                    help="x₀ read per data batch (default batch-size/16: 16 timesteps mixed per pass)")
@@ -76,9 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_timesteps(spec: str, num_timesteps: int) -> np.ndarray:
-    """'all' or '1,5,10-20' → sorted unique timesteps in 1..N."""
+    """'all', '1,5,10-20', or 'even:10,100' → sorted unique timesteps in 1..N.
+
+    ``KIND:K1,K2,…`` (KIND even or quadratic) is the union of the timesteps of
+    those trajectories: the Γ that samplers and the NLL need on them, and no more.
+    """
     if spec == "all":
         return np.arange(1, num_timesteps + 1)
+    kind, colon, ks = spec.partition(":")
+    if colon:
+        if kind not in ("even", "quadratic"):
+            raise ValueError(f"--timesteps {spec!r}: a trajectory union is even:K,… or quadratic:K,…")
+        try:
+            steps = [int(k) for k in ks.split(",") if k.strip()]
+            make = even_trajectory if kind == "even" else quadratic_trajectory
+            return np.unique(np.concatenate([make(num_timesteps, k) for k in steps]))
+        except ValueError as exc:
+            raise ValueError(f"--timesteps {spec!r}: {exc}") from None
     out: set[int] = set()
     try:
         for part in spec.split(","):

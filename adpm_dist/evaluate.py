@@ -39,7 +39,7 @@ import torch
 from . import dist, storage
 from .checkpoint import PRECISIONS, CheckpointError, eps_function, load_checkpoint
 from .diffusion.analytic import ANALYTIC_METHODS, DDPM_FAMILY
-from .diffusion.likelihood import negative_elbo
+from .diffusion.likelihood import negative_elbos
 from .diffusion.samplers import make_generators
 from .diffusion.schedule import TRAJECTORIES
 from .gamma import GammaFileError
@@ -176,10 +176,11 @@ def run_nll(args) -> int:
             ids_list = [int(i) for i in ids]
             x0 = x.to(device)
             for (traj, k), tau in taus.items():
+                # One pass of K ε evaluations serves every method (they differ only in σ²).
+                gens = make_generators([image_seed(args.seed, i) for i in ids_list], device=device)
+                outs = negative_elbos(eps_fn, loaded.schedule, tau, methods, x0, gens, gamma=gamma)
                 for method in methods:
-                    gens = make_generators([image_seed(args.seed, i) for i in ids_list], device=device)
-                    out = negative_elbo(eps_fn, loaded.schedule, tau, method, x0, gens, gamma=gamma)
-                    state.add(config_key(traj, k, method), ids_list, out, args.per_image)
+                    state.add(config_key(traj, k, method), ids_list, outs[method], args.per_image)
             state.units_done += 1
             state.count += len(ids_list)
             n_local += 1

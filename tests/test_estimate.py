@@ -200,3 +200,16 @@ def test_data_and_output_on_the_local_s3_server(setup, s3_server, s3_bucket, tmp
     assert estimate.main(common(setup, local, "--timesteps", "1-20")) == 0
     np.testing.assert_allclose(gf.sum, read_gamma(str(local)).sum, rtol=1e-6)  # fp32 network
     assert s3_server.secret not in json.dumps(gf.to_dict())
+
+
+def test_timesteps_can_name_the_trajectories_to_serve():
+    from adpm_dist.diffusion.schedule import even_trajectory, quadratic_trajectory
+
+    got = estimate.parse_timesteps("even:10,25", 1000)
+    want = sorted(set(even_trajectory(1000, 10)) | set(even_trajectory(1000, 25)))
+    assert got.tolist() == want and len(got) == len(set(got))
+    assert estimate.parse_timesteps("quadratic:7", 200).tolist() == quadratic_trajectory(200, 7).tolist()
+    assert estimate.parse_timesteps("3,1,5-7", 10).tolist() == [1, 3, 5, 6, 7]
+    for bad, msg in (("even:1", "2 <= K <= N=1000"), ("optimal:10", "even:K"), ("even:x", "even:x")):
+        with pytest.raises(ValueError, match=msg):
+            estimate.parse_timesteps(bad, 1000)

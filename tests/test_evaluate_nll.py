@@ -246,21 +246,21 @@ def test_resume_from_partial_state_equals_full_run(setup, two_rank_run, monkeypa
     """Crash after the first flush round; the rerun resumes from partial state, same numbers."""
     doc2, _ = two_rank_run
     out = setup["base"] / "crash"
-    real = evaluate.negative_elbo
+    real = evaluate.negative_elbos
     calls = {"n": 0}
 
     def crashing(*a, **kw):
         calls["n"] += 1
-        if calls["n"] > 12 * 2 + 3:  # 2 batches × 12 configurations, then part of a third
+        if calls["n"] > 4 * 2 + 1:  # 2 batches × 4 (trajectory, K) passes, then part of a third
             raise KeyboardInterrupt("simulated kill")
         return real(*a, **kw)
 
-    monkeypatch.setattr(evaluate, "negative_elbo", crashing)
+    monkeypatch.setattr(evaluate, "negative_elbos", crashing)
     with pytest.raises(KeyboardInterrupt):
         evaluate.main(nll_args(setup, out, "--per-image", "--batch-size", "16", "--flush-every", "2"))
     partial = json.loads((out / "nll.partial" / "rank-00000-of-00001.json").read_text())
     assert partial["units_done"] == 2 and partial["count"] == 32
-    monkeypatch.setattr(evaluate, "negative_elbo", real)
+    monkeypatch.setattr(evaluate, "negative_elbos", real)
     assert evaluate.main(nll_args(setup, out, "--per-image", "--batch-size", "16", "--flush-every", "2")) == 0
     doc = json.loads((out / "nll.json").read_text())
     assert doc["num_images"] == 80

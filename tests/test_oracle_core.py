@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adpm_dist.diffusion.analytic import METHODS, step_variances
-from adpm_dist.diffusion.likelihood import negative_elbo
+from adpm_dist.diffusion.likelihood import negative_elbo, negative_elbos
 from adpm_dist.diffusion.moments import estimate_gamma
 from adpm_dist.diffusion.samplers import make_generators, sample
 from adpm_dist.diffusion.schedule import make_schedule, make_trajectory
@@ -200,3 +200,30 @@ def test_methods_list_is_complete_and_ddpm_reduction_holds():
         a_ts = abar[t] / abar[s]
         reduced = (1 - a_ts) / a_ts * (1 - (1 - a_ts) * gamma[t] / (1 - abar[t]))
         assert sig == pytest.approx(reduced, rel=1e-10)
+
+
+def test_one_pass_of_eps_serves_every_ddpm_method():
+    # negative_elbos evaluates ε K times per image whatever the number of
+    # methods, and each method's terms equal negative_elbo's bit for bit.
+    oracle = two_cluster_mixture(3, {"name": "cosine", "num_timesteps": 200})
+    sched = oracle.schedule
+    gen = torch.Generator().manual_seed(5)
+    gamma, _ = estimate_gamma(oracle, sched, oracle.sample_data(300, gen), gen)
+    x0 = oracle.sample_data(50, gen)
+    tau = make_trajectory("even", sched, 12)
+    calls = []
+
+    def counting(x, n):
+        calls.append(x.shape[0])
+        return oracle(x, n)
+
+    methods = ["ddpm-tilde", "ddpm-beta", "analytic-ddpm"]
+    together = negative_elbos(counting, sched, tau, methods, x0, make_generators(range(50)), gamma=gamma)
+    assert len(calls) == len(tau)  # K−1 steps' x_t plus the decoder's x_1
+    for m in methods:
+        alone = negative_elbo(oracle, sched, tau, m, x0, make_generators(range(50)), gamma=gamma)
+        for term in ("prior", "steps", "decoder", "total", "bpd"):
+            assert torch.equal(together[m][term], alone[term]), (m, term)
+    assert not torch.equal(together["ddpm-beta"]["bpd"], together["analytic-ddpm"]["bpd"])
+    with pytest.raises(ValueError, match="DDPM family"):
+        negative_elbos(oracle, sched, tau, ["ddpm-tilde", "ddim"], x0, make_generators(range(50)))

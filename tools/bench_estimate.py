@@ -98,7 +98,7 @@ def peak_rss(args, out, per_t) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny", help="model preset (tiny: 8 px; mnist: 4.4M params, 28 px)")
+    p.add_argument("--model", default="tiny", help="model preset (tiny: 8 px; mnist: 1.6M params, 28 px)")
     p.add_argument("--timesteps", type=int, default=64, help="timesteps 1..T to estimate")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--num-workers", type=int, default=0,

