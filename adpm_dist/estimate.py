@@ -1,7 +1,7 @@
 """The sharded Γ job: ``torchrun -m adpm_dist.estimate`` → one Γ file.
 
     torchrun --nproc_per_node P -m adpm_dist.estimate --checkpoint RUN_DIR_OR_WEIGHTS \
-        --data URLS --out G.json [--samples-per-t M] [--timesteps all|LIST] \
+        --data URLS --out G.json [--samples-per-t M] [--timesteps all|LIST|even:K,…] \
         [--batch-size B] [--seed S] [--target-stderr E]
 
 Work is (sample id × timestep) pairs. Each rank streams its share of the
@@ -44,6 +44,7 @@ import torch
 
 from . import dist, storage
 from .checkpoint import PRECISIONS, CheckpointError, eps_function, load_checkpoint
+from .data import BadDataError
 from .diffusion.moments import q_sample
 from .diffusion.schedule import even_trajectory, quadratic_trajectory
 from .gamma import GammaFile, GammaFileError, read_gamma, write_gamma
@@ -306,7 +307,7 @@ def run(args) -> int:
         try:
             done = read_gamma(args.out, require_complete=False)
         except GammaFileError as exc:
-            raise SystemExit(f"error: {exc} (refusing to overwrite it)") from None
+            raise GammaFileError(f"{exc} (refusing to overwrite it)") from None
         if done.extra.get("fingerprint") == fingerprint or (
             done.extra.get("fingerprint", {}).get("run_id") == run_id
             and {k: v for k, v in done.extra["fingerprint"].items() if k != "world_size"}
@@ -316,7 +317,7 @@ def run(args) -> int:
                 print(f"{args.out}: already complete, nothing to do")
             dist.shutdown()
             return 0
-        raise SystemExit(f"error: {args.out} exists and holds a different estimate; "
+        raise ValueError(f"{args.out} exists and holds a different estimate; "
                          "choose another --out or remove it")
 
     partial = _partial_url(args.out, rank, world)
@@ -324,7 +325,7 @@ def run(args) -> int:
     if storage.exists(partial):
         state = RankState.from_json(storage.read_text(partial), n_t, partial)
         if state.fingerprint != fingerprint:
-            raise SystemExit(f"error: {partial} was written by a different command "
+            raise ValueError(f"{partial} was written by a different command "
                              f"({_diff(state.fingerprint, fingerprint)}); rerun it unchanged or delete it")
 
     eps_fn = eps_function(loaded.model, device, args.precision)
@@ -379,8 +380,11 @@ def run(args) -> int:
                     "evaluations_per_s": evaluations / max(wall, 1e-9),
                     "timesteps": args.timesteps, "model_error": warnings}
         write_gamma(gf, args.out)
-        for w in warnings:
-            print(f"warning: {w['issue']} beyond its standard error for t in {w['t'][0]}..{w['t'][1]} "
+        for issue in dict.fromkeys(w["issue"] for w in warnings):  # one line per issue
+            spans = [w["t"] for w in warnings if w["issue"] == issue]
+            where = ", ".join(f"{a}" if a == b else f"{a}..{b}" for a, b in spans[:8])
+            more = f" and {len(spans) - 8} more ranges" if len(spans) > 8 else ""
+            print(f"warning: {issue} by more than 3 standard errors at t = {where}{more} "
                   "(model error; the analytic clip takes over there)", file=sys.stderr)
         print(json.dumps({"out": storage.redact(args.out), "num_timesteps": n_t,
                           "samples_per_t_min": int(gf.count[timesteps - 1].min()),
@@ -427,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (CheckpointError, GammaFileError, ValueError, FileNotFoundError) as exc:
+    except (CheckpointError, GammaFileError, ValueError, FileNotFoundError, PermissionError,
+            BadDataError) as exc:
+        # Bad input or refused access: one line naming the file, exit 2 (as sample/evaluate).
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

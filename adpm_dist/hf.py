@@ -86,6 +86,12 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         """Build from a diffusers scheduler config and a :class:`adpm_dist.gamma.GammaFile`."""
         from .gamma import check_schedule
 
+        missing = gamma_file.missing_timesteps()
+        if missing.size:
+            # The scheduler may be asked for any K and trajectory later, and a diffusers
+            # config cannot carry "unknown" entries: only a complete Γ file will do.
+            raise ValueError(f"Γ file lacks {missing.size} timesteps (first: {missing[:5].tolist()}); "
+                             "the diffusers scheduler needs all of them (run the Γ job with --timesteps all)")
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
         base = {k: scheduler_config[k] for k in keys if k in scheduler_config}
         sched = cls(**base, gamma=[float(v) for v in gamma_file.gamma], **kw)

@@ -121,3 +121,13 @@ def test_scheduler_config_round_trip(tmp_path):
         AnalyticDPMScheduler(num_train_timesteps=N, gamma=[0.5] * 3)
     with pytest.raises(ValueError, match="unknown method"):
         AnalyticDPMScheduler(num_train_timesteps=N, method="euler")
+
+
+def test_a_partial_gamma_file_is_refused_by_the_scheduler(setup):
+    # Partial Γ files (estimate --timesteps even:…) serve our CLIs, but a diffusers
+    # config cannot say "unknown" and may be asked for any K later: refuse, never Γ = 0.
+    gf = read_gamma(setup["gamma"])
+    gf.count[5:] = 0
+    cfg = {"num_train_timesteps": gf.num_timesteps, "beta_schedule": "linear"}
+    with pytest.raises(ValueError, match=r"lacks \d+ timesteps .*--timesteps all"):
+        AnalyticDPMScheduler.from_gamma_file(gf, cfg)

@@ -74,6 +74,7 @@ esac
 : "${NLL_BATCH:=125}"
 : "${PYTHON:=python}"
 : "${NPROC:=1}"                         # ranks per stage (torchrun) for the Γ job, sampling and NLL
+: "${LIMIT:=}"                          # use only the first LIMIT images of SOURCE (smoke tests)
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 mkdir -p "$OUT"
@@ -103,7 +104,7 @@ RUN="$OUT/run"
 GAMMA="$OUT/gamma.json"
 
 stage shards "$PYTHON" "$ROOT/tools/make_shards.py" "$SOURCE" "$DATA" \
-    --test-fraction "$TEST_FRACTION" --shard-size 1000
+    --test-fraction "$TEST_FRACTION" --shard-size 1000 ${LIMIT:+--limit "$LIMIT"}
 
 stage train "$PYTHON" -m adpm_dist.train --config "$ROOT/configs/mnist.yaml" \
     "train.run_dir=$RUN" "data.urls=[\"$DATA/train-*.tar\"]" \
