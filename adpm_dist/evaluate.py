@@ -139,7 +139,7 @@ def run_nll(args) -> int:
     fingerprint = {
         "model": loaded.digest, "gamma_sha256": gamma_digest, "data": storage.redact(json.dumps(args.data)),
         "seed": args.seed, "keys": keys, "precision": args.precision, "per_image": args.per_image,
-        "batch_size": args.batch_size, "num_workers": args.num_workers,
+        "batch_size": args.batch_size, "num_workers": args.num_workers, "limit": args.limit,
     }
     info = dist.init()
     rank, world = info.rank, info.world_size
@@ -166,7 +166,8 @@ def run_nll(args) -> int:
     eps_fn = eps_function(loaded.model, device, args.precision)
     stream = eval_batches(args.data, batch_size=args.batch_size, rank=rank, world_size=world,
                           num_workers=args.num_workers)
-    total = stream.total
+    # --limit keeps the images with id < LIMIT: the same subset for any world size.
+    total = stream.total if args.limit is None else min(stream.total, args.limit)
     batches = islice(stream, state.units_done, None)
     progress = _Progress(rank == 0 and not args.no_progress, total, "NLL (test images)")
     start = time.time()
@@ -174,8 +175,11 @@ def run_nll(args) -> int:
         n_local = 0
         for ids, x in islice(batches, args.flush_every):
             ids_list = [int(i) for i in ids]
+            if args.limit is not None:
+                keep = [j for j, i in enumerate(ids_list) if i < args.limit]
+                ids_list, x = [ids_list[j] for j in keep], x[keep]
             x0 = x.to(device)
-            for (traj, k), tau in taus.items():
+            for (traj, k), tau in taus.items() if ids_list else ():
                 # One pass of K ε evaluations serves every method (they differ only in σ²).
                 gens = make_generators([image_seed(args.seed, i) for i in ids_list], device=device)
                 outs = negative_elbos(eps_fn, loaded.schedule, tau, methods, x0, gens, gamma=gamma)
@@ -346,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--num-workers", type=int, default=1)
     n.add_argument("--flush-every", type=int, default=8, help="batches between partial-state flushes")
     n.add_argument("--per-image", action="store_true", help="also record every image's bits/dim")
+    n.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="evaluate only the test images with id < N (a fixed subset for any world size)")
     n.add_argument("--precision", default="auto", choices=PRECISIONS)
     n.add_argument("--no-progress", action="store_true")
     f = sub.add_parser("fid", help="FID of a sample folder against reference shards")

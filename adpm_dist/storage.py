@@ -460,18 +460,8 @@ def write_bytes(url: str, data: bytes) -> None:
         fs = filesystem(url)
         _call("write", url, lambda: fs.pipe_file(_fs_path(url), bytes(data)))
         return
-    path = local_path(url)
-    fd, tmp = _local_tmp(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with open_write(url) as f:
+        f.write(data)
 
 
 def write_text(url: str, text: str, encoding: str = "utf-8") -> None:

@@ -3,6 +3,8 @@
 import os
 import sys
 
+import pytest
+
 # Tests run the CLI entry points in-process and in subprocesses; both import the package
 # from the checkout.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -12,3 +14,18 @@ if ROOT not in sys.path:
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 pytest_plugins = ["tests.s3_server", "tests.slurm_cluster"]
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test's torch ops on one intra-op thread.
+
+    On the 2-core CI machine two intra-op threads contend with other processes (data
+    workers, servers, ranks) and small kernels ran up to 100× slower than on one thread.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

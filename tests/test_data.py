@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,23 +11,13 @@ import pytest
 import torch
 
 from adpm_dist import data
+from tests.tool_modules import load_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(180)
 
 
-def _load_tool(name: str):
-    """tools/ is a folder of scripts, not a package: load one as a module."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-make_shards = _load_tool("make_shards")
+make_shards = load_tool("make_shards")
 N_SMALL = 37  # a prime: shard counts come out uneven for every shard size
 
 

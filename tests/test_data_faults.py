@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from adpm_dist import data, storage
+from tests.tool_modules import load_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(120)
@@ -21,19 +20,8 @@ SHARD = 13  # shards of 13, 13, 11
 SAMPLE_BYTES = 2048  # each digit: png header+block and cls header+block, 512 bytes each
 
 
-def _load_tool(name: str):
-    """tools/ is a folder of scripts, not a package: load one as a module."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _make_shards(folder: str) -> dict:
-    make_shards = _load_tool("make_shards")
+    make_shards = load_tool("make_shards")
     return make_shards.main(
         ["digits", folder, "--limit", str(N), "--test-fraction", "0", "--shard-size", str(SHARD)]
     )

@@ -48,7 +48,7 @@ from adpm_dist.models.io import save_model
 from adpm_dist.models.oracle import GaussianMixtureEps
 from tests.estimate_helpers import ROOT, free_port
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.timeout(400), pytest.mark.usefixtures("one_thread")]
 
 M = np.array([0.2, -0.1, 0.0, 0.3])
 S = 0.3
@@ -56,14 +56,6 @@ N = 100
 STEPS = "5,100"
 METHODS = "ddpm-tilde,ddpm-beta,analytic-ddpm"
 RUN = ("--per-image", "--batch-size", "16", "--flush-every", "2")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +232,21 @@ def test_world_size_invariance_table_and_noop_rerun(setup, two_rank_run, capsys)
     assert evaluate.main(nll_args(setup, out1, *RUN)) == 0
     assert "already complete" in capsys.readouterr().out
     assert os.stat(out1 / "nll.json").st_mtime_ns == stamp
+
+
+def test_limit_evaluates_the_same_subset_as_the_full_run(setup, two_rank_run):
+    """--limit 30: images with id < 30 only, each with the value the full 2-rank run gave it."""
+    doc2, _ = two_rank_run
+    out = setup["base"] / "limit"
+    assert evaluate.main(nll_args(setup, out, "--per-image", "--batch-size", "16", "--limit", "30")) == 0
+    doc = json.loads((out / "nll.json").read_text())
+    assert doc["num_images"] == 30 and sorted(map(int, doc["per_image_bpd"])) == list(range(30))
+    for i, row in doc["per_image_bpd"].items():
+        for key, v in row.items():
+            assert v == pytest.approx(doc2["per_image_bpd"][i][key], rel=1e-12)
+    for key, r in doc["results"].items():
+        want = np.mean([doc2["per_image_bpd"][str(i)][key] for i in range(30)])
+        assert r["bpd"] == pytest.approx(want, rel=1e-12) and r["count"] == 30
 
 
 def test_resume_from_partial_state_equals_full_run(setup, two_rank_run, monkeypatch):

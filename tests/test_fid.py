@@ -18,15 +18,7 @@ from adpm_dist import evaluate, sample
 from adpm_dist.fid import FeatureStats, InceptionFeatures, frechet_distance
 from tests.estimate_helpers import ROOT, make_digit_shards, save_tiny_model
 
-pytestmark = pytest.mark.timeout(400)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = [pytest.mark.timeout(400), pytest.mark.usefixtures("one_thread")]
 
 
 def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():

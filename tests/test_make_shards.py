@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,22 +13,12 @@ import pytest
 from PIL import Image
 
 from adpm_dist import data, storage
+from tests.tool_modules import load_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_tool(name: str):
-    """tools/ is a folder of scripts, not a package: load one as a module."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-make_shards = _load_tool("make_shards")
+make_shards = load_tool("make_shards")
 
 pytestmark = pytest.mark.timeout(180)
 

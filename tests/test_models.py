@@ -209,15 +209,6 @@ def test_rejects_bad_inputs_and_architectures():
         UNet(in_channels=1, resolution=28, ch=16, ch_mult=(1, 2, 2, 2), attn_resolutions=())
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny ops run faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_tiny_model_learns_to_denoise_digits(one_thread):
     """Gradients reach every layer through the near-silent initial output layers: a few Adam
     steps on 8×8 digits move every parameter and cut the held-out ε-MSE well below the

@@ -26,16 +26,7 @@ from adpm_dist.gamma import GammaFile, write_gamma
 from tests.estimate_helpers import ROOT, free_port, save_tiny_model
 from tests.s3_server import subprocess_env
 
-pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The 2 shared cores are oversubscribed by 2 intra-op threads (100× slower kernels)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

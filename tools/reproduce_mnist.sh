@@ -75,6 +75,7 @@ esac
 : "${PYTHON:=python}"
 : "${NPROC:=1}"                         # ranks per stage (torchrun) for the Γ job, sampling and NLL
 : "${LIMIT:=}"                          # use only the first LIMIT images of SOURCE (smoke tests)
+: "${NLL_LIMIT:=}"                      # NLL on the test images with id < NLL_LIMIT only (CPU budgets)
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 mkdir -p "$OUT"
@@ -127,7 +128,8 @@ done
 
 stage nll ranks adpm_dist.evaluate nll --checkpoint "$RUN" --gamma "$GAMMA" \
     --data "$DATA/test-*.tar" --steps "$NLL_STEPS" --methods "$NLL_METHODS" \
-    --trajectory "$NLL_TRAJECTORIES" --batch-size "$NLL_BATCH" --out "$OUT/nll"
+    --trajectory "$NLL_TRAJECTORIES" --batch-size "$NLL_BATCH" --out "$OUT/nll" \
+    ${NLL_LIMIT:+--limit "$NLL_LIMIT"}
 
 if [ -n "$FID_STEPS" ]; then
     IFS=',' read -r -a fid_steps <<<"$FID_STEPS"
@@ -135,9 +137,16 @@ if [ -n "$FID_STEPS" ]; then
     for k in "${fid_steps[@]}"; do
         for method in "${fid_methods[@]}"; do
             dir="$OUT/fid/$method-K$k"
+            # The paper's Table 2 clips the last step's noise: y = 2 pixels for
+            # Analytic-DDPM, 1 otherwise (our clip applies to the analytic methods only).
+            clip=()
+            case "$method" in
+                analytic-ddpm) clip=(--clip-pixel 2) ;;
+                analytic-ddim) clip=(--clip-pixel 1) ;;
+            esac
             stage "sample $method K=$k (FID)" ranks adpm_dist.sample --checkpoint "$RUN" \
                 --gamma "$GAMMA" --method "$method" --steps "$k" --num-samples "$FID_SAMPLES" \
-                --out "$dir"
+                --out "$dir" "${clip[@]}"
             stage "fid $method K=$k" "$PYTHON" -m adpm_dist.evaluate fid --samples "$dir" \
                 --reference "$DATA/test-*.tar" --out "$dir/fid.json"
         done

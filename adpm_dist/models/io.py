@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -152,22 +151,10 @@ def model_from_bytes(
 
 def save_model(model: nn.Module, path: str | os.PathLike,
                metadata: dict[str, Any] | None = None) -> None:
-    """Write a checkpoint to a local file atomically (temp file in the same dir + rename)."""
-    data = model_to_bytes(model, metadata)
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write a checkpoint atomically (old file or new one, never a part) to a path or URL."""
+    from .. import storage
+
+    storage.write_bytes(os.fspath(path), model_to_bytes(model, metadata))
 
 
 def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
