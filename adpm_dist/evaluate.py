@@ -20,7 +20,8 @@ FID::
     python -m adpm_dist.evaluate fid --samples SAMPLES_DIR --reference TEST_URLS [--out fid.json]
 
 Inception statistics of the reference set are cached beside its manifest
-(``fid-stats-<key>.npz``, key = shard list + manifest + network digest).
+(``fid-stats-<key>.npz``, key = shard list + manifest + network digest). With
+``--out``, a rerun over the same finished sample folder is a no-op.
 """
 
 from __future__ import annotations
@@ -266,6 +267,23 @@ def reference_cache_url(urls: list[str], manifest_sha: str, net_digest: str) -> 
     return storage.join(storage.dirname(urls[0]), f"fid-stats-{key}.npz")
 
 
+def _fid_already_done(out: str | None, samples_sha: str, cache: str, net_digest: str) -> bool:
+    """True when ``out`` holds the FID of these very samples against these statistics.
+
+    Only a finished sample folder (one with a manifest) can be recognised; shard lists
+    without one are always evaluated afresh.
+    """
+    if not out or not samples_sha or not storage.exists(out):
+        return False
+    try:
+        done = json.loads(storage.read_text(out))
+    except json.JSONDecodeError:
+        return False  # a torn or foreign file: recompute and overwrite it atomically
+    return (done.get("samples_manifest_sha256") == samples_sha
+            and done.get("reference_stats") == storage.redact(cache)
+            and done.get("network_sha256") == net_digest)
+
+
 def run_fid(args) -> int:
     from .data import MANIFEST_NAME, expand_urls
     from .fid import InceptionFeatures, frechet_distance, load_stats_npz
@@ -283,6 +301,16 @@ def run_fid(args) -> int:
         manifest_sha = hashlib.sha256(storage.read_bytes(manifest)).hexdigest()
     extractor = InceptionFeatures(device, batch_size=args.batch_size)
     cache = reference_cache_url(ref_urls, manifest_sha, extractor.digest)
+    sample_urls = expand_urls(samples)
+    sample_manifest = storage.join(storage.dirname(sample_urls[0]), MANIFEST_NAME)
+    samples_sha = ""
+    if storage.exists(sample_manifest):
+        samples_sha = hashlib.sha256(storage.read_bytes(sample_manifest)).hexdigest()
+    if _fid_already_done(args.out, samples_sha, cache, extractor.digest):
+        if rank == 0:
+            print(f"{storage.redact(args.out)}: already complete, nothing to do")
+        dist.shutdown()
+        return 0
     start = time.time()
     show = rank == 0 and not args.no_progress
     if storage.exists(cache):
@@ -295,14 +323,15 @@ def run_fid(args) -> int:
             storage.write_bytes(cache, ref.to_npz())
         mu_r, sig_r = ref.mean_cov()
         n_ref, cached = ref.count, False
-    gen = _features_over(samples, extractor, rank, world, args.batch_size, args.num_workers,
+    gen = _features_over(sample_urls, extractor, rank, world, args.batch_size, args.num_workers,
                          "FID samples", show)
     mu_s, sig_s = gen.mean_cov()
     fid = frechet_distance(mu_s, sig_s, mu_r, sig_r)
     result = {"fid": fid, "num_samples": gen.count, "num_reference": n_ref,
               "samples": storage.redact(args.samples), "reference": storage.redact(args.reference),
               "reference_stats": storage.redact(cache), "reference_stats_cached": cached,
-              "network_sha256": extractor.digest, "wall_time_s": round(time.time() - start, 3)}
+              "network_sha256": extractor.digest, "samples_manifest_sha256": samples_sha,
+              "wall_time_s": round(time.time() - start, 3)}
     if rank == 0:
         if args.out:
             storage.write_text(args.out, json.dumps(result, indent=1) + "\n")

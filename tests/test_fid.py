@@ -112,5 +112,32 @@ def test_fid_reads_a_sample_folder(digits, tmp_path):
     out = tmp_path / "samples"
     assert sample.main(["--checkpoint", model, "--method", "ddim", "--steps", "3", "--num-samples", "6",
                         "--out", str(out), "--no-progress", "--shard-size", "4"]) == 0
-    res = fid(f"{digits / 'digits'}/test-{{000000..000001}}.tar", str(out), tmp_path / "s.json")
+    reference = f"{digits / 'digits'}/test-{{000000..000001}}.tar"
+    res = fid(reference, str(out), tmp_path / "s.json")
     assert res["num_samples"] == 6 and np.isfinite(res["fid"]) and res["fid"] > 0
+    assert len(res["samples_manifest_sha256"]) == 64
+
+
+def test_fid_rerun_is_a_no_op_until_the_samples_change(digits, tmp_path, capsys, monkeypatch):
+    model = str(tmp_path / "tiny.safetensors")
+    save_tiny_model(model)
+    reference = f"{digits / 'digits'}/test-{{000000..000001}}.tar"
+    result = tmp_path / "fid.json"
+    folders = []
+    for method in ("ddim", "ddpm-tilde"):
+        folders.append(tmp_path / method)
+        assert sample.main(["--checkpoint", model, "--method", method, "--steps", "3", "--num-samples", "5",
+                            "--out", str(folders[-1]), "--no-progress"]) == 0
+    first = fid(reference, str(folders[0]), result)
+    written = result.read_bytes()
+    calls = []
+    real = evaluate._features_over
+    monkeypatch.setattr(evaluate, "_features_over", lambda *a, **k: calls.append(a) or real(*a, **k))
+    capsys.readouterr()
+    assert fid(reference, str(folders[0]), result) == first
+    assert "already complete" in capsys.readouterr().out
+    assert calls == [] and result.read_bytes() == written  # nothing recomputed, nothing rewritten
+    # Other samples under the same --out: evaluated afresh, not mistaken for the finished one.
+    second = fid(reference, str(folders[1]), result)
+    assert len(calls) == 1 and second["samples"] == str(folders[1])
+    assert second["samples_manifest_sha256"] != first["samples_manifest_sha256"]
