@@ -69,3 +69,29 @@ def test_bad_profile_is_refused(tmp_path):
     res = subprocess.run(["bash", str(ROOT / "tools" / "reproduce_mnist.sh"), "--profile", "fast"],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 2 and "--profile must be 'study' or 'demo'" in res.stderr
+
+
+def test_paper_section_puts_each_number_beside_the_papers(tmp_path):
+    from tests.tool_modules import load_tool
+
+    results_table = load_tool("results_table")
+    (tmp_path / "nll").mkdir()
+    bpd = {"even/K=10/ddpm-tilde": 70.0, "even/K=10/analytic-ddpm": 4.567,
+           "optimal/K=10/ddpm-tilde": 3.21, "optimal/K=10/analytic-ddpm": 3.0}
+    results = {key: {"bpd": value, "bpd_stderr": 0.1} for key, value in bpd.items()}
+    (tmp_path / "nll" / "nll.json").write_text(json.dumps(
+        {"results": results, "num_images": 5, "wall_time_s": 1.0, "world_size": 1}))
+    for name, value in (("ddim-K10", 99.5), ("my-method-K25", 12.0)):
+        (tmp_path / "fid" / name).mkdir(parents=True)
+        (tmp_path / "fid" / name / "fid.json").write_text(json.dumps(
+            {"fid": value, "num_samples": 8, "num_reference": 8}))
+    assert results_table.main([str(tmp_path), "--paper"]) == 0
+    report = (tmp_path / "RESULTS.md").read_text()
+    side = report.split("## Beside the paper")[1]
+    assert "| even analytic-ddpm | 4.57 / 5.47 |" in side  # Table 1, ET, K=10
+    assert "| optimal ddpm-tilde | 3.21 / — |" in side  # the paper has no OT row for β̃
+    assert "| ddim | 99.50 / 21.31 | — / 10.70 | — / 7.74 | — / 6.08 |" in side  # Table 2
+    assert "| my-method | — / — | 12.00 / — |" in side
+    assert side.index("| ddim |") < side.index("| my-method |")
+    assert results_table.main([str(tmp_path)]) == 0
+    assert "## Beside the paper" not in (tmp_path / "RESULTS.md").read_text()  # only on request

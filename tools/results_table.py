@@ -1,6 +1,6 @@
 """Collect a tools/reproduce_mnist.sh run folder into one markdown report.
 
-    python tools/results_table.py OUT [--write OUT/RESULTS.md]
+    python tools/results_table.py OUT [--write OUT/RESULTS.md] [--paper]
 
 Reads what the stages left in OUT: ``nll/nll.json`` (negative ELBO table),
 ``fid/METHOD-KK/fid.json`` (one FID per method and K), ``gamma.json`` (how many
@@ -21,6 +21,67 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adpm_dist.evaluate import nll_table  # noqa: E402
+
+# Bao et al., ICLR 2022 (OpenReview 0xiJLKH-ufZ), CIFAR-10 with the linear schedule (LS),
+# copied from Table 1 (NLL, bits/dim) and Table 2 (FID, 50k samples, even trajectory).
+# "optimal" is the paper's OT; it has no OT row for ddpm-tilde.
+PAPER_NLL = {
+    ("even", "ddpm-tilde"): {10: 74.95, 25: 24.98, 50: 12.01, 100: 7.08, 200: 5.03, 1000: 3.73},
+    ("even", "ddpm-beta"): {10: 6.99, 25: 6.11, 50: 5.44, 100: 4.86, 200: 4.39, 1000: 3.75},
+    ("even", "analytic-ddpm"): {10: 5.47, 25: 4.79, 50: 4.38, 100: 4.07, 200: 3.84, 1000: 3.59},
+    ("optimal", "ddpm-beta"): {10: 5.38, 25: 4.34, 50: 3.97, 100: 3.82, 200: 3.77, 1000: 3.75},
+    ("optimal", "analytic-ddpm"): {10: 4.11, 25: 3.68, 50: 3.61, 100: 3.59, 200: 3.59, 1000: 3.59},
+}
+PAPER_FID = {
+    "ddpm-tilde": {10: 44.45, 25: 21.83, 50: 15.21, 100: 10.94},
+    "ddpm-beta": {10: 233.41, 25: 125.05, 50: 66.28, 100: 31.36},
+    "analytic-ddpm": {10: 34.26, 25: 11.60, 50: 7.25, 100: 5.40},
+    "ddim": {10: 21.31, 25: 10.70, 50: 7.74, 100: 6.08},
+    "analytic-ddim": {10: 14.00, 25: 5.81, 50: 4.04, 100: 3.55},
+}
+
+
+def _side_by_side(rows: dict[str, dict[int, float]], paper: dict[str, dict[int, float]],
+                  steps: list[int], fmt: str) -> str:
+    """Markdown table, one cell per K: "ours / paper" ("—" where either has no number)."""
+    lines = ["| row | " + " | ".join(f"K={k}" for k in steps) + " |", "|---|" + "---|" * len(steps)]
+    for name, ours in rows.items():
+        cells = []
+        for k in steps:
+            mine = format(ours[k], fmt) if k in ours else "—"
+            theirs = format(paper[name][k], ".2f") if name in paper and k in paper[name] else "—"
+            cells.append(f"{mine} / {theirs}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paper_section(out: Path) -> str:
+    """Our numbers beside the paper's CIFAR-10 (LS) rows (a different dataset: see docs/RESULTS.md)."""
+    parts = []
+    path = out / "nll" / "nll.json"
+    if path.exists():
+        ours: dict[str, dict[int, float]] = {}
+        for key, r in json.loads(path.read_text())["results"].items():
+            traj, k, method = key.split("/")
+            ours.setdefault(f"{traj} {method}", {})[int(k[2:])] = r["bpd"]
+        paper = {f"{t} {m}": v for (t, m), v in PAPER_NLL.items()}
+        steps = sorted({k for row in ours.values() for k in row})
+        parts.append("NLL, bits/dim (ours on MNIST / paper on CIFAR-10 LS)\n\n"
+                     + _side_by_side(ours, paper, steps, ".2f"))
+    fids: dict[str, dict[int, float]] = {}
+    for fid_json in sorted((out / "fid").glob("*-K*/fid.json")):
+        m = re.fullmatch(r"(.+)-K(\d+)", fid_json.parent.name)
+        if m:
+            fids.setdefault(m.group(1), {})[int(m.group(2))] = json.loads(fid_json.read_text())["fid"]
+    if fids:
+        order = [m for m in PAPER_FID if m in fids] + sorted(set(fids) - set(PAPER_FID))
+        fids = {m: fids[m] for m in order}
+        steps = sorted({k for row in fids.values() for k in row} | {10, 25, 50, 100})
+        parts.append("FID (ours on MNIST / paper on CIFAR-10 LS)\n\n"
+                     + _side_by_side(fids, PAPER_FID, steps, ".2f"))
+    if not parts:
+        return ""
+    return "## Beside the paper (Bao et al. 2022, CIFAR-10 LS, Tables 1 and 2)\n\n" + "\n".join(parts)
 
 
 def _lines(path: Path) -> list[dict]:
@@ -96,12 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="the folder tools/reproduce_mnist.sh wrote")
     p.add_argument("--write", default=None, help="report path (default OUT/RESULTS.md)")
+    p.add_argument("--paper", action="store_true",
+                   help="add our numbers beside the paper's CIFAR-10 (LS) Tables 1 and 2")
     args = p.parse_args(argv)
     out = Path(args.out)
     if not out.is_dir():
         print(f"error: {out} is not a folder", file=sys.stderr)
         return 2
-    report = "\n".join(s for s in (nll_section(out), fid_section(out), run_section(out)) if s)
+    paper = paper_section(out) if args.paper else ""
+    sections = [nll_section(out), fid_section(out), paper, run_section(out)]
+    report = "\n".join(s for s in sections if s)
     grids = sorted(str(g.relative_to(out)) for g in out.glob("samples/*/grid.png"))
     if grids:
         report += "\nsample grids: " + ", ".join(grids) + "\n"
