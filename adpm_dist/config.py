@@ -62,6 +62,7 @@ class DataConfig:
     channels: int | None = None
     hflip: bool = False
     shuffle_buffer: int = 1000
+    max_bad_fraction: float = 0.01  # skipped (broken) samples tolerated before BadDataError
 
 
 @dataclass
@@ -127,6 +128,7 @@ class Config:
             (0.0 <= self.train.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)"),
             (self.data.batch_size > 0, "data.batch_size", "must be > 0"),
             (self.data.batches_per_epoch >= 0, "data.batches_per_epoch", "must be >= 0"),
+            (0.0 <= self.data.max_bad_fraction < 1.0, "data.max_bad_fraction", "must be in [0, 1)"),
             (len(self.optim.betas) == 2, "optim.betas", "must have two entries"),
             (self.optim.lr > 0, "optim.lr", "must be > 0"),
             (self.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),

@@ -343,6 +343,7 @@ def make_stream(cfg: Config, model_config: dict, info: dist.DistInfo):
         channels=channels,
         hflip=cfg.data.hflip,
         shuffle_buffer=cfg.data.shuffle_buffer,
+        max_bad_fraction=cfg.data.max_bad_fraction,
     )
     return stream, bpe
 

@@ -206,3 +206,27 @@ def test_credentials_never_in_manifest_output_or_logs(s3_server, s3_bucket: str,
     assert "train-000001.tar" in caplog.text  # the logs did get the warning
     for text in texts:
         assert s3_server.secret not in text and s3_server.key not in text
+
+
+def test_training_config_sets_the_bad_sample_limit(tmp_path: Path):
+    """data.max_bad_fraction reaches the training stream: 3 broken of 37 (8 %) stops the
+    default 1 % limit and passes a 10 % one with a full epoch."""
+    from adpm_dist import config, dist, train
+
+    folder = str(tmp_path / "d")
+    _make_shards(folder)
+    _replace_middle_shard_with_bad_samples(folder)
+    model_config = {"resolution": 8, "in_channels": 1}
+    cfg = config.Config()
+    cfg.data.urls, cfg.data.batch_size, cfg.data.batches_per_epoch = [f"{folder}/train-*.tar"], 4, 20
+    cfg.data.num_workers, cfg.data.shuffle_buffer = 0, 8
+    cfg.validate()
+    with pytest.raises(data.BadDataError, match="above the limit of 1.00%"):
+        list(train.make_stream(cfg, model_config, dist.DistInfo())[0].epoch(0))
+    cfg.data.max_bad_fraction = 0.1
+    stream, batches = train.make_stream(cfg, model_config, dist.DistInfo())
+    assert batches == 20 and len(list(stream.epoch(0))) == 20  # 80 draws: every sample is seen
+    assert dict(stream.summary.bad) == {"undecodable_image": 1, "wrong_size": 1, "missing_field": 1}
+    cfg.data.max_bad_fraction = 1.0
+    with pytest.raises(ValueError, match="data.max_bad_fraction"):
+        cfg.validate()
