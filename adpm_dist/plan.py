@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectory", default="even", choices=TRAJECTORIES)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η (DDIM family only)")
     p.add_argument("--clip-pixel", type=float, default=None, metavar="Y",
-                   help="cap the variance of the step into τ_1 at Y pixels (analytic methods)")
+                   help="cap the variance of the step into τ_1 at Y pixels (every method)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM-family η")
     p.add_argument("--clip-pixel", type=float, default=None, metavar="Y",
-                   help="analytic methods: cap the last step's σ so its noise stays ≲ Y pixel levels")
+                   help="cap the σ of the step into τ_1 so its noise stays ≲ Y pixel levels (every method)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 autocast on GPU, fp32 on CPU; fp64 for batch-size invariance")
     p.add_argument("--no-progress", action="store_true")

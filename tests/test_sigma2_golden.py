@@ -60,7 +60,7 @@ def truth_table(gamma, tau, method, eta=0.0, clip_pixel=None):
             else:
                 gam = mp.sqrt(a_s) - mp.sqrt((b_s - lam2) * a_t / b_t)
                 v = lam2 + gam**2 * cov
-        if clip_pixel is not None and s == 1 and method.startswith("analytic"):
+        if clip_pixel is not None and s == 1:
             v = min(v, (mp.mpf(clip_pixel) * 2 / 255 * mp.sqrt(mp.pi / 2)) ** 2)
         rows.append((s, t, v))
     return rows
@@ -83,7 +83,9 @@ def test_cosine_betas_match_mpmath():
     "method,eta,clip_pixel",
     [
         ("ddpm-beta", 0.0, None),
+        ("ddpm-beta", 0.0, 1.0),
         ("ddpm-tilde", 0.0, None),
+        ("ddpm-tilde", 0.0, 0.5),
         ("analytic-ddpm", 0.0, None),
         ("analytic-ddpm", 0.0, 1.0),
         ("ddim", 0.5, None),

@@ -137,12 +137,13 @@ if [ -n "$FID_STEPS" ]; then
     for k in "${fid_steps[@]}"; do
         for method in "${fid_methods[@]}"; do
             dir="$OUT/fid/$method-K$k"
-            # The paper's Table 2 clips the last step's noise: y = 2 pixels for
-            # Analytic-DDPM, 1 otherwise (our clip applies to the analytic methods only).
+            # The paper's Table 2 clips the noise of the step into τ_1 for every method:
+            # y = 2 pixels for Analytic-DDPM, 1 otherwise (DDIM adds no noise there).
             clip=()
             case "$method" in
                 analytic-ddpm) clip=(--clip-pixel 2) ;;
-                analytic-ddim) clip=(--clip-pixel 1) ;;
+                ddim) ;;
+                *) clip=(--clip-pixel 1) ;;
             esac
             stage "sample $method K=$k (FID)" ranks adpm_dist.sample --checkpoint "$RUN" \
                 --gamma "$GAMMA" --method "$method" --steps "$k" --num-samples "$FID_SAMPLES" \

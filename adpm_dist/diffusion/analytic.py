@@ -136,8 +136,10 @@ def step_variances(
     """σ² for every step s → t of ``trajectory`` (ascending τ_1 = 1 < … < τ_K = N).
 
     ``eta`` applies to the DDIM family only. ``clip_pixel`` (y, off by default)
-    caps the variance of the step into τ_1 for the analytic methods, the
-    paper's sampling-time clip (§6): the noise added there reaches the output.
+    caps the variance of the step into τ_1, the paper's sampling-time clip (§6):
+    the noise added there reaches the output. It applies to every method, as in the
+    paper's Table 2 (App. F.2 clips p(x_1|x_2) for the baselines too); for DDIM
+    (σ² = 0) it changes nothing.
     ``monotone``: see :func:`covariance_estimate`.
     """
     if method not in METHODS:
@@ -175,7 +177,7 @@ def step_variances(
                 f"Γ is missing at timesteps {_describe_timesteps(missing)} that this trajectory "
                 "steps from; run the Γ job with --timesteps covering them (or 'all')")
         sigma2 = lam2 + gam2 * cov[t]
-        if clip_pixel is not None:
-            last = s == tau[0]
-            sigma2[last] = np.minimum(sigma2[last], pixel_clip_bound(clip_pixel))
+    if clip_pixel is not None:
+        last = s == tau[0]
+        sigma2[last] = np.minimum(sigma2[last], pixel_clip_bound(clip_pixel))
     return StepVariances(method, s, t, lam2, sigma2)
