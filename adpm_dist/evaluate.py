@@ -267,6 +267,14 @@ def reference_cache_url(urls: list[str], manifest_sha: str, net_digest: str) -> 
     return storage.join(storage.dirname(urls[0]), f"fid-stats-{key}.npz")
 
 
+def _manifest_sha(urls: list[str]) -> str:
+    """sha256 of the manifest beside the first shard ("" when there is none)."""
+    from .data import MANIFEST_NAME
+
+    manifest = storage.join(storage.dirname(urls[0]), MANIFEST_NAME)
+    return hashlib.sha256(storage.read_bytes(manifest)).hexdigest() if storage.exists(manifest) else ""
+
+
 def _fid_already_done(out: str | None, samples_sha: str, cache: str, net_digest: str) -> bool:
     """True when ``out`` holds the FID of these very samples against these statistics.
 
@@ -285,7 +293,7 @@ def _fid_already_done(out: str | None, samples_sha: str, cache: str, net_digest:
 
 
 def run_fid(args) -> int:
-    from .data import MANIFEST_NAME, expand_urls
+    from .data import expand_urls
     from .fid import InceptionFeatures, frechet_distance, load_stats_npz
 
     info = dist.init()
@@ -295,17 +303,10 @@ def run_fid(args) -> int:
     if not samples.endswith(".tar") and "*" not in samples and "{" not in samples:
         samples = storage.join(samples, "samples-*.tar")
     ref_urls = expand_urls(args.reference)
-    manifest = storage.join(storage.dirname(ref_urls[0]), MANIFEST_NAME)
-    manifest_sha = ""
-    if storage.exists(manifest):
-        manifest_sha = hashlib.sha256(storage.read_bytes(manifest)).hexdigest()
     extractor = InceptionFeatures(device, batch_size=args.batch_size)
-    cache = reference_cache_url(ref_urls, manifest_sha, extractor.digest)
+    cache = reference_cache_url(ref_urls, _manifest_sha(ref_urls), extractor.digest)
     sample_urls = expand_urls(samples)
-    sample_manifest = storage.join(storage.dirname(sample_urls[0]), MANIFEST_NAME)
-    samples_sha = ""
-    if storage.exists(sample_manifest):
-        samples_sha = hashlib.sha256(storage.read_bytes(sample_manifest)).hexdigest()
+    samples_sha = _manifest_sha(sample_urls)
     if _fid_already_done(args.out, samples_sha, cache, extractor.digest):
         if rank == 0:
             print(f"{storage.redact(args.out)}: already complete, nothing to do")

@@ -69,10 +69,8 @@ def paper_section(out: Path) -> str:
         parts.append("NLL, bits/dim (ours on MNIST / paper on CIFAR-10 LS)\n\n"
                      + _side_by_side(ours, paper, steps, ".2f"))
     fids: dict[str, dict[int, float]] = {}
-    for fid_json in sorted((out / "fid").glob("*-K*/fid.json")):
-        m = re.fullmatch(r"(.+)-K(\d+)", fid_json.parent.name)
-        if m:
-            fids.setdefault(m.group(1), {})[int(m.group(2))] = json.loads(fid_json.read_text())["fid"]
+    for (method, k), doc in fid_results(out).items():
+        fids.setdefault(method, {})[k] = doc["fid"]
     if fids:
         order = [m for m in PAPER_FID if m in fids] + sorted(set(fids) - set(PAPER_FID))
         fids = {m: fids[m] for m in order}
@@ -104,12 +102,18 @@ def nll_section(out: Path) -> str:
             f"{table}\nwall time {doc['wall_time_s']:.0f} s on {doc['world_size']} rank(s)\n")
 
 
-def fid_section(out: Path) -> str:
+def fid_results(out: Path) -> dict[tuple[str, int], dict]:
+    """Every finished FID of the run, keyed by (method, K) from its folder name METHOD-KK."""
     found: dict[tuple[str, int], dict] = {}
     for path in sorted((out / "fid").glob("*-K*/fid.json")):
         m = re.fullmatch(r"(.+)-K(\d+)", path.parent.name)
         if m:
             found[(m.group(1), int(m.group(2)))] = json.loads(path.read_text())
+    return found
+
+
+def fid_section(out: Path) -> str:
+    found = fid_results(out)
     if not found:
         return ""
     methods = list(dict.fromkeys(m for m, _ in found))
