@@ -220,21 +220,26 @@ def run_stage(stage: str, argv: list[str]) -> int:
 
 def _slurm_state(job_id: str, timeout_s: float = 30.0) -> str | None:
     """The job's state according to the controller (squeue), or None if it is not listed."""
-    return _slurm_state_reason(job_id, timeout_s)[0]
+    return _slurm_job_view(job_id, timeout_s)[0]
 
 
-def _slurm_state_reason(job_id: str, timeout_s: float = 30.0) -> tuple[str | None, str]:
-    """(state, reason) from squeue; (None, "") when the controller does not list the job."""
+def _slurm_job_view(job_id: str, timeout_s: float = 30.0) -> tuple[str | None, str, int]:
+    """(state, reason, restart count) from squeue; (None, "", 0) when the job is not listed.
+
+    The restart count is SLURM's own: a requeue can pass between two polls of a
+    follower (RUNNING → PENDING → RUNNING in under a second), so counting state
+    changes would miss it.
+    """
     try:
-        out = subprocess.run(["squeue", "--states=all", "-h", "-o", "%T|%r", "-j", str(job_id)],
-                             capture_output=True, text=True, timeout=timeout_s)
+        out = subprocess.run(["squeue", "--states=all", "-h", "-O", "State:|,Reason:|,RestartCnt:|",
+                              "-j", str(job_id)], capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired):
-        return None, ""
+        return None, "", 0
     lines = out.stdout.strip().splitlines()
     if out.returncode != 0 or not lines:
-        return None, ""
-    state, _, reason = lines[0].partition("|")
-    return state.strip(), reason.strip()
+        return None, "", 0
+    state, reason, restarts = (lines[0].split("|") + ["", "", ""])[:3]
+    return state.strip(), reason.strip(), int(restarts) if restarts.strip().isdigit() else 0
 
 
 def _requeue_this_job(info: dist.DistInfo, max_requeues: int, why: str) -> NoReturn:
@@ -480,19 +485,13 @@ def follow_slurm(job: submitit.Job, timeout_s: float | None = None,
     view = StatusView(f"job {job.job_id}")
     rank0_log = job.task(0).paths.stdout
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    seen_running = requeues = 0
-    last_state = ""
+    requeues = 0
     try:
         while True:
-            state, reason = _slurm_state_reason(job.job_id)
+            state, reason, restarts = _slurm_job_view(job.job_id)
             # squeue forgets jobs after MinJobAge; then ask sacct through submitit.
             state = state or job.watcher.get_state(job.job_id, mode="force")
-            if state == "RUNNING":
-                seen_running = 1
-            elif state in ("PENDING", "REQUEUED") and seen_running and last_state != state:
-                requeues += seen_running
-                seen_running = 0
-            last_state = state
+            requeues = max(requeues, restarts)  # sacct's fallback does not carry the count
             detail = f"{job.num_tasks} tasks" + (f", requeued {requeues}×" if requeues else "")
             # Why a job waits (Resources, Priority, PartitionNodeLimit, ...) is worth showing.
             shown = (f"{detail}, reason: {reason}" if state == "PENDING" and reason not in ("", "None")
