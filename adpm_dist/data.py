@@ -1,9 +1,4 @@
-"""WebDataset shards in any storage: writing them, and streaming them to every rank.
-
-Shard format (WebDataset): a tar whose members are ``{key}.png`` (uint8, 1 or 3 channels)
-and ``{key}.cls`` (class index as ASCII), grouped by key. Each shard folder holds a
-``manifest.json`` written last (its presence means the set is complete) with, per shard,
-its split, sample count, offset within the split and sha256.
+"""Streaming WebDataset shard sets (:mod:`adpm_dist.shards`) to every rank.
 
 Two streams:
 
@@ -29,12 +24,9 @@ Importing this module registers an ``s3://`` opener in ``webdataset.gopen.gopen_
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
-import json
 import logging
 import posixpath
-import re
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,15 +35,13 @@ from typing import IO, Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from adpm_dist import storage
+from adpm_dist.shards import ShardInfo, decode_png, expand_urls, shard_table
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "adpm_dist.shards/1"
 BAD_KINDS = (
     "truncated",  # samples missing because the tar ended early or is corrupt
     "unreadable_shard",  # the shard could not be opened or read at all
@@ -177,156 +167,6 @@ class _FileWarner:
             )
 
 
-# ============================================================================ URLs and manifests
-
-_GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-def _split_top_level_commas(spec: str) -> list[str]:
-    """'a-{0..3}.tar,b.tar' -> ['a-{0..3}.tar', 'b.tar'] (commas inside braces stay)."""
-    parts, depth, cur = [], 0, []
-    for ch in spec:
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth = max(depth - 1, 0)
-        if ch == "," and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return [p.strip() for p in parts if p.strip()]
-
-
-def expand_urls(spec: str | Sequence[str]) -> list[str]:
-    """Shard URLs from brace patterns, globs, folders (their *.tar) and comma lists.
-
-    Fails before any work starts — naming the pattern or URL — when a pattern matches
-    nothing, a listed shard is missing, the bucket does not exist or the server refuses
-    the credentials.
-    """
-    import braceexpand
-
-    items = _split_top_level_commas(spec) if isinstance(spec, str) else [str(s) for s in spec]
-    if not items:
-        raise ValueError(f"no shard URLs given: {spec!r}")
-    checked_buckets: set[str] = set()
-    out: list[str] = []
-    for item in items:
-        for url in braceexpand.braceexpand(item):
-            if storage.is_remote(url):
-                bucket = url[len("s3://") :].split("/", 1)[0]
-                if bucket not in checked_buckets:
-                    storage.check_access(url)
-                    checked_buckets.add(bucket)
-            if _GLOB_CHARS.search(url):
-                found = storage.glob(url)
-                if not found:
-                    raise FileNotFoundError(f"shard pattern {url!r} (from {item!r}) matches nothing")
-                out.extend(found)
-            elif url.endswith("/") or (not url.endswith(".tar") and storage.isdir(url)):
-                found = storage.glob(storage.join(url.rstrip("/"), "*.tar"))
-                if not found:
-                    raise FileNotFoundError(f"shard folder {url!r} holds no *.tar files")
-                out.extend(found)
-            else:
-                out.append(url)
-    _check_all_exist(out, spec)
-    return out
-
-
-def _check_all_exist(urls: list[str], spec: Any) -> None:
-    """One listing per parent folder instead of one request per shard."""
-    by_parent: dict[str, list[str]] = {}
-    for u in urls:
-        by_parent.setdefault(storage.dirname(u), []).append(u)
-    for parent, members in by_parent.items():
-        try:
-            present = {storage.basename(p) for p in storage.listdir(parent)}
-        except FileNotFoundError:
-            present = set()
-        missing = [u for u in members if storage.basename(u) not in present]
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-            raise FileNotFoundError(f"{len(missing)} shard(s) from {spec!r} do not exist: {shown}")
-
-
-def read_manifest(url_or_dir: str) -> dict:
-    """The manifest of a shard folder (or of the manifest URL itself), validated."""
-    url = url_or_dir if url_or_dir.endswith(".json") else storage.join(url_or_dir, MANIFEST_NAME)
-    try:
-        text = storage.read_text(url)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"shard manifest {url} not found ({exc})") from None
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"shard manifest {url} is not valid JSON: {exc}") from None
-    for name in ("shards", "resolution", "channels"):
-        if name not in manifest:
-            raise ValueError(f"shard manifest {url} lacks the field {name!r}")
-    for i, entry in enumerate(manifest["shards"]):
-        for name in ("name", "split", "count", "offset"):
-            if name not in entry:
-                raise ValueError(f"shard manifest {url}: shard entry {i} lacks {name!r}")
-    return manifest
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """What we know about one shard before reading it (count/offset None without manifest)."""
-
-    url: str
-    count: int | None = None
-    offset: int | None = None
-    split: str | None = None
-    manifest_url: str | None = None
-    nbytes: int | None = None
-
-
-def shard_table(urls: Sequence[str], *, require_manifest: bool) -> tuple[list[ShardInfo], dict]:
-    """Per-shard counts/offsets from the manifests beside the shards, plus the image format.
-
-    Returns (shards, fmt) where fmt has 'resolution' and 'channels' (None when unknown).
-    """
-    manifests: dict[str, dict | None] = {}
-    infos: list[ShardInfo] = []
-    formats: set[tuple] = set()
-    for url in urls:
-        folder = storage.dirname(url)
-        if folder not in manifests:
-            try:
-                manifests[folder] = read_manifest(folder)
-            except FileNotFoundError:
-                if require_manifest:
-                    raise
-                manifests[folder] = None
-        m = manifests[folder]
-        if m is None:
-            infos.append(ShardInfo(url))
-            continue
-        entry = next((s for s in m["shards"] if s["name"] == storage.basename(url)), None)
-        manifest_url = storage.join(folder, MANIFEST_NAME)
-        if entry is None:
-            raise ValueError(f"shard {url} is not listed in {manifest_url}")
-        infos.append(
-            ShardInfo(
-                url,
-                int(entry["count"]),
-                int(entry["offset"]),
-                entry["split"],
-                manifest_url,
-                int(entry["bytes"]) if "bytes" in entry else None,
-            )
-        )
-        formats.add((int(m["resolution"]), int(m["channels"])))
-    if len(formats) > 1:
-        raise ValueError(f"shards mix image formats (resolution, channels) {sorted(formats)}")
-    res, ch = next(iter(formats)) if formats else (None, None)
-    return infos, {"resolution": res, "channels": ch}
-
-
 # ============================================================================ reading shards
 
 
@@ -376,18 +216,6 @@ def _iter_tar_groups(
             sample[ext] = data
         if key is not None:
             yield sample
-
-
-def decode_png(data: bytes, channels: int | None) -> np.ndarray:
-    """PNG bytes -> uint8 array (H, W, C); converted to ``channels`` (1 or 3) if given."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()  # decode now: a corrupt file raises here, not later
-        if channels == 1 or (channels is None and len(img.getbands()) < 3):
-            img = img.convert("L")
-        else:
-            img = img.convert("RGB")
-        arr = np.asarray(img, dtype=np.uint8)
-    return arr[:, :, None] if arr.ndim == 2 else arr
 
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -756,113 +584,3 @@ def _agree(name: str, given: int | None, stored: int | None, where: str) -> int 
     if given is not None and stored is not None and int(given) != int(stored):
         raise ValueError(f"{name}={given} requested, but the shards of {where} store {stored}")
     return given if given is not None else stored
-
-
-# ============================================================================ writing shards
-
-
-def encode_png(arr: np.ndarray) -> bytes:
-    """uint8 (H, W), (H, W, 1) or (H, W, 3) -> PNG bytes (deterministic for equal input)."""
-    if arr.dtype != np.uint8:
-        raise ValueError(f"images must be uint8, got {arr.dtype}")
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
-
-
-class _HashingWriter(io.RawIOBase):
-    """Passes bytes through while computing sha256 and size (for the manifest)."""
-
-    def __init__(self, sink: IO[bytes]):
-        super().__init__()
-        self.sink = sink
-        self.sha = hashlib.sha256()
-        self.nbytes = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
-        self.sha.update(b)
-        self.nbytes += len(b)
-        self.sink.write(b)
-        return len(b)
-
-
-def write_shard(url: str, samples: Iterable[dict[str, bytes | str]]) -> dict:
-    """Write one tar shard atomically; returns {'count', 'sha256', 'bytes'}.
-
-    Each sample is {'__key__': key, ext: bytes-or-str, ...}. Member metadata is fixed
-    (mtime 0, uid 0, no names), so equal samples give byte-identical shards and reruns
-    are idempotent.
-    """
-    count = 0
-    with storage.open_write(url) as raw:
-        hashing = _HashingWriter(raw)
-        with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-            for sample in samples:
-                key = str(sample["__key__"])
-                if "." in posixpath.basename(key):
-                    raise ValueError(f"sample key {key!r} must not contain '.'")
-                for ext, value in sample.items():
-                    if ext == "__key__":
-                        continue
-                    data = value.encode() if isinstance(value, str) else bytes(value)
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    info.mtime = 0
-                    info.mode = 0o444
-                    tar.addfile(info, io.BytesIO(data))
-                count += 1
-    return {"count": count, "sha256": hashing.sha.hexdigest(), "bytes": hashing.nbytes}
-
-
-def write_split(
-    out_url: str,
-    split: str,
-    images: Iterable[np.ndarray],
-    labels: Iterable[int] | None,
-    *,
-    shard_size: int,
-    progress: Any = None,
-) -> list[dict]:
-    """Write ``{split}-000000.tar``… under ``out_url``; returns the manifest shard entries.
-
-    Keys are ``{split}_{index:08d}`` with index the sample's id within the split.
-    """
-    if shard_size < 1:
-        raise ValueError("shard_size must be >= 1")
-    entries: list[dict] = []
-    label_iter = iter(labels) if labels is not None else None
-    pending: list[dict] = []
-    index = 0
-
-    def flush() -> None:
-        name = f"{split}-{len(entries):06d}.tar"
-        result = write_shard(storage.join(out_url, name), pending)
-        offset = entries[-1]["offset"] + entries[-1]["count"] if entries else 0
-        entries.append({"name": name, "split": split, "offset": offset, **result})
-        pending.clear()
-
-    for arr in images:
-        sample: dict[str, bytes | str] = {"__key__": f"{split}_{index:08d}", "png": encode_png(arr)}
-        if label_iter is not None:
-            sample["cls"] = str(int(next(label_iter)))
-        pending.append(sample)
-        index += 1
-        if progress is not None:
-            progress()
-        if len(pending) == shard_size:
-            flush()
-    if pending:
-        flush()
-    return entries
-
-
-def write_manifest(out_url: str, manifest: dict) -> str:
-    """Write manifest.json last (atomically): its presence marks the shard set complete."""
-    url = storage.join(out_url, MANIFEST_NAME)
-    storage.write_text(url, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    return url

@@ -269,7 +269,7 @@ def reference_cache_url(urls: list[str], manifest_sha: str, net_digest: str) -> 
 
 def _manifest_sha(urls: list[str]) -> str:
     """sha256 of the manifest beside the first shard ("" when there is none)."""
-    from .data import MANIFEST_NAME
+    from .shards import MANIFEST_NAME
 
     manifest = storage.join(storage.dirname(urls[0]), MANIFEST_NAME)
     return hashlib.sha256(storage.read_bytes(manifest)).hexdigest() if storage.exists(manifest) else ""
@@ -293,8 +293,8 @@ def _fid_already_done(out: str | None, samples_sha: str, cache: str, net_digest:
 
 
 def run_fid(args) -> int:
-    from .data import expand_urls
     from .fid import InceptionFeatures, frechet_distance, load_stats_npz
+    from .shards import expand_urls
 
     info = dist.init()
     rank, world = info.rank, info.world_size

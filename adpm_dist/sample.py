@@ -39,11 +39,11 @@ import torch
 
 from . import dist, storage
 from .checkpoint import PRECISIONS, CheckpointError, LoadedModel, eps_function, load_checkpoint
-from .data import MANIFEST_NAME, encode_png, write_manifest, write_shard
 from .diffusion.analytic import ANALYTIC_METHODS, METHODS, step_variances
 from .diffusion.samplers import make_generators, run_reverse
 from .diffusion.schedule import TRAJECTORIES, make_trajectory
 from .gamma import GammaFileError, check_model, check_schedule, read_gamma
+from .shards import MANIFEST_NAME, encode_png, write_manifest, write_shard
 
 SPLIT = "samples"
 JOB_NAME = "job.json"
@@ -151,7 +151,7 @@ def shard_entry(url: str, j: int, args) -> dict:
 
 def read_first_images(out: str, count: int) -> list[np.ndarray]:
     """The first ``count`` images in index order, read back from the shards."""
-    from .data import decode_png
+    from .shards import decode_png
 
     images: list[np.ndarray] = []
     j = 0

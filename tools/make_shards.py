@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from adpm_dist import data, storage
+from adpm_dist import shards, storage
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -270,9 +270,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "seed": args.seed,
         "limit": args.limit,
     }
-    manifest_url = storage.join(out, data.MANIFEST_NAME)
+    manifest_url = storage.join(out, shards.MANIFEST_NAME)
     if storage.exists(manifest_url):
-        old = data.read_manifest(out)
+        old = shards.read_manifest(out)
         if old.get("settings") == settings:
             print(f"{manifest_url} exists with the same settings: nothing to do", file=sys.stderr)
             return old
@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     train_idx, test_idx = split_indices(len(images), args.test_fraction, args.seed)
     if storage.exists(manifest_url):  # --overwrite: the old set is incomplete from now on
         storage.remove(manifest_url)
-    shards: list[dict] = []
+    written: list[dict] = []
     splits: dict[str, dict] = {}
     from rich.progress import Progress
 
@@ -306,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for split, idx in (("train", train_idx), ("test", test_idx)):
             if len(idx) == 0:
                 continue
-            entries = data.write_split(
+            entries = shards.write_split(
                 out,
                 split,
                 (images[i] for i in idx),
@@ -314,21 +314,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 shard_size=args.shard_size,
                 progress=lambda: bar.advance(task),
             )
-            shards.extend(entries)
+            written.extend(entries)
             splits[split] = {"total": int(len(idx)), "num_shards": len(entries)}
-    _remove_stale_shards(out, {s["name"] for s in shards})
+    _remove_stale_shards(out, {s["name"] for s in written})
     manifest = {
-        "format": data.MANIFEST_FORMAT,
+        "format": shards.MANIFEST_FORMAT,
         "source": ds.source,
         "resolution": int(h),
         "channels": int(c),
         "classes": ds.classes,
         "total": int(len(images)),
         "splits": splits,
-        "shards": shards,
+        "shards": written,
         "settings": settings,
     }
-    data.write_manifest(out, manifest)
+    shards.write_manifest(out, manifest)
     print(json.dumps({"out": out, "splits": splits, "resolution": h, "channels": c}))
     return manifest
 
