@@ -65,9 +65,10 @@ def _worker(out: str, digits: str) -> int:
 
     from adpm_dist import dist, preempt, train
     from adpm_dist.config import build_config
+    from adpm_dist.engine import build_engine, prepare_deepspeed
     from adpm_dist.models.registry import build_model
 
-    train._prepare_deepspeed()
+    prepare_deepspeed()
     info = dist.init_group()
     rank, world = info.rank, info.world_size
     outp = Path(out)
@@ -81,7 +82,7 @@ def _worker(out: str, digits: str) -> int:
         torch.manual_seed(0)
         model = build_model("tiny")
         reference = copy.deepcopy(model)
-        engine = train.build_engine(cfg, model, world)
+        engine = build_engine(cfg, model, world)
         schedule = train.make_schedule("linear", 1000)
         loss = train.training_loss(engine, full[rank * per:(rank + 1) * per], schedule,
                                    seed=0, step=3, rank=rank)

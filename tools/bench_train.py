@@ -39,9 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def make_batches(cfg, info, count: int, model_config: dict) -> list[torch.Tensor]:
-    from adpm_dist import train
+    from adpm_dist import engine, train
 
-    per = train.per_rank_batch(cfg, info.world_size)
+    per = engine.per_rank_batch(cfg, info.world_size)
     if cfg.data.urls and cfg.data.urls[0] != "random":
         stream, _ = train.make_stream(cfg, model_config, info)
         it = train.batches_from(stream, 0, stream.batches_per_epoch)
@@ -57,7 +57,7 @@ class DDPLoop:
     def __init__(self, cfg, model: torch.nn.Module, device: torch.device) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from adpm_dist import train
+        from adpm_dist import engine
         from adpm_dist.diffusion.schedule import make_schedule
         from adpm_dist.ema import EMA
 
@@ -68,7 +68,7 @@ class DDPLoop:
             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, train.warmup_factor(cfg.optim.warmup_steps))
+            self.opt, engine.warmup_factor(cfg.optim.warmup_steps))
         self.ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
         self.schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
         self.device = device
@@ -93,12 +93,12 @@ class DDPLoop:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from adpm_dist import dist, train
+    from adpm_dist import dist, engine, train
     from adpm_dist.config import build_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    train._prepare_deepspeed()
+    engine.prepare_deepspeed()
     info = dist.init_group()
     try:
         overrides = [f"train.zero_stage={args.zero_stage}", "train.progress=false",
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps_per_round": args.steps,
             "rounds": args.rounds,
             "device": str(dist.device_for(info)),
-            "precision": "bf16" if train.use_bf16(cfg) else "fp32",
+            "precision": "bf16" if engine.use_bf16(cfg) else "fp32",
             "data": args.data or "random",
             "adpm_steps_per_s": args.steps / adpm_best,
             "ddp_steps_per_s": args.steps / ddp_best,

@@ -1,0 +1,177 @@
+"""The DeepSpeed engine that training runs on: environment, JSON config, checkpoint safety.
+
+DeepSpeed wraps the model on every path (one process included): ZeRO stage from the
+config, fp32 on CPU and bf16 on GPU, torch AdamW with explicit weight decay, a linear
+learning-rate warm-up and gradient clipping. Its checkpoints are loaded with
+``weights_only=True`` (a small allow-list of DeepSpeed's data classes), never by
+unpickling arbitrary objects. The CPU traps this works around are in shared/ENVIRONMENT.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from .config import Config, ConfigError
+
+
+def prepare_deepspeed() -> None:
+    """Environment DeepSpeed needs before its import (see shared/ENVIRONMENT.md)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    # The shm all-reduce op is a 35 s JIT build on CPU and only helps large intra-node
+    # CPU jobs; gloo is what we measured and test.
+    if os.environ.get("ADPM_DS_SHM", "0") != "1":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+
+
+def forget_deepspeed_groups() -> None:
+    """Drop DeepSpeed's module-level caches of process groups after the group is destroyed.
+
+    DeepSpeed caches the data-parallel groups and its comm backend in module globals;
+    a second run in the same process (tests, notebooks, launchers calling ``main``)
+    would otherwise use groups of a destroyed default group.
+    """
+    import deepspeed.comm.comm as ds_comm
+    import deepspeed.utils.groups as ds_groups
+
+    ds_comm.cdb = None
+    for name, value in list(vars(ds_groups).items()):
+        if not (name.startswith("_") and name[1:2].isupper()):
+            continue
+        if isinstance(value, dict):
+            setattr(ds_groups, name, {})
+        elif value is not None and not isinstance(value, (str, int, float, bool)):
+            setattr(ds_groups, name, None)
+        elif name.startswith("_MPU_"):
+            setattr(ds_groups, name, None)
+
+
+def use_bf16(cfg: Config) -> bool:
+    if cfg.train.precision == "bf16":
+        return True
+    if cfg.train.precision == "fp32":
+        return False
+    return torch.cuda.is_available()
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run."""
+    per_rank = per_rank_batch(cfg, world_size)
+    return {
+        "train_batch_size": per_rank * world_size,
+        "train_micro_batch_size_per_gpu": per_rank,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.optim.lr,
+                "betas": list(cfg.optim.betas),
+                "eps": cfg.optim.eps,
+                # Explicit: with torch_adam DeepSpeed would otherwise use torch's 0.01.
+                "weight_decay": cfg.optim.weight_decay,
+                # torch.optim.AdamW instead of JIT-compiling FusedAdam (88 s on CPU).
+                "torch_adam": True,
+            },
+        },
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": use_bf16(cfg)},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def per_rank_batch(cfg: Config, world_size: int) -> int:
+    if cfg.data.batch_size % world_size:
+        raise ConfigError(
+            f"config key 'data.batch_size' ({cfg.data.batch_size}) is the global batch and must "
+            f"be divisible by the world size ({world_size})"
+        )
+    return cfg.data.batch_size // world_size
+
+
+def warmup_factor(warmup_steps: int):
+    """lr multiplier after k optimizer steps: linear from 1/W to 1 over W steps."""
+
+    def factor(k: int) -> float:
+        return 1.0 if warmup_steps <= 0 else min(1.0, (k + 1) / warmup_steps)
+
+    return factor
+
+
+def _deepspeed_safe_globals() -> list:
+    """The data-only DeepSpeed classes its ZeRO checkpoints pickle (found by loading
+    stage 0-3 and bf16 checkpoints with ``weights_only=True``). Nothing callable."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _safe_checkpoint_engine(engine) -> None:
+    """Make DeepSpeed load its checkpoints with ``weights_only=True`` (no arbitrary unpickling)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+        TorchCheckpointEngine,
+    )
+
+    current = engine.checkpoint_engine
+    if not isinstance(current, TorchCheckpointEngine):
+        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(current).__name__}")
+
+    allowed = _deepspeed_safe_globals()
+
+    class WeightsOnlyCheckpointEngine(type(current)):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    current.__class__ = WeightsOnlyCheckpointEngine
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
+    """deepspeed.initialize with our config and a LambdaLR warm-up; returns the engine."""
+    import deepspeed
+
+    def scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(cfg.optim.warmup_steps))
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world_size),
+    )
+    _safe_checkpoint_engine(engine)
+    return engine
+
+
+def full_parameters(engine):
+    """Context giving full parameters (ZeRO-3 gathers them; other stages have them)."""
+    import contextlib
+
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
+    return contextlib.nullcontext()
+
+
+def grad_norm_zero0(engine) -> float:
+    """‖g‖ of the (already averaged) gradients under ZeRO-0, where DeepSpeed keeps none."""
+    total = torch.zeros((), dtype=torch.float64)
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            total += p.grad.detach().double().pow(2).sum().cpu()
+    return float(total.sqrt())
