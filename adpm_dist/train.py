@@ -7,12 +7,13 @@ One DeepSpeed engine on every path (single process included): ZeRO stage from
 the config, fp32 on CPU and bf16 on GPU, torch AdamW with explicit weight decay,
 linear warm-up, gradient clipping, and an fp32 EMA of the weights.
 
-Loss (L_simple): n ~ U{1..N}, ε ~ N(0, I), x_n = √ᾱ_n x_0 + √β̄_n ε,
-loss = ‖ε_θ(x_n, n) − ε‖² (mean), or the L1 norm. The timesteps, the noise and
-the dropout RNG of step s on rank r come from generators seeded by
-(seed, s, r): nothing random depends on history, which is what makes resume exact.
+Loss (L_simple, :mod:`adpm_dist.objective`): n ~ U{1..N}, ε ~ N(0, I),
+x_n = √ᾱ_n x_0 + √β̄_n ε, loss = ‖ε_θ(x_n, n) − ε‖² (mean), or the L1 norm. The
+timesteps, the noise and the dropout RNG of step s on rank r come from generators
+seeded by (seed, s, r): nothing random depends on history, which is what makes
+resume exact.
 
-Run directory (a local path or ``s3://``)::
+Run directory (a local path or ``s3://``; :mod:`adpm_dist.run_dir`)::
 
     config.yaml              resolved config of the latest (re)start
     ckpt/step_XXXXXXXX/      DeepSpeed state (+ ema.safetensors of that step)
@@ -30,27 +31,23 @@ SIGUSR1/SIGTERM, requeue me; ``DIVERGED_EXIT_CODE`` (3) stopped after
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import dist, preempt, storage
 from .config import Config, ConfigError, build_config, config_to_yaml
-from .diffusion.schedule import Schedule, make_schedule
+from .diffusion.schedule import make_schedule
 from .ema import EMA
 from .engine import (
     build_engine,
@@ -60,79 +57,13 @@ from .engine import (
     per_rank_batch,
     prepare_deepspeed,
 )
+from .objective import training_loss
+from .run_dir import EMA_FILE, LATEST, Metrics, RunDir, checkpoint_tag, read_latest
 
 DIVERGED_EXIT_CODE = 3
 CONFIG_ERROR_EXIT_CODE = 2
-LATEST = "latest.json"
-EMA_FILE = "ema.safetensors"
-METRICS_FILE = "metrics.jsonl"
 
 log = logging.getLogger("adpm_dist.train")
-
-
-# ---------------------------------------------------------------- randomness
-
-
-def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
-    """A 63-bit seed for (seed, step, rank, stream): independent of history and world order."""
-    state = np.random.SeedSequence([int(seed), int(step), int(rank), int(stream)])
-    return int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def draw_noise(
-    shape: tuple[int, ...], num_timesteps: int, seed: int, step: int, rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, ε) for one step on one rank: n ~ U{1..N} (int64, [B]), ε ~ N(0, I) (float32).
-
-    Drawn on the CPU so the numbers do not depend on the device.
-    """
-    g = torch.Generator(device="cpu")
-    g.manual_seed(step_seed(seed, step, rank))
-    n = torch.randint(1, num_timesteps + 1, (shape[0],), generator=g, dtype=torch.int64)
-    eps = torch.randn(shape, generator=g, dtype=torch.float32)
-    return n, eps
-
-
-def diffuse(
-    x0: torch.Tensor, n: torch.Tensor, eps: torch.Tensor, schedule: Schedule
-) -> torch.Tensor:
-    """x_n = √ᾱ_n x_0 + √β̄_n ε; the float64 schedule is cast to x0's dtype only here."""
-    abar = torch.from_numpy(np.array(schedule.alphas_cumprod, dtype=np.float64))
-    a = abar[n.cpu()].sqrt().to(device=x0.device, dtype=x0.dtype)
-    b = (1.0 - abar[n.cpu()]).sqrt().to(device=x0.device, dtype=x0.dtype)
-    shape = (-1,) + (1,) * (x0.ndim - 1)
-    return a.view(shape) * x0 + b.view(shape) * eps
-
-
-def eps_loss(pred: torch.Tensor, eps: torch.Tensor, kind: str = "mse") -> torch.Tensor:
-    """Mean over every element (L_simple); 'l1' for the absolute error."""
-    pred = pred.float()
-    if kind == "mse":
-        return F.mse_loss(pred, eps)
-    if kind == "l1":
-        return F.l1_loss(pred, eps)
-    raise ValueError(f"unknown loss '{kind}'; choose 'mse' or 'l1'")
-
-
-def training_loss(
-    model: torch.nn.Module,
-    x0: torch.Tensor,
-    schedule: Schedule,
-    *,
-    seed: int,
-    step: int,
-    rank: int,
-    kind: str = "mse",
-) -> torch.Tensor:
-    """The loss of one step on one rank (what the engine backpropagates)."""
-    n, eps = draw_noise(tuple(x0.shape), schedule.num_timesteps, seed, step, rank)
-    n, eps = n.to(x0.device), eps.to(x0.device)
-    x_n = diffuse(x0.float(), n, eps, schedule)
-    dtype = next(model.parameters()).dtype
-    # Dropout draws from the global RNG: seed it per step too, or resume would differ.
-    torch.manual_seed(step_seed(seed, step, rank, stream=1))
-    pred = model(x_n.to(dtype), n)
-    return eps_loss(pred, eps, kind)
 
 
 # ---------------------------------------------------------------- data
@@ -194,95 +125,6 @@ def make_stream(cfg: Config, model_config: dict, info: dist.DistInfo):
     return stream, bpe
 
 
-# ---------------------------------------------------------------- run directory
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclass
-class RunDir:
-    """Where a run keeps its state; DeepSpeed writes only to the local ``stage`` folder."""
-
-    url: str
-    stage: str  # local folder holding ckpt/<tag>/ as DeepSpeed wrote or will read it
-
-    @classmethod
-    def create(cls, url: str, stage_dir: str = "", node_rank: int = 0) -> RunDir:
-        if not storage.is_remote(url):
-            return cls(url=url, stage=storage.local_path(url))
-        base = stage_dir or os.path.join(tempfile.gettempdir(), "adpm_stage")
-        # One folder per node: nodes sharing a host or a file system never race on it.
-        return cls(url=url, stage=os.path.join(base, _digest(url), f"node{node_rank}"))
-
-    @property
-    def remote(self) -> bool:
-        return storage.is_remote(self.url)
-
-    def join(self, *parts: str) -> str:
-        return storage.join(self.url, *parts)
-
-    def stage_ckpt(self) -> str:
-        return os.path.join(self.stage, "ckpt")
-
-
-def checkpoint_tag(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def read_latest(run: RunDir) -> dict[str, Any] | None:
-    url = run.join(LATEST)
-    if not storage.exists(url):
-        return None
-    try:
-        latest = json.loads(storage.read_text(url))
-    except json.JSONDecodeError as exc:
-        raise RuntimeError(f"{url}: invalid JSON ({exc})") from None
-    for key in ("step", "ema", "deepspeed", "schedule", "model"):
-        if key not in latest:
-            raise RuntimeError(f"{url}: missing key '{key}'")
-    return latest
-
-
-class Metrics:
-    """metrics.jsonl on rank 0: appended locally at once; for s3:// rewritten at checkpoints."""
-
-    def __init__(self, run: RunDir, resume_step: int, enabled: bool) -> None:
-        self.run = run
-        self.url = run.join(METRICS_FILE)
-        self.enabled = enabled
-        self.lines: list[str] = []
-        if not enabled:
-            return
-        if storage.exists(self.url):
-            kept = []
-            for line in storage.read_text(self.url).splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a crash: drop it, the run re-logs that step
-            self.lines = kept
-        # Lines past the checkpoint we resume from will be logged again: drop them now.
-        self._rewrite()
-
-    def _rewrite(self) -> None:
-        text = "".join(line + "\n" for line in self.lines)
-        storage.write_text(self.url, text)
-
-    def append(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        line = json.dumps(record, allow_nan=False)
-        self.lines.append(line)
-        if not self.run.remote:
-            with open(storage.local_path(self.url), "a", encoding="utf-8") as fh:
-                fh.write(line + "\n")
-
-    def flush(self) -> None:
-        if self.enabled and self.run.remote:
-            self._rewrite()
 
 
 # ---------------------------------------------------------------- the trainer

@@ -63,7 +63,7 @@ def _worker(out: str, digits: str) -> int:
     import numpy as np
     from deepspeed.utils import safe_get_full_grad
 
-    from adpm_dist import dist, preempt, train
+    from adpm_dist import dist, objective, preempt, train
     from adpm_dist.config import build_config
     from adpm_dist.engine import build_engine, prepare_deepspeed
     from adpm_dist.models.registry import build_model
@@ -84,16 +84,16 @@ def _worker(out: str, digits: str) -> int:
         reference = copy.deepcopy(model)
         engine = build_engine(cfg, model, world)
         schedule = train.make_schedule("linear", 1000)
-        loss = train.training_loss(engine, full[rank * per:(rank + 1) * per], schedule,
-                                   seed=0, step=3, rank=rank)
+        loss = objective.training_loss(engine, full[rank * per:(rank + 1) * per], schedule,
+                                       seed=0, step=3, rank=rank)
         engine.backward(loss)
         grads = {k: safe_get_full_grad(p).detach().clone() for k, p in
                  engine.module.named_parameters()}
         torch.save(grads, outp / f"grads_z{stage}_r{rank}.pt")
         if rank == 0:
             # Reference: the whole batch in one process, noise as each rank drew it,
-            # x_n built here from the float64 schedule (not with train.diffuse).
-            draws = [train.draw_noise((per, 1, 8, 8), 1000, 0, 3, r) for r in range(world)]
+            # x_n built here from the float64 schedule (not with objective.diffuse).
+            draws = [objective.draw_noise((per, 1, 8, 8), 1000, 0, 3, r) for r in range(world)]
             n = torch.cat([d[0] for d in draws])
             eps = torch.cat([d[1] for d in draws])
             abar = np.asarray(schedule.alphas_cumprod)[n.numpy()]

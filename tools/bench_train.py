@@ -76,11 +76,11 @@ class DDPLoop:
         self.rank = torch.distributed.get_rank()
 
     def step(self, x0: torch.Tensor) -> None:
-        from adpm_dist import train
+        from adpm_dist import objective
 
-        loss = train.training_loss(self.model, x0.to(self.device), self.schedule,
-                                   seed=self.cfg.train.seed, step=self.step_count,
-                                   rank=self.rank, kind=self.cfg.train.loss)
+        loss = objective.training_loss(self.model, x0.to(self.device), self.schedule,
+                                       seed=self.cfg.train.seed, step=self.step_count,
+                                       rank=self.rank, kind=self.cfg.train.loss)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.optim.grad_clip > 0:
