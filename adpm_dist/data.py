@@ -14,8 +14,9 @@ Two streams:
 256-level grid in [−1, 1] (the discretised likelihood relies on it).
 
 Bad input (truncated tar, undecodable image, wrong size, missing field) is skipped, counted
-by kind in a :class:`DataSummary`, warned once per file, and summarised at the end; above
-``max_bad_fraction`` the stream stops with :class:`BadDataError`.
+by kind in a :class:`DataSummary` (:mod:`adpm_dist.data_quality`), warned once per file,
+and summarised at the end; above ``max_bad_fraction`` the stream stops with
+:class:`BadDataError`.
 
 Importing this module registers an ``s3://`` opener in ``webdataset.gopen.gopen_schemes``
 (at import time, so DataLoader workers started with spawn get it too).
@@ -28,9 +29,7 @@ import io
 import logging
 import posixpath
 import tarfile
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import IO, Any
 
 import numpy as np
@@ -38,19 +37,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from adpm_dist import storage
+from adpm_dist.data_quality import BadDataError, DataSummary, FileWarner
 from adpm_dist.shards import ShardInfo, decode_png, expand_urls, shard_table
 
 log = logging.getLogger(__name__)
-
-BAD_KINDS = (
-    "truncated",  # samples missing because the tar ended early or is corrupt
-    "unreadable_shard",  # the shard could not be opened or read at all
-    "undecodable_image",
-    "wrong_size",
-    "missing_field",
-    "unexpected_sample",  # more samples in a shard than its manifest entry says
-)
-
 
 # ============================================================================ webdataset hook
 
@@ -71,100 +61,6 @@ def _register_gopen() -> None:
 
 
 _register_gopen()
-
-
-# ============================================================================ bad-input accounting
-
-
-class BadDataError(RuntimeError):
-    """Too much of the input was bad; the message lists kinds and files."""
-
-
-@dataclass
-class DataSummary:
-    """Good/bad sample counts by kind and by file; mergeable across workers and ranks."""
-
-    good: int = 0
-    bad: Counter = field(default_factory=Counter)
-    bad_files: dict[str, Counter] = field(default_factory=dict)
-
-    @property
-    def bad_total(self) -> int:
-        return int(sum(self.bad.values()))
-
-    @property
-    def seen(self) -> int:
-        return self.good + self.bad_total
-
-    @property
-    def bad_fraction(self) -> float:
-        return self.bad_total / self.seen if self.seen else 0.0
-
-    def add_bad(self, url: str, kind: str, n: int = 1) -> None:
-        if n <= 0:
-            return
-        self.bad[kind] += n
-        self.bad_files.setdefault(url, Counter())[kind] += n
-
-    def merge(self, other: DataSummary | dict) -> None:
-        if isinstance(other, dict):
-            other = DataSummary.from_dict(other)
-        self.good += other.good
-        self.bad.update(other.bad)
-        for url, kinds in other.bad_files.items():
-            self.bad_files.setdefault(url, Counter()).update(kinds)
-
-    def to_dict(self) -> dict:
-        return {
-            "good": self.good,
-            "bad": dict(self.bad),
-            "bad_files": {u: dict(k) for u, k in self.bad_files.items()},
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DataSummary:
-        return cls(
-            good=int(d.get("good", 0)),
-            bad=Counter(d.get("bad", {})),
-            bad_files={u: Counter(k) for u, k in d.get("bad_files", {}).items()},
-        )
-
-    def report(self, max_files: int = 10) -> str:
-        if not self.bad_total:
-            return f"{self.good} samples, none bad"
-        kinds = ", ".join(f"{k}={n}" for k, n in sorted(self.bad.items()))
-        files = "; ".join(
-            f"{url} ({', '.join(f'{k}={n}' for k, n in sorted(c.items()))})"
-            for url, c in sorted(self.bad_files.items())[:max_files]
-        )
-        more = len(self.bad_files) - max_files
-        tail = f"; … and {more} more files" if more > 0 else ""
-        return (
-            f"{self.good} good, {self.bad_total} bad samples "
-            f"({100 * self.bad_fraction:.2f}%): {kinds}. Files: {files}{tail}"
-        )
-
-    def check(self, max_bad_fraction: float, *, min_seen: int = 0) -> None:
-        """Raise BadDataError if the bad fraction exceeds the limit (once ``min_seen`` seen)."""
-        if self.seen and self.seen >= min_seen and self.bad_fraction > max_bad_fraction:
-            raise BadDataError(f"bad input above the limit of {100 * max_bad_fraction:.2f}%: {self.report()}")
-
-
-class _FileWarner:
-    """Warn once per file per process (a resampled bad shard would otherwise spam logs)."""
-
-    def __init__(self) -> None:
-        self._seen: set[str] = set()
-
-    def __call__(self, url: str, kind: str, detail: str) -> None:
-        if url not in self._seen:
-            self._seen.add(url)
-            log.warning(
-                "bad input in %s: %s (%s); skipping, counted in the summary",
-                url,
-                kind,
-                storage.redact(detail),
-            )
 
 
 # ============================================================================ reading shards
@@ -232,7 +128,7 @@ class _ShardReader:
         self.channels = channels
         self.image_field = image_field
         self.summary = DataSummary()
-        self.warn = _FileWarner()
+        self.warn = FileWarner()
 
     def _bad(self, url: str, kind: str, detail: str, n: int = 1) -> None:
         self.summary.add_bad(url, kind, n)
