@@ -15,6 +15,10 @@ Every stage reads and writes through these functions, so that datasets, checkpoi
 - **Retries with backoff** on transient errors (connection resets, timeouts, 5xx,
   throttling). Missing objects, missing buckets and refused credentials are not transient
   and fail at once with a message naming the URL.
+
+This module is the operations; :mod:`adpm_dist.storage_backend` holds the URL parsing,
+settings, the per-process filesystem cache and the retry loop they stand on (its public
+names are importable from here too).
 """
 
 from __future__ import annotations
@@ -22,317 +26,30 @@ from __future__ import annotations
 import contextlib
 import glob as _pyglob
 import os
-import posixpath
-import random
 import shutil
 import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterator
-from typing import IO, Any, TypeVar
-from urllib.parse import urlparse
+from collections.abc import Iterator
+from typing import IO
 
-import fsspec
-
-T = TypeVar("T")
-
-_REMOTE_SCHEMES = ("s3",)
-_LOCAL_SCHEMES = ("", "file")
-
-
-class StorageError(OSError):
-    """A storage operation failed; the message names the URL (never the credentials)."""
-
-
-class StorageNotFound(StorageError, FileNotFoundError):
-    """The object, folder or bucket does not exist."""
-
-
-class StorageAccessDenied(StorageError, PermissionError):
-    """The server refused the request (wrong or missing credentials, or no permission)."""
-
-
-# ----------------------------------------------------------------------------- configuration
-
-_overrides: dict[str, str | None] = {"endpoint_url": None, "key": None, "secret": None}
-_retry_policy = {"attempts": 5, "base_delay_s": 0.2, "max_delay_s": 5.0, "client_attempts": 3}
-_cache: dict[tuple, fsspec.AbstractFileSystem] = {}
-_cache_lock = threading.Lock()
-
-
-def configure(
-    endpoint_url: str | None = None,
-    key: str | None = None,
-    secret: str | None = None,
-    *,
-    retries: int | None = None,
-    retry_base_delay_s: float | None = None,
-    client_attempts: int | None = None,
-) -> None:
-    """Override the S3 endpoint/keys taken from the environment (None keeps the env value).
-
-    ``retries`` is the total number of attempts of an operation on a transient failure;
-    ``client_attempts`` the attempts botocore makes per HTTP request inside each (default
-    3). Cached filesystems are dropped so that the next call uses the new settings.
-    """
-    _overrides.update(endpoint_url=endpoint_url, key=key, secret=secret)
-    if retries is not None:
-        _retry_policy["attempts"] = max(1, int(retries))
-    if retry_base_delay_s is not None:
-        _retry_policy["base_delay_s"] = float(retry_base_delay_s)
-    if client_attempts is not None:
-        _retry_policy["client_attempts"] = max(1, int(client_attempts))
-    clear_cache()
-
-
-def clear_cache() -> None:
-    """Forget every cached filesystem (the next call creates fresh clients)."""
-    with _cache_lock:
-        _cache.clear()
-
-
-def _s3_settings() -> dict[str, str | None]:
-    env = os.environ
-    return {
-        "endpoint_url": _overrides["endpoint_url"] or env.get("AWS_ENDPOINT_URL") or None,
-        "key": _overrides["key"] or env.get("AWS_ACCESS_KEY_ID") or None,
-        "secret": _overrides["secret"] or env.get("AWS_SECRET_ACCESS_KEY") or None,
-    }
-
-
-def _secrets() -> list[str]:
-    """Credential strings that must never be printed."""
-    s = _s3_settings()
-    values = [s["key"], s["secret"], os.environ.get("AWS_SESSION_TOKEN")]
-    return [v for v in values if v and len(v) >= 4]
-
-
-def redact(text: str) -> str:
-    """Replace every configured credential in ``text`` with ``***``."""
-    for secret in _secrets():
-        text = text.replace(secret, "***")
-    return text
-
-
-# ----------------------------------------------------------------------------- URLs
-
-
-def scheme(url: str) -> str:
-    """'s3', 'file' or '' (plain path). Windows-style drive letters are not supported."""
-    return urlparse(str(url)).scheme if "://" in str(url) else ""
-
-
-def is_remote(url: str) -> bool:
-    """True for object-store URLs (s3://), False for plain paths and file://."""
-    return scheme(url) in _REMOTE_SCHEMES
-
-
-def _check_scheme(url: str) -> str:
-    s = scheme(url)
-    if s not in _REMOTE_SCHEMES + _LOCAL_SCHEMES:
-        raise StorageError(f"{url}: unsupported URL scheme {s!r} (use a path, file:// or s3://)")
-    return s
-
-
-def local_path(url: str) -> str:
-    """The filesystem path of a plain path or file:// URL."""
-    s = _check_scheme(url)
-    if s == "s3":
-        raise StorageError(f"{url}: not a local path")
-    return str(url)[len("file://") :] if s == "file" else os.fspath(url)
-
-
-def _fs_path(url: str) -> str:
-    """The path fsspec expects: 'bucket/key' for s3, an absolute-or-relative path locally."""
-    s = _check_scheme(url)
-    if s == "s3":
-        return str(url)[len("s3://") :]
-    return local_path(url)
-
-
-def _to_url(like: str, path: str) -> str:
-    """Turn an fsspec path back into a URL of the same kind as ``like``."""
-    s = scheme(like)
-    if s == "s3":
-        return "s3://" + path.lstrip("/")
-    if s == "file":
-        return "file://" + path
-    return path
-
-
-def join(url: str, *parts: str) -> str:
-    """Join path components onto a path or URL ('s3://b/x', 'y' -> 's3://b/x/y')."""
-    if scheme(url) == "":
-        return os.path.join(url, *parts)
-    return posixpath.join(str(url), *parts)
-
-
-def dirname(url: str) -> str:
-    """The parent folder of a path or URL."""
-    if scheme(url) == "":
-        return os.path.dirname(url)
-    head, _, path = str(url).partition("://")
-    return f"{head}://{posixpath.dirname(path.rstrip('/'))}"
-
-
-def basename(url: str) -> str:
-    return posixpath.basename(str(url).rstrip("/"))
-
-
-# ----------------------------------------------------------------------------- filesystems
-
-
-def filesystem(url: str) -> fsspec.AbstractFileSystem:
-    """The filesystem for ``url``, created lazily once per process (and per S3 settings)."""
-    s = _check_scheme(url)
-    protocol = "s3" if s == "s3" else "file"
-    settings = _s3_settings() if protocol == "s3" else {}
-    cache_key = (os.getpid(), protocol, tuple(sorted(settings.items())))
-    with _cache_lock:
-        fs = _cache.get(cache_key)
-        if fs is None:
-            fs = _make_filesystem(protocol, settings)
-            _cache[cache_key] = fs
-    return fs
-
-
-_sessions: dict[tuple, Any] = {}
-
-
-def _shared_session(settings: dict) -> Any:
-    """An aiobotocore session with the S3 service model loaded, shared across forks.
-
-    A session is plain data (service models, config; no sockets, no event loop), so a
-    forked DataLoader worker may reuse its parent's: that saves each worker ~0.1 s of JSON
-    loading per epoch. Clients and connections are still created per process.
-    """
-    key = tuple(sorted(settings.items()))
-    session = _sessions.get(key)
-    if session is None:
-        from aiobotocore.session import AioSession
-
-        session = AioSession()
-        loader = session.get_component("data_loader")
-        loader.load_service_model("s3", "service-2")  # the big JSON model, cached by loader
-        loader.load_data("endpoints")
-        _sessions[key] = session
-    return session
-
-
-def _quiet_client_debug_logs() -> None:
-    """botocore's DEBUG records print signed headers (the access key id) and request dumps.
-
-    Cap the S3 client libraries at INFO so that a job run with root logging at DEBUG does
-    not write credentials into its logs. A level someone set explicitly is left alone.
-    """
-    import logging
-
-    for name in ("botocore", "aiobotocore", "s3fs", "urllib3"):
-        logger = logging.getLogger(name)
-        if logger.level == logging.NOTSET:
-            logger.setLevel(logging.INFO)
-
-
-def _make_filesystem(protocol: str, settings: dict) -> fsspec.AbstractFileSystem:
-    if protocol == "file":
-        return fsspec.filesystem("file", skip_instance_cache=True)
-    _quiet_client_debug_logs()
-    import s3fs  # deferred: importing botocore costs ~0.3 s and local-only runs never need it
-
-    client_kwargs = {}
-    session = _shared_session(settings)
-    if settings["endpoint_url"]:
-        client_kwargs["endpoint_url"] = settings["endpoint_url"]
-    fs = s3fs.S3FileSystem(
-        session=session,
-        key=settings["key"],
-        secret=settings["secret"],
-        client_kwargs=client_kwargs,
-        # Retry layers multiply. botocore retries throttling/5xx 3 times per request (this also
-        # covers the ranged GETs of streaming reads, which our wrapper cannot see); s3fs's own
-        # retry loop is switched off (1 attempt); our wrapper adds backoff on top.
-        config_kwargs={"retries": {"mode": "standard", "max_attempts": _retry_policy["client_attempts"]}},
-        skip_instance_cache=True,  # a fresh client per process, never a parent's
-        use_listings_cache=False,  # other ranks write concurrently: never trust stale listings
-    )
-    fs.retries = 1  # a class attribute in s3fs, not a constructor argument
-    return fs
-
-
-# ----------------------------------------------------------------------------- errors, retries
-
-_TRANSIENT_WORDS = (
-    "slowdown",
-    "slow down",
-    "service unavailable",
-    "internal error",
-    "internalerror",
-    "bad gateway",
-    "gateway timeout",
-    "throttl",
-    "timed out",
-    "timeout",
-    "connection reset",
-    "connection refused",
-    "connection aborted",
-    "could not connect",
-    "server disconnected",
-    "requesttimeout",
-    "serviceunavailable",
+# The public names of the layer below, so that callers need only ``storage``.
+from .storage_backend import (  # noqa: F401
+    StorageAccessDenied,
+    StorageError,
+    StorageNotFound,
+    basename,
+    call_with_retries,
+    clear_cache,
+    configure,
+    dirname,
+    filesystem,
+    fs_path,
+    is_remote,
+    join,
+    local_path,
+    redact,
+    scheme,
+    to_url,
 )
-
-
-def _is_transient(exc: BaseException) -> bool:
-    permanent = FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError
-    if isinstance(exc, permanent):
-        return False
-    if isinstance(exc, ConnectionError | TimeoutError):
-        return True
-    name = type(exc).__name__.lower()
-    if any(w in name for w in ("timeout", "connection", "endpoint", "throttl")):
-        return True
-    text = str(exc).lower()
-    return any(w in text for w in _TRANSIENT_WORDS)
-
-
-def _wrap(exc: BaseException, url: str, op: str) -> StorageError:
-    """A clear, credential-free error that names the URL and the operation."""
-    if isinstance(exc, StorageError):
-        return exc
-    reason = redact(str(exc) or type(exc).__name__)
-    if isinstance(exc, PermissionError):
-        hint = ""
-        if is_remote(url):
-            hint = (
-                " — the server refused the request: check AWS_ACCESS_KEY_ID/"
-                "AWS_SECRET_ACCESS_KEY (or storage.configure) and the bucket's permissions"
-            )
-        return StorageAccessDenied(f"{op} {url}: access denied ({reason}){hint}")
-    if isinstance(exc, FileNotFoundError):
-        if "bucket does not exist" in reason.lower() or "nosuchbucket" in reason.lower():
-            bucket = _fs_path(url).split("/", 1)[0]
-            return StorageNotFound(f"{op} {url}: bucket {bucket!r} does not exist")
-        return StorageNotFound(f"{op} {url}: not found")
-    return StorageError(f"{op} {url}: {type(exc).__name__}: {reason}")
-
-
-def _call(op: str, url: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` with retries on transient errors; wrap every failure in a StorageError."""
-    attempts = int(_retry_policy["attempts"])
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - classified below, re-raised wrapped
-            if attempt < attempts and _is_transient(exc):
-                delay = min(
-                    _retry_policy["max_delay_s"],
-                    _retry_policy["base_delay_s"] * 2 ** (attempt - 1),
-                )
-                time.sleep(delay * (0.5 + random.random()))  # jitter: ranks don't retry in step
-                continue
-            raise _wrap(exc, url, op) from None
-    raise AssertionError("unreachable")
-
 
 # ----------------------------------------------------------------------------- reading
 
@@ -340,22 +57,22 @@ def _call(op: str, url: str, fn: Callable[[], T]) -> T:
 def exists(url: str) -> bool:
     """True if an object/file or folder exists at ``url``. Refused credentials raise."""
     fs = filesystem(url)
-    return _call("exists", url, lambda: fs.exists(_fs_path(url)))
+    return call_with_retries("exists", url, lambda: fs.exists(fs_path(url)))
 
 
 def isdir(url: str) -> bool:
     fs = filesystem(url)
-    return _call("isdir", url, lambda: fs.isdir(_fs_path(url)))
+    return call_with_retries("isdir", url, lambda: fs.isdir(fs_path(url)))
 
 
 def size(url: str) -> int:
     fs = filesystem(url)
-    return int(_call("size", url, lambda: fs.size(_fs_path(url))))
+    return int(call_with_retries("size", url, lambda: fs.size(fs_path(url))))
 
 
 def read_bytes(url: str) -> bytes:
     fs = filesystem(url)
-    return _call("read", url, lambda: fs.cat_file(_fs_path(url)))
+    return call_with_retries("read", url, lambda: fs.cat_file(fs_path(url)))
 
 
 def read_text(url: str, encoding: str = "utf-8") -> str:
@@ -366,7 +83,7 @@ def read_text(url: str, encoding: str = "utf-8") -> str:
 def open_read(url: str) -> Iterator[IO[bytes]]:
     """Open ``url`` for streaming binary reads (opening is retried; reads are not)."""
     fs = filesystem(url)
-    f = _call("open", url, lambda: fs.open(_fs_path(url), "rb"))
+    f = call_with_retries("open", url, lambda: fs.open(fs_path(url), "rb"))
     try:
         yield f
     finally:
@@ -377,12 +94,12 @@ def listdir(url: str) -> list[str]:
     """Full URLs of the entries directly under ``url`` (sorted)."""
     if not is_remote(url):
         path = local_path(url)
-        names = _call("list", url, lambda: os.listdir(path))
+        names = call_with_retries("list", url, lambda: os.listdir(path))
         return sorted(join(url, n) for n in names)
     fs = filesystem(url)
-    path = _fs_path(url).rstrip("/")
-    entries = _call("list", url, lambda: fs.ls(path, detail=False))
-    out = sorted(_to_url(url, e) for e in entries)
+    path = fs_path(url).rstrip("/")
+    entries = call_with_retries("list", url, lambda: fs.ls(path, detail=False))
+    out = sorted(to_url(url, e) for e in entries)
     # s3fs lists a key "dir/" as the folder itself; never return the folder as its own entry.
     return [e for e in out if e.rstrip("/") != str(url).rstrip("/")]
 
@@ -393,8 +110,8 @@ def glob(pattern: str) -> list[str]:
         found = _pyglob.glob(local_path(pattern))
         return sorted(found if scheme(pattern) == "" else ["file://" + p for p in found])
     fs = filesystem(pattern)
-    found = _call("glob", pattern, lambda: fs.glob(_fs_path(pattern)))
-    return sorted(_to_url(pattern, p) for p in found)
+    found = call_with_retries("glob", pattern, lambda: fs.glob(fs_path(pattern)))
+    return sorted(to_url(pattern, p) for p in found)
 
 
 def walk_files(url: str) -> list[str]:
@@ -408,9 +125,9 @@ def walk_files(url: str) -> list[str]:
         ]
         return sorted(join(url, rel) for rel in found)
     fs = filesystem(url)
-    base = _fs_path(url).rstrip("/")
-    found = _call("find", url, lambda: fs.find(base))
-    return sorted(_to_url(url, p) for p in found)
+    base = fs_path(url).rstrip("/")
+    found = call_with_retries("find", url, lambda: fs.find(base))
+    return sorted(to_url(url, p) for p in found)
 
 
 def check_access(url: str) -> None:
@@ -421,9 +138,9 @@ def check_access(url: str) -> None:
     """
     if not is_remote(url):
         return
-    bucket = _fs_path(url).split("/", 1)[0]
+    bucket = fs_path(url).split("/", 1)[0]
     fs = filesystem(url)
-    _call("access", url, lambda: fs.ls(bucket, detail=False))
+    call_with_retries("access", url, lambda: fs.ls(bucket, detail=False))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -458,7 +175,7 @@ def write_bytes(url: str, data: bytes) -> None:
     """Write ``data`` atomically: readers see the old object/file or the new one, never a part."""
     if is_remote(url):
         fs = filesystem(url)
-        _call("write", url, lambda: fs.pipe_file(_fs_path(url), bytes(data)))
+        call_with_retries("write", url, lambda: fs.pipe_file(fs_path(url), bytes(data)))
         return
     with open_write(url) as f:
         f.write(data)
@@ -477,7 +194,7 @@ def open_write(url: str) -> Iterator[IO[bytes]]:
     """
     if is_remote(url):
         fs = filesystem(url)
-        f = _call("open", url, lambda: fs.open(_fs_path(url), "wb"))
+        f = call_with_retries("open", url, lambda: fs.open(fs_path(url), "wb"))
         try:
             yield f
         except BaseException:
@@ -485,7 +202,7 @@ def open_write(url: str) -> Iterator[IO[bytes]]:
                 f.discard()  # aborts the multipart upload; nothing becomes visible
                 f.closed = True  # so fsspec's __del__ does not try to finish the upload
             raise
-        _call("write", url, f.close)
+        call_with_retries("write", url, f.close)
         return
     path = local_path(url)
     fd, tmp = _local_tmp(path)
@@ -504,7 +221,7 @@ def open_write(url: str) -> Iterator[IO[bytes]]:
 def remove(url: str, recursive: bool = False) -> None:
     """Delete ``url`` (a missing object is fine); ``recursive`` deletes a folder tree."""
     fs = filesystem(url)
-    path = _fs_path(url)
+    path = fs_path(url)
 
     def _rm() -> None:
         try:
@@ -512,7 +229,7 @@ def remove(url: str, recursive: bool = False) -> None:
         except FileNotFoundError:
             pass
 
-    _call("remove", url, _rm)
+    call_with_retries("remove", url, _rm)
 
 
 def copy_file(src: str, dst: str) -> None:
@@ -537,7 +254,7 @@ def upload_dir(local_dir: str, url: str) -> list[str]:
             dst = join(url, rel)
             if is_remote(dst):
                 fs = filesystem(dst)
-                _call("upload", dst, lambda f=fs, s=src, d=dst: f.put_file(s, _fs_path(d)))
+                call_with_retries("upload", dst, lambda f=fs, s=src, d=dst: f.put_file(s, fs_path(d)))
             else:
                 copy_file(src, dst)
             written.append(dst)
@@ -549,10 +266,10 @@ def download_dir(url: str, local_dir: str) -> list[str]:
     files = walk_files(url)
     if not files and not exists(url):
         raise StorageNotFound(f"download {url}: not found")
-    base = _fs_path(url).rstrip("/")
+    base = fs_path(url).rstrip("/")
     out = []
     for src in files:
-        rel = _fs_path(src)[len(base) :].lstrip("/")
+        rel = fs_path(src)[len(base) :].lstrip("/")
         dst = os.path.join(local_dir, *rel.split("/"))
         copy_file(src, dst)
         out.append(dst)

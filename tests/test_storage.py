@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from adpm_dist import storage
+from adpm_dist import storage, storage_backend
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -183,7 +183,7 @@ def test_configure_overrides_environment(s3_server, s3_bucket: str, monkeypatch)
 
 def _child_reads(url: str, parent_key: tuple, queue) -> None:
     try:
-        inherited = storage._cache.get(parent_key)
+        inherited = storage_backend._cache.get(parent_key)
         fs = storage.filesystem(url)
         queue.put((inherited is not None, fs is not inherited, storage.read_bytes(url)))
     except Exception as exc:  # noqa: BLE001 - report to the parent
@@ -195,7 +195,7 @@ def test_forked_child_builds_its_own_client(s3_bucket: str):
     storage.write_bytes(url, b"from parent")
     parent_fs = storage.filesystem(url)
     assert storage.filesystem(url) is parent_fs  # one per process
-    parent_key = next(k for k, v in storage._cache.items() if v is parent_fs)
+    parent_key = next(k for k, v in storage_backend._cache.items() if v is parent_fs)
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child_reads, args=(url, parent_key, queue))

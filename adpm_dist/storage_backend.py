@@ -1,0 +1,323 @@
+"""What :mod:`adpm_dist.storage` stands on: URLs, S3 settings, one filesystem per process, retries.
+
+- URLs: plain paths, ``file://`` and ``s3://``; :func:`fs_path` turns one into the path
+  fsspec expects and :func:`to_url` turns it back.
+- Settings: the S3 endpoint and keys from the standard AWS variables, overridable with
+  :func:`configure`; :func:`redact` scrubs them from any text.
+- :func:`filesystem`: created lazily, cached per PID (a forked DataLoader worker builds
+  its own client instead of inheriting its parent's connection pool and event loop).
+- :func:`call_with_retries`: backoff on transient errors; every failure becomes a
+  :class:`StorageError` that names the URL and never the credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import fsspec
+
+T = TypeVar("T")
+
+_REMOTE_SCHEMES = ("s3",)
+_LOCAL_SCHEMES = ("", "file")
+
+
+class StorageError(OSError):
+    """A storage operation failed; the message names the URL (never the credentials)."""
+
+
+class StorageNotFound(StorageError, FileNotFoundError):
+    """The object, folder or bucket does not exist."""
+
+
+class StorageAccessDenied(StorageError, PermissionError):
+    """The server refused the request (wrong or missing credentials, or no permission)."""
+
+
+# ----------------------------------------------------------------------------- configuration
+
+_overrides: dict[str, str | None] = {"endpoint_url": None, "key": None, "secret": None}
+_retry_policy = {"attempts": 5, "base_delay_s": 0.2, "max_delay_s": 5.0, "client_attempts": 3}
+_cache: dict[tuple, fsspec.AbstractFileSystem] = {}
+_cache_lock = threading.Lock()
+
+
+def configure(
+    endpoint_url: str | None = None,
+    key: str | None = None,
+    secret: str | None = None,
+    *,
+    retries: int | None = None,
+    retry_base_delay_s: float | None = None,
+    client_attempts: int | None = None,
+) -> None:
+    """Override the S3 endpoint/keys taken from the environment (None keeps the env value).
+
+    ``retries`` is the total number of attempts of an operation on a transient failure;
+    ``client_attempts`` the attempts botocore makes per HTTP request inside each (default
+    3). Cached filesystems are dropped so that the next call uses the new settings.
+    """
+    _overrides.update(endpoint_url=endpoint_url, key=key, secret=secret)
+    if retries is not None:
+        _retry_policy["attempts"] = max(1, int(retries))
+    if retry_base_delay_s is not None:
+        _retry_policy["base_delay_s"] = float(retry_base_delay_s)
+    if client_attempts is not None:
+        _retry_policy["client_attempts"] = max(1, int(client_attempts))
+    clear_cache()
+
+
+def clear_cache() -> None:
+    """Forget every cached filesystem (the next call creates fresh clients)."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def _s3_settings() -> dict[str, str | None]:
+    env = os.environ
+    return {
+        "endpoint_url": _overrides["endpoint_url"] or env.get("AWS_ENDPOINT_URL") or None,
+        "key": _overrides["key"] or env.get("AWS_ACCESS_KEY_ID") or None,
+        "secret": _overrides["secret"] or env.get("AWS_SECRET_ACCESS_KEY") or None,
+    }
+
+
+def _secrets() -> list[str]:
+    """Credential strings that must never be printed."""
+    s = _s3_settings()
+    values = [s["key"], s["secret"], os.environ.get("AWS_SESSION_TOKEN")]
+    return [v for v in values if v and len(v) >= 4]
+
+
+def redact(text: str) -> str:
+    """Replace every configured credential in ``text`` with ``***``."""
+    for secret in _secrets():
+        text = text.replace(secret, "***")
+    return text
+
+
+# ----------------------------------------------------------------------------- URLs
+
+
+def scheme(url: str) -> str:
+    """'s3', 'file' or '' (plain path). Windows-style drive letters are not supported."""
+    return urlparse(str(url)).scheme if "://" in str(url) else ""
+
+
+def is_remote(url: str) -> bool:
+    """True for object-store URLs (s3://), False for plain paths and file://."""
+    return scheme(url) in _REMOTE_SCHEMES
+
+
+def _check_scheme(url: str) -> str:
+    s = scheme(url)
+    if s not in _REMOTE_SCHEMES + _LOCAL_SCHEMES:
+        raise StorageError(f"{url}: unsupported URL scheme {s!r} (use a path, file:// or s3://)")
+    return s
+
+
+def local_path(url: str) -> str:
+    """The filesystem path of a plain path or file:// URL."""
+    s = _check_scheme(url)
+    if s == "s3":
+        raise StorageError(f"{url}: not a local path")
+    return str(url)[len("file://") :] if s == "file" else os.fspath(url)
+
+
+def fs_path(url: str) -> str:
+    """The path fsspec expects: 'bucket/key' for s3, an absolute-or-relative path locally."""
+    s = _check_scheme(url)
+    if s == "s3":
+        return str(url)[len("s3://") :]
+    return local_path(url)
+
+
+def to_url(like: str, path: str) -> str:
+    """Turn an fsspec path back into a URL of the same kind as ``like``."""
+    s = scheme(like)
+    if s == "s3":
+        return "s3://" + path.lstrip("/")
+    if s == "file":
+        return "file://" + path
+    return path
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path components onto a path or URL ('s3://b/x', 'y' -> 's3://b/x/y')."""
+    if scheme(url) == "":
+        return os.path.join(url, *parts)
+    return posixpath.join(str(url), *parts)
+
+
+def dirname(url: str) -> str:
+    """The parent folder of a path or URL."""
+    if scheme(url) == "":
+        return os.path.dirname(url)
+    head, _, path = str(url).partition("://")
+    return f"{head}://{posixpath.dirname(path.rstrip('/'))}"
+
+
+def basename(url: str) -> str:
+    return posixpath.basename(str(url).rstrip("/"))
+
+
+# ----------------------------------------------------------------------------- filesystems
+
+
+def filesystem(url: str) -> fsspec.AbstractFileSystem:
+    """The filesystem for ``url``, created lazily once per process (and per S3 settings)."""
+    s = _check_scheme(url)
+    protocol = "s3" if s == "s3" else "file"
+    settings = _s3_settings() if protocol == "s3" else {}
+    cache_key = (os.getpid(), protocol, tuple(sorted(settings.items())))
+    with _cache_lock:
+        fs = _cache.get(cache_key)
+        if fs is None:
+            fs = _make_filesystem(protocol, settings)
+            _cache[cache_key] = fs
+    return fs
+
+
+_sessions: dict[tuple, Any] = {}
+
+
+def _shared_session(settings: dict) -> Any:
+    """An aiobotocore session with the S3 service model loaded, shared across forks.
+
+    A session is plain data (service models, config; no sockets, no event loop), so a
+    forked DataLoader worker may reuse its parent's: that saves each worker ~0.1 s of JSON
+    loading per epoch. Clients and connections are still created per process.
+    """
+    key = tuple(sorted(settings.items()))
+    session = _sessions.get(key)
+    if session is None:
+        from aiobotocore.session import AioSession
+
+        session = AioSession()
+        loader = session.get_component("data_loader")
+        loader.load_service_model("s3", "service-2")  # the big JSON model, cached by loader
+        loader.load_data("endpoints")
+        _sessions[key] = session
+    return session
+
+
+def _quiet_client_debug_logs() -> None:
+    """botocore's DEBUG records print signed headers (the access key id) and request dumps.
+
+    Cap the S3 client libraries at INFO so that a job run with root logging at DEBUG does
+    not write credentials into its logs. A level someone set explicitly is left alone.
+    """
+    import logging
+
+    for name in ("botocore", "aiobotocore", "s3fs", "urllib3"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+
+
+def _make_filesystem(protocol: str, settings: dict) -> fsspec.AbstractFileSystem:
+    if protocol == "file":
+        return fsspec.filesystem("file", skip_instance_cache=True)
+    _quiet_client_debug_logs()
+    import s3fs  # deferred: importing botocore costs ~0.3 s and local-only runs never need it
+
+    client_kwargs = {}
+    session = _shared_session(settings)
+    if settings["endpoint_url"]:
+        client_kwargs["endpoint_url"] = settings["endpoint_url"]
+    fs = s3fs.S3FileSystem(
+        session=session,
+        key=settings["key"],
+        secret=settings["secret"],
+        client_kwargs=client_kwargs,
+        # Retry layers multiply. botocore retries throttling/5xx 3 times per request (this also
+        # covers the ranged GETs of streaming reads, which our wrapper cannot see); s3fs's own
+        # retry loop is switched off (1 attempt); our wrapper adds backoff on top.
+        config_kwargs={"retries": {"mode": "standard", "max_attempts": _retry_policy["client_attempts"]}},
+        skip_instance_cache=True,  # a fresh client per process, never a parent's
+        use_listings_cache=False,  # other ranks write concurrently: never trust stale listings
+    )
+    fs.retries = 1  # a class attribute in s3fs, not a constructor argument
+    return fs
+
+
+# ----------------------------------------------------------------------------- errors, retries
+
+_TRANSIENT_WORDS = (
+    "slowdown",
+    "slow down",
+    "service unavailable",
+    "internal error",
+    "internalerror",
+    "bad gateway",
+    "gateway timeout",
+    "throttl",
+    "timed out",
+    "timeout",
+    "connection reset",
+    "connection refused",
+    "connection aborted",
+    "could not connect",
+    "server disconnected",
+    "requesttimeout",
+    "serviceunavailable",
+)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    permanent = FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError
+    if isinstance(exc, permanent):
+        return False
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    name = type(exc).__name__.lower()
+    if any(w in name for w in ("timeout", "connection", "endpoint", "throttl")):
+        return True
+    text = str(exc).lower()
+    return any(w in text for w in _TRANSIENT_WORDS)
+
+
+def _wrap(exc: BaseException, url: str, op: str) -> StorageError:
+    """A clear, credential-free error that names the URL and the operation."""
+    if isinstance(exc, StorageError):
+        return exc
+    reason = redact(str(exc) or type(exc).__name__)
+    if isinstance(exc, PermissionError):
+        hint = ""
+        if is_remote(url):
+            hint = (
+                " — the server refused the request: check AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY (or storage.configure) and the bucket's permissions"
+            )
+        return StorageAccessDenied(f"{op} {url}: access denied ({reason}){hint}")
+    if isinstance(exc, FileNotFoundError):
+        if "bucket does not exist" in reason.lower() or "nosuchbucket" in reason.lower():
+            bucket = fs_path(url).split("/", 1)[0]
+            return StorageNotFound(f"{op} {url}: bucket {bucket!r} does not exist")
+        return StorageNotFound(f"{op} {url}: not found")
+    return StorageError(f"{op} {url}: {type(exc).__name__}: {reason}")
+
+
+def call_with_retries(op: str, url: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` with retries on transient errors; wrap every failure in a StorageError."""
+    attempts = int(_retry_policy["attempts"])
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below, re-raised wrapped
+            if attempt < attempts and _is_transient(exc):
+                delay = min(
+                    _retry_policy["max_delay_s"],
+                    _retry_policy["base_delay_s"] * 2 ** (attempt - 1),
+                )
+                time.sleep(delay * (0.5 + random.random()))  # jitter: ranks don't retry in step
+                continue
+            raise _wrap(exc, url, op) from None
+    raise AssertionError("unreachable")
