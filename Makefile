@@ -26,7 +26,7 @@ demo: venv
 
 # The same maths on a 2-D Gaussian mixture with an exact ε* (no training), ~40 s.
 demo-oracle: venv
-	$(PY) -m adpm_dist.demo --out demo_oracle_out
+	$(PY) -m adpm_dist.stages.demo --out demo_oracle_out
 
 test: venv
 	$(PY) -m ruff check adpm_dist tools tests

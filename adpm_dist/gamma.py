@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import __version__
+from adpm_dist import __version__
 
 FORMAT = "adpm-gamma/1"
 PER_T_FIELDS = ("sum", "sum_sq", "count", "gamma", "stderr")
@@ -208,7 +208,7 @@ def loads(text: str, source: str = "<Γ file>", require_complete: bool = True) -
 
 
 def read_gamma(url: str, require_complete: bool = True) -> GammaFile:
-    from . import storage
+    from adpm_dist.io import storage
 
     try:
         text = storage.read_text(url)
@@ -219,7 +219,7 @@ def read_gamma(url: str, require_complete: bool = True) -> GammaFile:
 
 def write_gamma(gamma_file: GammaFile, url: str) -> None:
     """Write atomically: nothing half-written is ever visible under ``url``."""
-    from . import storage
+    from adpm_dist.io import storage
 
     storage.write_text(url, gamma_file.to_json())
 

@@ -30,7 +30,7 @@ def make_digit_shards(out: str, limit: int = 600, shard_size: int = 40) -> str:
 
 def save_tiny_model(path: str, num_timesteps: int = 20, seed: int = 0) -> None:
     """The tiny UNet with every weight random (DDPM's zero-init would output ε ≈ 0)."""
-    from adpm_dist import storage
+    from adpm_dist.io import storage
     from adpm_dist.models import build_model
     from adpm_dist.models.io import model_to_bytes
 

@@ -81,7 +81,7 @@ _bucket_counter = itertools.count()
 @pytest.fixture
 def s3_bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh empty bucket 's3://…' with the AWS_* environment pointing at the server."""
-    from adpm_dist import storage
+    from adpm_dist.io import storage
 
     name = f"t{next(_bucket_counter):04d}-{secrets.token_hex(4)}"
     for var, value in s3_server.env().items():

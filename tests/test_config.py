@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from adpm_dist import config as C
+from adpm_dist.train import config as C
 
 
 def test_every_preset_loads_and_builds_its_schedule():
@@ -118,7 +118,7 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_main_returns_2_and_names_the_bad_key(capsys):
-    from adpm_dist import train
+    from adpm_dist.train import loop as train
 
     rc = train.main(["--config", str(C.preset_path("tiny")), "optim.weight_decy=0.1"])
     assert rc == train.CONFIG_ERROR_EXIT_CODE

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from adpm_dist import data, shards
+from adpm_dist.io import data, shards
 from tests.tool_modules import load_tool
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adpm_dist import data, shards, storage
+from adpm_dist.io import data, shards, storage
 from tests.tool_modules import load_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +40,7 @@ def test_truncated_shard_counted_warned_once_and_limited(tmp_path: Path, caplog,
     _make_shards(folder)
     shard = Path(folder) / "train-000001.tar"
     shard.write_bytes(shard.read_bytes()[:cut])
-    caplog.set_level(logging.WARNING, logger="adpm_dist.data")
+    caplog.set_level(logging.WARNING, logger="adpm_dist.io.data")
     ids, ev = _eval_ids(f"{folder}/train-*.tar", num_workers=0, max_bad_fraction=0.5)
     missing = sorted(set(range(N)) - set(ids))
     assert missing == list(range(SHARD + 5, 2 * SHARD))  # the 8 samples after the cut
@@ -211,7 +211,9 @@ def test_credentials_never_in_manifest_output_or_logs(s3_server, s3_bucket: str,
 def test_training_config_sets_the_bad_sample_limit(tmp_path: Path):
     """data.max_bad_fraction reaches the training stream: 3 broken of 37 (8 %) stops the
     default 1 % limit and passes a 10 % one with a full epoch."""
-    from adpm_dist import config, dist, train
+    from adpm_dist.io import dist
+    from adpm_dist.train import config
+    from adpm_dist.train import loop as train
 
     folder = str(tmp_path / "d")
     _make_shards(folder)

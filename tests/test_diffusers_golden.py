@@ -15,9 +15,9 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from adpm_dist.checkpoint import load_checkpoint  # noqa: E402
-from adpm_dist.hf import AnalyticDPMScheduler  # noqa: E402
+from adpm_dist.integrations.diffusers.scheduler import AnalyticDPMScheduler  # noqa: E402
 from adpm_dist.models.diffusers_adapter import DiffusersError, schedule_from_diffusers  # noqa: E402
+from adpm_dist.models.loading import load_checkpoint  # noqa: E402
 from tests.test_diffusers_interop import save_folder  # noqa: E402
 
 mp.mp.dps = 50

@@ -15,13 +15,13 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from adpm_dist import estimate, sample  # noqa: E402
-from adpm_dist.checkpoint import eps_function, load_checkpoint  # noqa: E402
 from adpm_dist.diffusion.samplers import make_generators  # noqa: E402
 from adpm_dist.diffusion.samplers import sample as our_sample  # noqa: E402
-from adpm_dist.diffusion.schedule import make_trajectory  # noqa: E402
+from adpm_dist.diffusion.trajectory import make_trajectory  # noqa: E402
 from adpm_dist.gamma import read_gamma  # noqa: E402
-from adpm_dist.hf import AnalyticDPMScheduler  # noqa: E402
+from adpm_dist.integrations.diffusers.scheduler import AnalyticDPMScheduler  # noqa: E402
+from adpm_dist.models.loading import eps_function, load_checkpoint  # noqa: E402
+from adpm_dist.stages import estimate, sample  # noqa: E402
 from tests.estimate_helpers import make_digit_shards  # noqa: E402
 
 N = 20

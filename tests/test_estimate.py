@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from adpm_dist import estimate
 from adpm_dist.gamma import read_gamma
+from adpm_dist.stages import estimate
 from tests.estimate_helpers import ROOT, free_port, make_digit_shards, save_tiny_model, torchrun
 from tests.s3_server import subprocess_env
 
@@ -204,7 +204,7 @@ def test_data_and_output_on_the_local_s3_server(setup, s3_server, s3_bucket, tmp
 
 
 def test_timesteps_can_name_the_trajectories_to_serve():
-    from adpm_dist.diffusion.schedule import even_trajectory, quadratic_trajectory
+    from adpm_dist.diffusion.trajectory import even_trajectory, quadratic_trajectory
 
     got = estimate.parse_timesteps("even:10,25", 1000)
     want = sorted(set(even_trajectory(1000, 10)) | set(even_trajectory(1000, 25)))

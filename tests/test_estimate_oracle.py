@@ -76,7 +76,7 @@ def _mixture_shards(tmp_path, d=4, count=320, std=0.15, num_timesteps=200, seed=
 
 
 def test_target_stderr_stops_early_once_every_gamma_is_known_well_enough(tmp_path):
-    from adpm_dist import estimate
+    from adpm_dist.stages import estimate
 
     args = _mixture_shards(tmp_path)
     out = tmp_path / "g.json"
@@ -89,7 +89,7 @@ def test_target_stderr_stops_early_once_every_gamma_is_known_well_enough(tmp_pat
 
 
 def test_model_error_is_reported_with_its_t_range(tmp_path, capsys):
-    from adpm_dist import estimate
+    from adpm_dist.stages import estimate
 
     # The network believes the clusters are 10× tighter than the data: ε is overestimated.
     args = _mixture_shards(tmp_path, std=0.015)

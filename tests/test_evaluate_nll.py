@@ -39,13 +39,13 @@ import torch
 from PIL import Image
 from scipy import special
 
-from adpm_dist import evaluate
-from adpm_dist.checkpoint import eps_function, load_checkpoint
 from adpm_dist.diffusion.likelihood import negative_elbo
 from adpm_dist.diffusion.samplers import make_generators
 from adpm_dist.gamma import GammaFile, read_gamma, write_gamma
 from adpm_dist.models.io import save_model
+from adpm_dist.models.loading import eps_function, load_checkpoint
 from adpm_dist.models.oracle import GaussianMixtureEps
+from adpm_dist.stages import evaluate
 from tests.estimate_helpers import ROOT, free_port
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.usefixtures("one_thread")]

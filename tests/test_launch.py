@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from adpm_dist import launch
-from adpm_dist.preempt import REQUEUE_EXIT_CODE
+from adpm_dist.io.preempt import REQUEUE_EXIT_CODE
+from adpm_dist.launch import cli as launch
 from tests.slurm_cluster import run_launch
 
 # ---------------------------------------------------------------- options
@@ -48,7 +48,7 @@ def test_bad_options_are_refused_with_the_reason(argv, words, capsys):
 
 
 def test_plan_is_forwarded_to_plan_main(capsys):
-    from adpm_dist import plan
+    from adpm_dist.stages import plan
 
     with pytest.raises(SystemExit) as direct:
         plan.main(["--help"])
@@ -113,7 +113,7 @@ def test_local_requeue_reruns_the_same_argv_and_completes(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_single_process_selftest_needs_no_launcher(tmp_path, capsys):
-    from adpm_dist import selftest
+    from adpm_dist.stages import selftest
 
     assert selftest.main(["--out", str(tmp_path / "r.json")]) == 0
     rep = _report(tmp_path / "r.json")

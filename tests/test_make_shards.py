@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adpm_dist import data, shards, storage
+from adpm_dist.io import data, shards, storage
 from tests.tool_modules import load_tool
 
 ROOT = Path(__file__).resolve().parent.parent

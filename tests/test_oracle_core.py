@@ -12,8 +12,8 @@ from adpm_dist.diffusion.analytic import METHODS, step_variances
 from adpm_dist.diffusion.likelihood import negative_elbo, negative_elbos
 from adpm_dist.diffusion.moments import estimate_gamma
 from adpm_dist.diffusion.samplers import make_generators, sample
-from adpm_dist.diffusion.schedule import make_schedule, make_trajectory
-from adpm_dist.diffusion.trajectory import optimal_trajectory, path_cost, step_cost_matrix
+from adpm_dist.diffusion.schedule import make_schedule
+from adpm_dist.diffusion.trajectory import make_trajectory, optimal_trajectory, path_cost, step_cost_matrix
 from adpm_dist.models.oracle import GaussianMixtureEps, two_cluster_mixture
 from tests import oracle_truth as truth
 

@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 
-from adpm_dist import plan
 from adpm_dist.diffusion.analytic import step_variances
 from adpm_dist.diffusion.schedule import make_schedule
 from adpm_dist.diffusion.trajectory import optimal_trajectory
 from adpm_dist.gamma import GammaFile
+from adpm_dist.stages import plan
 
 
 def write_gamma(path, schedule):

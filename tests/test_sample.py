@@ -17,12 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from adpm_dist import sample
-from adpm_dist.checkpoint import load_checkpoint
 from adpm_dist.diffusion.samplers import make_generators
 from adpm_dist.diffusion.samplers import sample as draw
-from adpm_dist.diffusion.schedule import make_schedule, make_trajectory
+from adpm_dist.diffusion.schedule import make_schedule
+from adpm_dist.diffusion.trajectory import make_trajectory
 from adpm_dist.gamma import GammaFile, write_gamma
+from adpm_dist.models.loading import load_checkpoint
+from adpm_dist.stages import sample
 from tests.estimate_helpers import ROOT, free_port, save_tiny_model
 from tests.s3_server import subprocess_env
 
@@ -212,7 +213,7 @@ def test_every_method_samples_and_records_gamma_digest(model, tmp_path, method):
 
 @pytest.mark.timeout(300)
 def test_two_ranks_write_to_s3(model, s3_server, s3_bucket, tmp_path):
-    from adpm_dist import storage
+    from adpm_dist.io import storage
 
     out = f"{s3_bucket}/samples/run1"
     res = torchrun(2, args(model, out, "--shard-size", "5", "--batch-size", "5", n=12),

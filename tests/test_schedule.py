@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from adpm_dist.diffusion.schedule import make_schedule, make_trajectory
+from adpm_dist.diffusion.schedule import make_schedule
+from adpm_dist.diffusion.trajectory import make_trajectory
 from tests.oracle_truth import abar_from_betas
 
 

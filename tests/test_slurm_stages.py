@@ -54,7 +54,7 @@ def _digit_shards(folder: Path) -> str:
 
 
 def _train_argv(ctx: dict, out: Path, steps: int = TRAIN_STEPS) -> list[str]:
-    from adpm_dist.config import preset_path
+    from adpm_dist.train.config import preset_path
 
     return ["--config", str(preset_path("tiny")), f"data.urls=[{ctx['shards']}]",
             f"train.run_dir={out}", f"train.total_steps={steps}", "train.ckpt_every=100",

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from adpm_dist import storage, storage_backend
+from adpm_dist.io import backend as storage_backend
+from adpm_dist.io import storage
 
 pytestmark = pytest.mark.timeout(120)
 

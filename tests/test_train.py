@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adpm_dist import preempt, storage, train
-from adpm_dist.config import preset_path
+from adpm_dist.io import preempt, storage
 from adpm_dist.models.io import model_from_bytes
+from adpm_dist.train import loop as train
+from adpm_dist.train.config import preset_path
 
 ROOT = Path(__file__).resolve().parent.parent
 TOTAL = 12
@@ -208,7 +209,7 @@ def test_exact_resume_with_other_zero_stages_and_bf16(digits, tmp_path, engine_o
 
 
 def test_ema_follows_its_formula_in_fp32():
-    from adpm_dist.ema import EMA
+    from adpm_dist.train.ema import EMA
 
     net = torch.nn.Linear(3, 2).to(torch.bfloat16)
     ema = EMA(net, decay=0.9, warmup=True)

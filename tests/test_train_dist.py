@@ -44,7 +44,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _fit_args(urls: str, run_dir: str, *extra: str) -> list[str]:
-    from adpm_dist.config import preset_path
+    from adpm_dist.train.config import preset_path
 
     return [
         "--config", str(preset_path("tiny")), f"data.urls=[{urls}]",
@@ -63,10 +63,12 @@ def _worker(out: str, digits: str) -> int:
     import numpy as np
     from deepspeed.utils import safe_get_full_grad
 
-    from adpm_dist import dist, objective, preempt, train
-    from adpm_dist.config import build_config
-    from adpm_dist.engine import build_engine, prepare_deepspeed
+    from adpm_dist.io import dist, preempt
     from adpm_dist.models.registry import build_model
+    from adpm_dist.train import loop as train
+    from adpm_dist.train import objective
+    from adpm_dist.train.config import build_config
+    from adpm_dist.train.engine import build_engine, prepare_deepspeed
 
     prepare_deepspeed()
     info = dist.init_group()
@@ -177,7 +179,7 @@ def test_parameters_identical_across_ranks_and_sigterm_on_one_rank_stops_all(two
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     status = [json.loads((two_rank_run / f"rc_r{r}.json").read_text()) for r in (0, 1)]
     assert all(s["fit"] == 0 for s in status)
-    from adpm_dist.preempt import REQUEUE_EXIT_CODE
+    from adpm_dist.io.preempt import REQUEUE_EXIT_CODE
 
     assert [s["preempt"] for s in status] == [REQUEUE_EXIT_CODE] * 2
     assert [s["step"] for s in status] == [FIT_STEPS + 1] * 2  # the step in flight, then stop
@@ -220,7 +222,7 @@ def _two_nodes(urls: str, run: str, stage_root: Path, server, *extra: str) -> li
 @pytest.mark.timeout(400)
 def test_two_nodes_train_checkpoint_and_resume_on_s3(digits, two_rank_run, s3_server, s3_bucket,
                                                      tmp_path):
-    from adpm_dist import storage
+    from adpm_dist.io import storage
     from adpm_dist.models.io import model_from_bytes
 
     storage.upload_dir(str(digits), f"{s3_bucket}/shards/digits")

@@ -38,7 +38,7 @@ def _load_make_shards():
 
 
 def _rate(urls: str, batch_size: int, workers: int, passes: int) -> tuple[float, int]:
-    from adpm_dist import data
+    from adpm_dist.io import data
 
     images = 0
     start = time.perf_counter()
@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--json", default=None, help="also write the result to this file")
     args = p.parse_args(argv)
 
-    from adpm_dist import storage
+    from adpm_dist.io import storage
 
     make_shards = _load_make_shards()
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
 
     from adpm_dist.gamma import read_gamma
-    from adpm_dist.hf import AnalyticDPMScheduler
+    from adpm_dist.integrations.diffusers.scheduler import AnalyticDPMScheduler
 
     args = parse_args(argv)
     if args.model:

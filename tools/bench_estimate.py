@@ -48,8 +48,8 @@ def make_inputs(work: str, model_name: str, num_timesteps: int, limit: int):
 
 
 def run_job(args, out, extra=()):
-    from adpm_dist import estimate
     from adpm_dist.gamma import read_gamma
+    from adpm_dist.stages import estimate
 
     rc = estimate.main(["--checkpoint", args.ckpt, "--data", args.data, "--out", out, "--timesteps",
                         f"1-{args.timesteps}", "--batch-size", str(args.batch_size), "--num-workers",
@@ -72,8 +72,8 @@ def bare_forward(model, batch, shape, evaluations, num_timesteps) -> float:
 
 def reread_per_t(args, model, schedule) -> float:
     """The blog snippet: for every t, stream and decode the whole data set again."""
-    from adpm_dist.data import eval_batches
     from adpm_dist.diffusion.moments import q_sample
+    from adpm_dist.io.data import eval_batches
 
     evals = 0
     start = time.perf_counter()

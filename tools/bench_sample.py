@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the sampling job on this machine; prints one JSON object.
 
-- ``ratio_vs_bare_forward``: images/s of the whole job (``adpm_dist.sample``: per-image
+- ``ratio_vs_bare_forward``: images/s of the whole job (``adpm_dist.stages.sample``: per-image
   generators, reverse steps, PNG encoding, shard writes) ÷ images/s of a bare loop of K
   forward passes of the same model at the same batch size (goal ≥ 0.95), per method;
 - ``peak_rss_mib``: peak memory of the job (its own process) for ``--small`` and
@@ -44,9 +44,9 @@ def save_model(work: str, name: str, num_timesteps: int) -> str:
 
 def bare_images_per_s(model_path: str, steps: int, batch: int, repeats: int, precision: str) -> float:
     """K forward passes per batch, nothing else: the floor any sampler stands on."""
-    from adpm_dist import dist
-    from adpm_dist.checkpoint import eps_function, load_checkpoint
-    from adpm_dist.sample import image_shape
+    from adpm_dist.io import dist
+    from adpm_dist.models.loading import eps_function, load_checkpoint
+    from adpm_dist.stages.sample import image_shape
 
     loaded = load_checkpoint(model_path)
     device = dist.device_for(dist.env_info())
@@ -71,7 +71,7 @@ def _sync(device) -> None:
 
 def job_images_per_s(model_path, out, method, steps, batch, batches, precision, extra=()) -> float:
     """The job in-process, timed end to end (one shard per batch; warm-up batch excluded)."""
-    from adpm_dist import sample
+    from adpm_dist.stages import sample
 
     common = ["--checkpoint", model_path, "--method", method, "--steps", str(steps),
               "--batch-size", str(batch), "--shard-size", str(batch), "--precision", precision,
@@ -111,12 +111,12 @@ def main(argv=None) -> dict:
     p.add_argument("--skip-rss", action="store_true")
     args = p.parse_args(argv)
 
-    from adpm_dist import dist
     from adpm_dist.gamma import GammaFile, write_gamma
+    from adpm_dist.io import dist
 
     with tempfile.TemporaryDirectory() as work:
         model = save_model(work, args.model, args.num_timesteps)
-        from adpm_dist.checkpoint import load_checkpoint
+        from adpm_dist.models.loading import load_checkpoint
 
         loaded = load_checkpoint(model)
         gf = GammaFile.empty(loaded.schedule, loaded.describe())  # any valid Γ: cost is what we measure

@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def make_batches(cfg, info, count: int, model_config: dict) -> list[torch.Tensor]:
-    from adpm_dist import engine, train
+    from adpm_dist.train import engine
+    from adpm_dist.train import loop as train
 
     per = engine.per_rank_batch(cfg, info.world_size)
     if cfg.data.urls and cfg.data.urls[0] != "random":
@@ -57,9 +58,9 @@ class DDPLoop:
     def __init__(self, cfg, model: torch.nn.Module, device: torch.device) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from adpm_dist import engine
         from adpm_dist.diffusion.schedule import make_schedule
-        from adpm_dist.ema import EMA
+        from adpm_dist.train import engine
+        from adpm_dist.train.ema import EMA
 
         self.cfg = cfg
         self.model = DDP(model.to(device))
@@ -76,7 +77,7 @@ class DDPLoop:
         self.rank = torch.distributed.get_rank()
 
     def step(self, x0: torch.Tensor) -> None:
-        from adpm_dist import objective
+        from adpm_dist.train import objective
 
         loss = objective.training_loss(self.model, x0.to(self.device), self.schedule,
                                        seed=self.cfg.train.seed, step=self.step_count,
@@ -93,8 +94,10 @@ class DDPLoop:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from adpm_dist import dist, engine, train
-    from adpm_dist.config import build_config
+    from adpm_dist.io import dist
+    from adpm_dist.train import engine
+    from adpm_dist.train import loop as train
+    from adpm_dist.train.config import build_config
 
     if args.threads:
         torch.set_num_threads(args.threads)

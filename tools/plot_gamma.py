@@ -12,7 +12,8 @@ import sys
 import numpy as np
 
 from adpm_dist.diffusion.analytic import step_variances
-from adpm_dist.diffusion.schedule import make_trajectory, schedule_from_description
+from adpm_dist.diffusion.schedule import schedule_from_description
+from adpm_dist.diffusion.trajectory import make_trajectory
 from adpm_dist.gamma import GammaFileError, read_gamma
 
 METHODS = ("ddpm-beta", "ddpm-tilde", "analytic-ddpm", "ddim", "analytic-ddim")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adpm_dist.evaluate import nll_table  # noqa: E402
+from adpm_dist.stages.evaluate import nll_table  # noqa: E402
 
 # Bao et al., ICLR 2022 (OpenReview 0xiJLKH-ufZ), CIFAR-10 with the linear schedule (LS),
 # copied from Table 1 (NLL, bits/dim) and Table 2 (FID, 50k samples, even trajectory).

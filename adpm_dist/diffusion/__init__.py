@@ -4,8 +4,9 @@ No I/O and no torch.distributed in this package; everything is a function of
 its arguments so it can be tested against closed-form oracles.
 """
 
-from .analytic import METHODS, StepVariances, step_variances
-from .schedule import Schedule, make_schedule, make_trajectory
+from adpm_dist.diffusion.analytic import METHODS, StepVariances, step_variances
+from adpm_dist.diffusion.schedule import Schedule, make_schedule
+from adpm_dist.diffusion.trajectory import make_trajectory
 
 __all__ = [
     "METHODS",

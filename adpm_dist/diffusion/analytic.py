@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .schedule import Schedule
+from adpm_dist.diffusion.schedule import Schedule
 
 METHODS = ("ddpm-beta", "ddpm-tilde", "ddim", "analytic-ddpm", "analytic-ddim")
 ANALYTIC_METHODS = ("analytic-ddpm", "analytic-ddim")

@@ -22,9 +22,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .analytic import DDPM_FAMILY, step_variances
-from .samplers import EpsFn, per_image_normal, predict_x0, reverse_mean
-from .schedule import Schedule
+from adpm_dist.diffusion.analytic import DDPM_FAMILY, step_variances
+from adpm_dist.diffusion.samplers import EpsFn, per_image_normal, predict_x0, reverse_mean
+from adpm_dist.diffusion.schedule import Schedule
 
 
 def _flat_sum(x: torch.Tensor) -> torch.Tensor:

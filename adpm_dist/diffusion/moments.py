@@ -1,7 +1,7 @@
 """Monte-Carlo estimates of Γ_n = E‖ε_θ(x_n, n)‖²/d (paper Eq. 11, the ms_eps form).
 
 The same kernel serves the in-memory estimator here (demo, tests) and the
-sharded job (``adpm_dist.estimate``): noise a batch of x₀ at given timesteps and
+sharded job (``adpm_dist.stages.estimate``): noise a batch of x₀ at given timesteps and
 return each sample's ‖ε_θ‖²/d in float64.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .samplers import EpsFn
-from .schedule import Schedule
+from adpm_dist.diffusion.samplers import EpsFn
+from adpm_dist.diffusion.schedule import Schedule
 
 
 def q_sample(schedule: Schedule, x0: torch.Tensor, n: torch.Tensor, noise: torch.Tensor):

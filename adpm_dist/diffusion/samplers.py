@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .analytic import StepVariances, step_variances
-from .schedule import Schedule
+from adpm_dist.diffusion.analytic import StepVariances, step_variances
+from adpm_dist.diffusion.schedule import Schedule
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

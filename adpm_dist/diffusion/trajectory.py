@@ -30,8 +30,55 @@ from __future__ import annotations
 
 import numpy as np
 
-from .analytic import covariance_estimate
-from .schedule import Schedule, _check_k
+from adpm_dist.diffusion.analytic import covariance_estimate
+from adpm_dist.diffusion.schedule import Schedule
+
+TRAJECTORIES = ("even", "quadratic", "optimal")
+
+
+def _check_k(num_timesteps: int, num_steps: int) -> None:
+    if not 2 <= num_steps <= num_timesteps:
+        raise ValueError(f"number of steps K must satisfy 2 <= K <= N={num_timesteps}, got K={num_steps}")
+
+
+def even_trajectory(num_timesteps: int, num_steps: int) -> np.ndarray:
+    """τ_k = round(1 + (N−1)(k−1)/(K−1)), k = 1..K (rounding half up)."""
+    _check_k(num_timesteps, num_steps)
+    k = np.arange(num_steps, dtype=np.float64)
+    tau = np.floor(1.0 + (num_timesteps - 1) * k / (num_steps - 1) + 0.5).astype(np.int64)
+    return tau
+
+
+def quadratic_trajectory(num_timesteps: int, num_steps: int) -> np.ndarray:
+    """τ_k ≈ 1 + (N−1)((k−1)/(K−1))², made strictly increasing.
+
+    Dense near n = 1 where the data detail lives (Song et al., DDIM). Where the
+    rounding would repeat a timestep we push it up by one; the cap τ_k ≤ N−(K−k)
+    keeps room for the remaining nodes, so every K in [2, N] works.
+    """
+    _check_k(num_timesteps, num_steps)
+    k = np.arange(num_steps, dtype=np.float64)
+    raw = np.floor(1.0 + (num_timesteps - 1) * (k / (num_steps - 1)) ** 2 + 0.5).astype(np.int64)
+    tau = raw.copy()
+    for i in range(1, num_steps):
+        tau[i] = max(tau[i], tau[i - 1] + 1)
+    for i in range(num_steps - 2, -1, -1):
+        tau[i] = min(tau[i], tau[i + 1] - 1)
+    return tau
+
+
+def make_trajectory(kind: str, schedule: Schedule, num_steps: int, gamma=None, **kw) -> np.ndarray:
+    """τ_1 = 1 < … < τ_K = N by name: 'even', 'quadratic' or 'optimal' (needs Γ)."""
+    n = schedule.num_timesteps
+    if kind == "even":
+        return even_trajectory(n, num_steps)
+    if kind == "quadratic":
+        return quadratic_trajectory(n, num_steps)
+    if kind == "optimal":
+        if gamma is None:
+            raise ValueError("the optimal trajectory needs a Γ vector (from a Γ file)")
+        return optimal_trajectory(schedule, gamma, num_steps, **kw)
+    raise ValueError(f"unknown trajectory '{kind}'; choose one of {list(TRAJECTORIES)}")
 
 
 def step_cost_matrix(

@@ -1,7 +1,7 @@
 """ε-networks: the DDPM UNet presets, the exact mixture oracle, and checkpoint I/O."""
 
-from .oracle import GaussianMixtureEps
-from .registry import MODEL_TYPES, PRESETS, build_model, register_model_type
+from adpm_dist.models.oracle import GaussianMixtureEps
+from adpm_dist.models.registry import MODEL_TYPES, PRESETS, build_model, register_model_type
 
 register_model_type("gaussian-mixture", GaussianMixtureEps)
 

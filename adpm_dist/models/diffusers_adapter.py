@@ -1,6 +1,6 @@
 """Load a diffusers ``UNet2DModel`` folder as one of our ε-networks (optional extra).
 
-This module and :mod:`adpm_dist.hf` are the only places that import diffusers.
+This module and :mod:`adpm_dist.integrations.diffusers.scheduler` are the only places that import diffusers.
 
 Timesteps: we number them n = 1..N, diffusers 0..N−1 (its t = n−1 has our
 ᾱ_n). :class:`DiffusersEps` is the ONE place that mapping happens.
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..diffusion.schedule import Schedule, make_schedule
+from adpm_dist.diffusion.schedule import Schedule, make_schedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -129,8 +129,8 @@ def load_diffusers(path: str):
     """A ``LoadedModel`` for the diffusers folder ``path`` (CPU, eval mode)."""
     from diffusers import UNet2DModel
 
-    from ..checkpoint import LoadedModel
-    from .io import model_digest
+    from adpm_dist.models.io import model_digest
+    from adpm_dist.models.loaded import LoadedModel
 
     path = path[len("file://"):] if path.startswith("file://") else path
     unet_dir, sched_file = _find(path)

@@ -3,13 +3,13 @@
 A checkpoint is one safetensors blob whose header metadata holds
 
 * ``adpm_dist.format``: ``"adpm-model/1"``;
-* ``adpm_dist.config``: ``model.config`` as JSON (what ``build_model`` needs);
+* ``adpm_dist.train.config``: ``model.config`` as JSON (what ``build_model`` needs);
 * ``adpm_dist.metadata``: the caller's extra metadata as one JSON object.
 
 Half-precision tensors are stored as float32 (float64 stays float64), so a
 checkpoint of a mixed-precision run loads into a fresh fp32 model anywhere.
 The bytes functions are the core; ``save_model``/``load_model`` are thin
-local-file wrappers (remote storage goes through ``adpm_dist.storage`` with
+local-file wrappers (remote storage goes through ``adpm_dist.io.storage`` with
 the same bytes).
 """
 
@@ -27,7 +27,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .registry import build_model
+from adpm_dist.models.registry import build_model
 
 FORMAT = "adpm-model/1"
 KEY_FORMAT = "adpm_dist.format"
@@ -152,7 +152,7 @@ def model_from_bytes(
 def save_model(model: nn.Module, path: str | os.PathLike,
                metadata: dict[str, Any] | None = None) -> None:
     """Write a checkpoint atomically (old file or new one, never a part) to a path or URL."""
-    from .. import storage
+    from adpm_dist.io import storage
 
     storage.write_bytes(os.fspath(path), model_to_bytes(model, metadata))
 

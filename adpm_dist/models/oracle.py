@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..diffusion.schedule import Schedule, make_schedule
+from adpm_dist.diffusion.schedule import Schedule, make_schedule
 
 
 class GaussianMixtureEps(nn.Module):

@@ -30,8 +30,8 @@ from typing import Any
 
 from torch import nn
 
-from .unet import MODEL_TYPE as UNET_TYPE
-from .unet import UNet
+from adpm_dist.models.unet import MODEL_TYPE as UNET_TYPE
+from adpm_dist.models.unet import UNet
 
 # Constructor for each model type; other modules add theirs with register_model_type.
 MODEL_TYPES: dict[str, Callable[..., nn.Module]] = {UNET_TYPE: UNet}

@@ -15,30 +15,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from . import storage
-from .diffusion.schedule import Schedule, schedule_from_description
-from .models.io import model_digest, model_from_bytes
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be found or used; the message names it."""
-
-
-@dataclass
-class LoadedModel:
-    model: nn.Module
-    schedule: Schedule
-    digest: str
-    name: str
-    source: str
-
-    def describe(self) -> dict:
-        return {"digest": self.digest, "name": self.name, "source": storage.redact(self.source)}
+from adpm_dist.diffusion.schedule import Schedule, schedule_from_description
+from adpm_dist.io import storage
+from adpm_dist.models.io import model_digest, model_from_bytes
+from adpm_dist.models.loaded import CheckpointError, LoadedModel
 
 
 def _resolve_weights(spec: str) -> tuple[str, dict]:
@@ -59,7 +43,7 @@ def _resolve_weights(spec: str) -> tuple[str, dict]:
 def load_checkpoint(spec: str) -> LoadedModel:
     """Load the model behind ``spec`` on the CPU in eval mode (see module docstring)."""
     if spec.startswith("diffusers:"):
-        from .models.diffusers_adapter import load_diffusers
+        from adpm_dist.models.diffusers_adapter import load_diffusers
 
         return load_diffusers(spec[len("diffusers:"):])
     weights, run_meta = _resolve_weights(spec)

@@ -7,13 +7,13 @@ One DeepSpeed engine on every path (single process included): ZeRO stage from
 the config, fp32 on CPU and bf16 on GPU, torch AdamW with explicit weight decay,
 linear warm-up, gradient clipping, and an fp32 EMA of the weights.
 
-Loss (L_simple, :mod:`adpm_dist.objective`): n ~ U{1..N}, ε ~ N(0, I),
+Loss (L_simple, :mod:`adpm_dist.train.objective`): n ~ U{1..N}, ε ~ N(0, I),
 x_n = √ᾱ_n x_0 + √β̄_n ε, loss = ‖ε_θ(x_n, n) − ε‖² (mean), or the L1 norm. The
 timesteps, the noise and the dropout RNG of step s on rank r come from generators
 seeded by (seed, s, r): nothing random depends on history, which is what makes
 resume exact.
 
-Run directory (a local path or ``s3://``; :mod:`adpm_dist.run_dir`)::
+Run directory (a local path or ``s3://``; :mod:`adpm_dist.train.run_dir`)::
 
     config.yaml              resolved config of the latest (re)start
     ckpt/step_XXXXXXXX/      DeepSpeed state (+ ema.safetensors of that step)
@@ -45,11 +45,11 @@ from typing import Any
 
 import torch
 
-from . import dist, preempt, storage
-from .config import Config, ConfigError, build_config, config_to_yaml
-from .diffusion.schedule import make_schedule
-from .ema import EMA
-from .engine import (
+from adpm_dist.diffusion.schedule import make_schedule
+from adpm_dist.io import dist, preempt, storage
+from adpm_dist.train.config import Config, ConfigError, build_config, config_to_yaml
+from adpm_dist.train.ema import EMA
+from adpm_dist.train.engine import (
     build_engine,
     forget_deepspeed_groups,
     full_parameters,
@@ -57,13 +57,13 @@ from .engine import (
     per_rank_batch,
     prepare_deepspeed,
 )
-from .objective import training_loss
-from .run_dir import EMA_FILE, LATEST, Metrics, RunDir, checkpoint_tag, read_latest
+from adpm_dist.train.objective import training_loss
+from adpm_dist.train.run_dir import EMA_FILE, LATEST, Metrics, RunDir, checkpoint_tag, read_latest
 
 DIVERGED_EXIT_CODE = 3
 CONFIG_ERROR_EXIT_CODE = 2
 
-log = logging.getLogger("adpm_dist.train")
+log = logging.getLogger("adpm_dist.train.loop")
 
 
 # ---------------------------------------------------------------- data
@@ -87,7 +87,7 @@ def batches_from(stream, start_step: int, batches_per_epoch: int) -> Iterator[to
 
 def default_batches_per_epoch(cfg: Config) -> int:
     """One pass over the data set: (samples in the manifests) // global batch (at least 1)."""
-    from .shards import expand_urls, shard_table
+    from adpm_dist.io.shards import expand_urls, shard_table
 
     shards, _ = shard_table(expand_urls(list(cfg.data.urls)), require_manifest=False)
     if any(s.count is None for s in shards):
@@ -100,7 +100,7 @@ def default_batches_per_epoch(cfg: Config) -> int:
 
 def make_stream(cfg: Config, model_config: dict, info: dist.DistInfo):
     """The data layer's TrainStream for this rank (equal batch counts on every rank)."""
-    from . import data
+    from adpm_dist.io import data
 
     per_rank = per_rank_batch(cfg, info.world_size)
     bpe = cfg.data.batches_per_epoch
@@ -144,7 +144,7 @@ class Trainer:
     """One run: the engine, the EMA, the run directory and the loop (``fit``)."""
 
     def __init__(self, cfg: Config, info: dist.DistInfo) -> None:
-        from .models.registry import build_model
+        from adpm_dist.models.registry import build_model
 
         self.cfg = cfg
         self.info = info
@@ -168,7 +168,7 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------
 
     def _ema_bytes(self) -> bytes:
-        from .models.io import model_to_bytes
+        from adpm_dist.models.io import model_to_bytes
 
         meta = {"schedule": self.schedule_info, "step": self.state.step, "run_dir": self.run.url}
         return model_to_bytes(self.ema.model, metadata=meta)
@@ -265,7 +265,7 @@ class Trainer:
         )
         if path is None:
             raise RuntimeError(f"{self.run.join(latest['deepspeed'])}: DeepSpeed could not load it")
-        from .models.io import model_from_bytes
+        from adpm_dist.models.io import model_from_bytes
 
         with open(os.path.join(local, EMA_FILE), "rb") as fh:
             ema_model, _ = model_from_bytes(fh.read(), source=os.path.join(local, EMA_FILE))
@@ -331,8 +331,8 @@ class Trainer:
         """A PNG grid of EMA samples (DDIM, even trajectory) on rank 0."""
         from PIL import Image
 
-        from .diffusion.samplers import make_generators, sample
-        from .diffusion.schedule import even_trajectory
+        from adpm_dist.diffusion.samplers import make_generators, sample
+        from adpm_dist.diffusion.trajectory import even_trajectory
 
         cfg = self.cfg.train
         mc = self.model_config

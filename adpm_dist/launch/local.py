@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import dist
-from .launch_status import EXIT_FAILED, EXIT_OK, LaunchError, Outcome, StatusView, last_line, tail
-from .launch_task import PREEMPT_SIGNAL
-from .preempt import REQUEUE_EXIT_CODE
+from adpm_dist.io import dist
+from adpm_dist.io.preempt import REQUEUE_EXIT_CODE
+from adpm_dist.launch.status import EXIT_FAILED, EXIT_OK, LaunchError, Outcome, StatusView, last_line, tail
+from adpm_dist.launch.task import PREEMPT_SIGNAL
 
 if TYPE_CHECKING:
-    from .launch import LaunchSpec
+    from adpm_dist.launch.spec import LaunchSpec
 
 
 def _free_port() -> int:

@@ -18,16 +18,16 @@ from typing import NoReturn
 
 import submitit
 
-from . import dist
-from .preempt import REQUEUE_EXIT_CODE
+from adpm_dist.io import dist
+from adpm_dist.io.preempt import REQUEUE_EXIT_CODE
 
 # Stages that run on the allocation; each module has main(argv) -> int.
 STAGES = {
-    "train": "adpm_dist.train",
-    "estimate": "adpm_dist.estimate",
-    "sample": "adpm_dist.sample",
-    "evaluate": "adpm_dist.evaluate",
-    "selftest": "adpm_dist.selftest",
+    "train": "adpm_dist.train.loop",
+    "estimate": "adpm_dist.stages.estimate",
+    "sample": "adpm_dist.stages.sample",
+    "evaluate": "adpm_dist.stages.evaluate",
+    "selftest": "adpm_dist.stages.selftest",
 }
 PREEMPT_SIGNAL = signal.SIGUSR1  # what the job asks SLURM to send before its time limit
 

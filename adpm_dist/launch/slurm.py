@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 import submitit
 
-from .launch_status import EXIT_FAILED, EXIT_OK, LaunchError, Outcome, StatusView, last_line, tail
-from .launch_task import StageTask, slurm_job_view
-from .preempt import REQUEUE_EXIT_CODE
+from adpm_dist.io.preempt import REQUEUE_EXIT_CODE
+from adpm_dist.launch.status import EXIT_FAILED, EXIT_OK, LaunchError, Outcome, StatusView, last_line, tail
+from adpm_dist.launch.task import StageTask, slurm_job_view
 
 if TYPE_CHECKING:
-    from .launch import LaunchSpec
+    from adpm_dist.launch.spec import LaunchSpec
 
 # Job states in which the job may still run (or run again); everything else is final.
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",

@@ -7,8 +7,8 @@ members are ``{key}.png`` (uint8, 1 or 3 channels) plus per-sample fields such a
 lists, per shard, its name, split, sample count, offset within the split, size and
 sha256, plus the image resolution and channels.
 
-:mod:`adpm_dist.data` streams these sets to training and evaluation;
-``tools/make_shards.py`` and :mod:`adpm_dist.sample` write them.
+:mod:`adpm_dist.io.data` streams these sets to training and evaluation;
+``tools/make_shards.py`` and :mod:`adpm_dist.stages.sample` write them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
-from adpm_dist import storage
+from adpm_dist.io import storage
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "adpm_dist.shards/1"

@@ -1,7 +1,7 @@
 """Check an allocation before a big job: every rank joins torch.distributed and sums.
 
     python -m adpm_dist.launch selftest --nodes 2 --gpus-per-node 4 -- --out report.json
-    python -m adpm_dist.selftest                      # one process, no cluster
+    python -m adpm_dist.stages.selftest                      # one process, no cluster
 
 Each rank sets up the process group through ``dist`` (NCCL on GPU, gloo on CPU),
 all-reduces ``rank + 1`` in float64 and checks that the sum is W(W+1)/2, then
@@ -32,12 +32,12 @@ import time
 
 import torch
 
-from . import dist, preempt, storage
+from adpm_dist.io import dist, preempt, storage
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m adpm_dist.selftest",
+        prog="python -m adpm_dist.stages.selftest",
         description="torch.distributed self-test: all-reduce check and a JSON report.",
     )
     p.add_argument("--out", help="write the JSON report here (rank 0; local path or s3://)")

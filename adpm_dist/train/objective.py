@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .diffusion.schedule import Schedule
+from adpm_dist.diffusion.schedule import Schedule
 
 
 def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:

@@ -2,7 +2,7 @@
 
     python -m adpm_dist.launch train --nodes 4 --gpus-per-node 8 --wait -- --config configs/cifar10.yaml
     python -m adpm_dist.launch selftest --nodes 2 --cluster local -- --out report.json
-    python -m adpm_dist.launch plan ...          # adpm_dist.plan.main, on this machine
+    python -m adpm_dist.launch plan ...          # adpm_dist.stages.plan.main, on this machine
 
 Everything after ``--`` (and any argument the launcher does not know) goes to the
 stage's ``main(argv)`` unchanged.
@@ -34,9 +34,9 @@ Exit status: 0 success (or submitted, without ``--wait``); 1 the job failed;
 2 usage error, no SLURM reachable, or submission rejected (SLURM's reason is
 shown); 75 (``REQUEUE_EXIT_CODE``) stopped after a checkpoint, rerun to resume.
 
-Modules: this one is the command line; ``launch_task`` is what each rank runs
-(and requeues), ``launch_slurm`` submits and follows SLURM jobs, ``launch_local``
-runs local process groups, ``launch_status`` holds exit statuses and the status line.
+Modules: this one is the command line; ``spec`` says what to run where; ``task`` is
+what each rank runs (and requeues); ``slurm`` submits and follows SLURM jobs; ``local``
+runs local process groups; ``status`` holds exit statuses and the status line.
 """
 
 from __future__ import annotations
@@ -48,52 +48,16 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .launch_local import run_local
-from .launch_slurm import follow_slurm, slurm_reachable, submit_slurm
-from .launch_status import EXIT_FAILED, EXIT_OK, EXIT_USAGE, LaunchError
-from .launch_task import STAGES, run_stage
+from adpm_dist.launch.local import run_local
+from adpm_dist.launch.slurm import follow_slurm, slurm_reachable, submit_slurm
+from adpm_dist.launch.spec import LaunchSpec
+from adpm_dist.launch.status import EXIT_FAILED, EXIT_OK, EXIT_USAGE, LaunchError
+from adpm_dist.launch.task import STAGES, run_stage
 
 # Stages that only ever run here (no cluster), forwarded as they are.
-LOCAL_ONLY = {"plan": "adpm_dist.plan"}
-
-
-# ------------------------------------------------------------------ options
-
-
-@dataclass
-class LaunchSpec:
-    """What to run where. ``stage_argv`` goes to the stage's main() untouched."""
-
-    stage: str
-    stage_argv: list[str] = field(default_factory=list)
-    nodes: int = 1
-    gpus_per_node: int = 0
-    tasks_per_node: int | None = None
-    cpus_per_task: int | None = None
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time_min: int = 60
-    cluster: str = "auto"
-    wait: bool = False
-    wait_timeout: float | None = None
-    log_dir: str = "runs/launch"
-    job_name: str | None = None
-    max_requeues: int = 10
-
-    @property
-    def procs_per_node(self) -> int:
-        """One process per GPU; on CPU, --tasks-per-node (default 1)."""
-        if self.gpus_per_node > 0:
-            return self.gpus_per_node
-        return self.tasks_per_node or 1
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.procs_per_node
+LOCAL_ONLY = {"plan": "adpm_dist.stages.plan"}
 
 
 def build_parser() -> argparse.ArgumentParser:

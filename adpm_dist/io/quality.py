@@ -12,10 +12,10 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-from adpm_dist import storage
+from adpm_dist.io import storage
 
 # Warnings go to the data layer's logger: that is the one users (and tests) configure.
-log = logging.getLogger("adpm_dist.data")
+log = logging.getLogger("adpm_dist.io.data")
 
 BAD_KINDS = (
     "truncated",  # samples missing because the tar ended early or is corrupt

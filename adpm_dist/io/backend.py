@@ -1,4 +1,4 @@
-"""What :mod:`adpm_dist.storage` stands on: URLs, S3 settings, one filesystem per process, retries.
+"""What :mod:`adpm_dist.io.storage` stands on: URLs, S3 settings, one filesystem per process, retries.
 
 - URLs: plain paths, ``file://`` and ``s3://``; :func:`fs_path` turns one into the path
   fsspec expects and :func:`to_url` turns it back.

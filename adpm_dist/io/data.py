@@ -1,4 +1,4 @@
-"""Streaming WebDataset shard sets (:mod:`adpm_dist.shards`) to every rank.
+"""Streaming WebDataset shard sets (:mod:`adpm_dist.io.shards`) to every rank.
 
 Two streams:
 
@@ -14,7 +14,7 @@ Two streams:
 256-level grid in [−1, 1] (the discretised likelihood relies on it).
 
 Bad input (truncated tar, undecodable image, wrong size, missing field) is skipped, counted
-by kind in a :class:`DataSummary` (:mod:`adpm_dist.data_quality`), warned once per file,
+by kind in a :class:`DataSummary` (:mod:`adpm_dist.io.quality`), warned once per file,
 and summarised at the end; above ``max_bad_fraction`` the stream stops with
 :class:`BadDataError`.
 
@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from adpm_dist import storage
-from adpm_dist.data_quality import BadDataError, DataSummary, FileWarner
-from adpm_dist.shards import ShardInfo, decode_png, expand_urls, shard_table
+from adpm_dist.io import storage
+from adpm_dist.io.quality import BadDataError, DataSummary, FileWarner
+from adpm_dist.io.shards import ShardInfo, decode_png, expand_urls, shard_table
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ class TrainStream:
         shuffle_buffer: int = 1000,
         max_bad_fraction: float = 0.01,
     ):
-        from adpm_dist import dist
+        from adpm_dist.io import dist
 
         info = dist.env_info()
         self.rank = info.rank if rank is None else int(rank)
@@ -439,7 +439,7 @@ def eval_batches(
     index within the shard); images are float32 (B, C, H, W) in [−1, 1]. The last batch of
     each worker may be short. Needs the manifest beside the shards (for counts/offsets).
     """
-    from adpm_dist import dist
+    from adpm_dist.io import dist
 
     info = dist.env_info()
     rank = info.rank if rank is None else int(rank)

@@ -28,10 +28,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .diffusion.analytic import DDPM_FAMILY, METHODS, step_variances
-from .diffusion.samplers import per_image_normal, predict_x0, reverse_mean
-from .diffusion.schedule import TRAJECTORIES, make_trajectory
-from .models.diffusers_adapter import schedule_from_diffusers
+from adpm_dist.diffusion.analytic import DDPM_FAMILY, METHODS, step_variances
+from adpm_dist.diffusion.samplers import per_image_normal, predict_x0, reverse_mean
+from adpm_dist.diffusion.trajectory import TRAJECTORIES, make_trajectory
+from adpm_dist.models.diffusers_adapter import schedule_from_diffusers
 
 
 @dataclass
@@ -84,7 +84,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
     @classmethod
     def from_gamma_file(cls, gamma_file, scheduler_config: dict, **kw) -> AnalyticDPMScheduler:
         """Build from a diffusers scheduler config and a :class:`adpm_dist.gamma.GammaFile`."""
-        from .gamma import check_schedule
+        from adpm_dist.gamma import check_schedule
 
         missing = gamma_file.missing_timesteps()
         if missing.size:

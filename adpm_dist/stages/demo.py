@@ -19,19 +19,19 @@ import time
 import numpy as np
 import torch
 
-from .diffusion.analytic import step_variances
-from .diffusion.likelihood import negative_elbo
-from .diffusion.moments import estimate_gamma
-from .diffusion.samplers import make_generators
-from .diffusion.schedule import make_trajectory
-from .models.oracle import two_cluster_mixture
+from adpm_dist.diffusion.analytic import step_variances
+from adpm_dist.diffusion.likelihood import negative_elbo
+from adpm_dist.diffusion.moments import estimate_gamma
+from adpm_dist.diffusion.samplers import make_generators
+from adpm_dist.diffusion.trajectory import make_trajectory
+from adpm_dist.models.oracle import two_cluster_mixture
 
 ROWS = (("ddpm-tilde", "even"), ("ddpm-beta", "even"), ("analytic-ddpm", "even"),
         ("analytic-ddpm", "optimal"))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adpm_dist.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="adpm_dist.stages.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="output folder")
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
     p.add_argument("--num-timesteps", type=int, default=1000)

@@ -16,7 +16,7 @@ Every stage reads and writes through these functions, so that datasets, checkpoi
   throttling). Missing objects, missing buckets and refused credentials are not transient
   and fail at once with a message naming the URL.
 
-This module is the operations; :mod:`adpm_dist.storage_backend` holds the URL parsing,
+This module is the operations; :mod:`adpm_dist.io.backend` holds the URL parsing,
 settings, the per-process filesystem cache and the retry loop they stand on (its public
 names are importable from here too).
 """
@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from typing import IO
 
 # The public names of the layer below, so that callers need only ``storage``.
-from .storage_backend import (  # noqa: F401
+from adpm_dist.io.backend import (  # noqa: F401
     StorageAccessDenied,
     StorageError,
     StorageNotFound,

@@ -13,9 +13,10 @@ import argparse
 import json
 import sys
 
-from .diffusion.analytic import METHODS, step_variances
-from .diffusion.schedule import TRAJECTORIES, make_trajectory, schedule_from_description
-from .gamma import GammaFileError, read_gamma
+from adpm_dist.diffusion.analytic import METHODS, step_variances
+from adpm_dist.diffusion.schedule import schedule_from_description
+from adpm_dist.diffusion.trajectory import TRAJECTORIES, make_trajectory
+from adpm_dist.gamma import GammaFileError, read_gamma
 
 
 def build_parser() -> argparse.ArgumentParser:

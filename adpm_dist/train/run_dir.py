@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from . import storage
+from adpm_dist.io import storage
 
 LATEST = "latest.json"
 EMA_FILE = "ema.safetensors"

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .config import Config, ConfigError
+from adpm_dist.train.config import Config, ConfigError
 
 
 def prepare_deepspeed() -> None:

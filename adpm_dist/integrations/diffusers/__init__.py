@@ -1,0 +1,1 @@
+"""Our analytic variances inside diffusers pipelines (:mod:`.scheduler`)."""
