@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from adpm_dist import __version__
+from adpm_dist.errors import UserError
 
 FORMAT = "adpm-gamma/1"
 PER_T_FIELDS = ("sum", "sum_sq", "count", "gamma", "stderr")
 
 
-class GammaFileError(ValueError):
+class GammaFileError(UserError, ValueError):
     """A Γ file is malformed or does not fit the schedule/model it is used with."""
 
 

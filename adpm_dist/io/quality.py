@@ -12,6 +12,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+from adpm_dist.errors import UserError
 from adpm_dist.io import storage
 
 # Warnings go to the data layer's logger: that is the one users (and tests) configure.
@@ -28,7 +29,7 @@ BAD_KINDS = (
 
 
 
-class BadDataError(RuntimeError):
+class BadDataError(UserError, RuntimeError):
     """Too much of the input was bad; the message lists kinds and files."""
 
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
                  "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "PREEMPTED",
                  "RESV_DEL_HOLD", "UNKNOWN"}
-REPO_SLURM_BIN = Path(__file__).resolve().parents[1] / "slurm" / "bin"
+REPO_SLURM_BIN = Path(__file__).resolve().parents[2] / "slurm" / "bin"
 
 
 def slurm_reachable(timeout_s: float = 20.0) -> tuple[bool, str]:

@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from adpm_dist.diffusion.schedule import Schedule, make_schedule
+from adpm_dist.errors import UserError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-class DiffusersError(ValueError):
+class DiffusersError(UserError, ValueError):
     """A diffusers folder cannot be used; the message names the file."""
 
 

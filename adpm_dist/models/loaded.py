@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from adpm_dist.diffusion.schedule import Schedule
+from adpm_dist.errors import UserError
 from adpm_dist.io import storage
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint cannot be found or used; the message names it."""
 
 

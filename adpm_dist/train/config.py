@@ -25,11 +25,13 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from adpm_dist.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 PRESETS = ("tiny", "mnist", "cifar10", "celeba64", "imagenet64")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is invalid; the message names the key and the source."""
 
 
