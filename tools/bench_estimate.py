@@ -72,7 +72,7 @@ def bare_forward(model, batch, shape, evaluations, num_timesteps) -> float:
 
 def reread_per_t(args, model, schedule) -> float:
     """The blog snippet: for every t, stream and decode the whole data set again."""
-    from adpm_dist.diffusion.moments import q_sample
+    from adpm_dist.diffusion.forward import q_sample
     from adpm_dist.io.data import eval_batches
 
     evals = 0

@@ -10,17 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from adpm_dist.diffusion.forward import q_sample
 from adpm_dist.diffusion.samplers import EpsFn
 from adpm_dist.diffusion.schedule import Schedule
-
-
-def q_sample(schedule: Schedule, x0: torch.Tensor, n: torch.Tensor, noise: torch.Tensor):
-    """x_n = √ᾱ_n x₀ + √β̄_n ε for per-sample timesteps n (float64 coefficients)."""
-    abar = torch.tensor(np.array(schedule.alphas_cumprod))[n.cpu()]
-    shape = (-1,) + (1,) * (x0.dim() - 1)
-    a = abar.sqrt().to(x0.device, x0.dtype).reshape(shape)
-    b = (1.0 - abar).sqrt().to(x0.device, x0.dtype).reshape(shape)
-    return a * x0 + b * noise
 
 
 @torch.inference_mode()
@@ -66,4 +58,4 @@ def estimate_gamma(
     return gamma, stderr
 
 
-__all__ = ["q_sample", "eps_sq_norms", "estimate_gamma"]
+__all__ = ["eps_sq_norms", "estimate_gamma"]

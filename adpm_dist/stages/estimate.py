@@ -42,7 +42,7 @@ from itertools import islice
 import numpy as np
 import torch
 
-from adpm_dist.diffusion.moments import q_sample
+from adpm_dist.diffusion.forward import q_sample
 from adpm_dist.diffusion.trajectory import even_trajectory, quadratic_trajectory
 from adpm_dist.gamma import GammaFile, GammaFileError, read_gamma, write_gamma
 from adpm_dist.io import dist, storage
