@@ -28,12 +28,13 @@ demo: venv
 demo-oracle: venv
 	$(PY) -m adpm_dist.stages.demo --out demo_oracle_out
 
-test: venv
-	$(PY) -m ruff check adpm_dist tools tests
+test: lint
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
+# Style, then the architecture contracts of .importlinter (docs/architecture.md).
 lint: venv
 	$(PY) -m ruff check adpm_dist tools tests
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 clean:
 	rm -rf $(VENV) demo_out demo_oracle_out .pytest_cache .ruff_cache

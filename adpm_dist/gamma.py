@@ -1,6 +1,6 @@
 """The Γ file: one JSON object, format "adpm-gamma/1". Write, read, validate, merge.
 
-Γ_n := E_{x_n~q_n} ‖ε_θ(x_n, n)‖²/d (DESIGN.md). The file keeps the sufficient
+Γ_n := E_{x_n~q_n} ‖ε_θ(x_n, n)‖²/d (docs/architecture.md). The file keeps the sufficient
 statistics per n = 1..N — ``sum`` (Σ‖ε‖²/d), ``sum_sq`` (Σ(‖ε‖²/d)²),
 ``count`` — so that separate runs merge exactly; ``gamma`` and ``stderr`` are
 derived from them. ``contributions`` records which (run, rank, sample-id
@@ -13,6 +13,7 @@ JSON only — never pickle: a Γ file can come from anyone's bucket.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from adpm_dist import __version__
+from adpm_dist.diffusion.stats import mean_stderr
 from adpm_dist.errors import UserError
 
 FORMAT = "adpm-gamma/1"
@@ -32,12 +34,7 @@ class GammaFileError(UserError, ValueError):
 
 def _stats(sum_: np.ndarray, sum_sq: np.ndarray, count: np.ndarray):
     """Γ = mean and its standard error (sample std / √count); 0 where count is 0."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        c = count.astype(np.float64)
-        mean = np.where(count > 0, sum_ / np.maximum(c, 1), 0.0)
-        var = np.where(count > 1, (sum_sq - c * mean**2) / np.maximum(c - 1, 1), 0.0)
-        stderr = np.sqrt(np.maximum(var, 0.0) / np.maximum(c, 1))
-    return mean, stderr
+    return mean_stderr(sum_, sum_sq, count)
 
 
 @dataclass
@@ -101,6 +98,23 @@ class GammaFile:
         np.add.at(self.sum_sq, t, v * v)
         np.add.at(self.count, t, 1)
 
+    def all_reduce(self) -> GammaFile:
+        """Sum ``sum``/``sum_sq``/``count`` over every rank, in place (float64; a no-op alone).
+
+        The one collective of the Γ job's rounds: afterwards every rank holds the
+        totals. Counts travel as float64, exact up to 2**53.
+        """
+        import torch
+
+        from adpm_dist.io import dist
+
+        n = self.sum.shape[0]
+        packed = torch.from_numpy(np.concatenate([self.sum, self.sum_sq, self.count.astype(np.float64)]))
+        total = dist.all_reduce_sum(packed.clone()).numpy()
+        self.sum, self.sum_sq = total[:n].copy(), total[n:2 * n].copy()
+        self.count = np.rint(total[2 * n:]).astype(np.int64)
+        return self
+
     def to_dict(self) -> dict:
         mean, stderr = _stats(self.sum, self.sum_sq, self.count)
         out = {
@@ -129,27 +143,8 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def from_dict(obj, source: str = "<Γ file>", require_complete: bool = True) -> GammaFile:
-    """Validate a parsed Γ file and build a :class:`GammaFile`; errors name ``source``."""
-
-    def fail(msg: str):
-        raise GammaFileError(f"{source}: {msg}")
-
-    if not isinstance(obj, dict):
-        fail("not a JSON object")
-    if obj.get("format") != FORMAT:
-        fail(f"format is {obj.get('format')!r}, expected {FORMAT!r}")
-    for key in ("schedule", "model", "sum", "sum_sq", "count", "contributions"):
-        if key not in obj:
-            fail(f"missing field '{key}'")
-    sched = obj["schedule"]
-    if not isinstance(sched, dict) or not {"name", "num_timesteps", "betas_sha256"} <= set(sched):
-        fail("field 'schedule' needs name, num_timesteps and betas_sha256")
-    if not isinstance(obj["model"], dict) or "digest" not in obj["model"]:
-        fail("field 'model' needs a digest")
-    n = sched["num_timesteps"]
-    if not isinstance(n, int) or n < 1:
-        fail(f"schedule.num_timesteps must be a positive integer, got {n!r}")
+def _per_t_arrays(obj: dict, n: int, fail, require_complete: bool) -> dict:
+    """The validated float64 ``sum``, ``sum_sq`` and ``count`` of a parsed Γ file."""
     arrays = {}
     for key in ("sum", "sum_sq", "count"):
         val = obj[key]
@@ -172,7 +167,10 @@ def from_dict(obj, source: str = "<Γ file>", require_complete: bool = True) -> 
         fail(f"count is 0 at n = {bad}…: Γ was not estimated at every timestep")
     if np.any(arrays["sum"] < 0) or np.any(arrays["sum_sq"] < 0):
         fail("sum and sum_sq of squared norms cannot be negative")
-    contributions = obj["contributions"]
+    return arrays
+
+
+def _contributions(contributions, fail) -> list:
     if not isinstance(contributions, list):
         fail("field 'contributions' must be a list")
     for i, c in enumerate(contributions):
@@ -186,12 +184,38 @@ def from_dict(obj, source: str = "<Γ file>", require_complete: bool = True) -> 
         )
         if not ok:
             fail(f"contributions[{i}] needs run_id (str), rank, world_size, samples [start, end]")
+    return list(contributions)
+
+
+def from_dict(obj, source: str = "<Γ file>", require_complete: bool = True) -> GammaFile:
+    """Validate a parsed Γ file and build a :class:`GammaFile`; errors name ``source``."""
+
+    def fail(msg: str):
+        raise GammaFileError(f"{source}: {msg}")
+
+    if not isinstance(obj, dict):
+        fail("not a JSON object")
+    if obj.get("format") != FORMAT:
+        fail(f"format is {obj.get('format')!r}, expected {FORMAT!r}")
+    for key in ("schedule", "model", "sum", "sum_sq", "count", "contributions"):
+        if key not in obj:
+            fail(f"missing field '{key}'")
+    sched = obj["schedule"]
+    if not isinstance(sched, dict) or not {"name", "num_timesteps", "betas_sha256"} <= set(sched):
+        fail("field 'schedule' needs name, num_timesteps and betas_sha256")
+    if not isinstance(obj["model"], dict) or "digest" not in obj["model"]:
+        fail("field 'model' needs a digest")
+    n = sched["num_timesteps"]
+    if not isinstance(n, int) or n < 1:
+        fail(f"schedule.num_timesteps must be a positive integer, got {n!r}")
+    arrays = _per_t_arrays(obj, n, fail, require_complete)
+    contributions = _contributions(obj["contributions"], fail)
     return GammaFile(
         schedule=dict(sched),
         model=dict(obj["model"]),
         sum=arrays["sum"],
         sum_sq=arrays["sum_sq"],
-        count=count.astype(np.int64),
+        count=arrays["count"].astype(np.int64),
         data=dict(obj.get("data") or {}),
         contributions=list(contributions),
         created=str(obj.get("created", "")),
@@ -249,6 +273,56 @@ def check_model(gamma_file: GammaFile, digest: str, name: str = "", source: str 
             f"(digest {str(got.get('digest'))[:12]}…) but the model in use is {name or '?'!r} "
             f"(digest {digest[:12]}…)"
         )
+
+
+@dataclass(frozen=True, eq=False)
+class GammaRef:
+    """A Γ file as its consumers use it: read once, hashed, checked (see :func:`load_for`).
+
+    ``gamma`` is the length-(N+1) vector (index 0 and missing timesteps NaN),
+    ``sha256`` the digest of the very bytes that were parsed, ``schedule`` the
+    schedule it was checked against (or rebuilt from the file when no model was given).
+    """
+
+    gamma: np.ndarray
+    sha256: str
+    url: str
+    file: GammaFile
+    schedule: object
+
+
+def load_for(model, url: str, schedule=None) -> GammaRef:
+    """Read the Γ file at ``url`` ONCE and check it fits ``model`` (a LoadedModel, or None).
+
+    Checks, each naming the file and both sides: the format (:func:`loads`), the
+    schedule (``model.schedule``, else ``schedule``, else the file's own schedule
+    description must rebuild with its betas digest) and, given a model, its digest.
+    Partial files (a Γ job run with ``--timesteps``) are accepted; the trajectory
+    and variance code refuses the timesteps they lack.
+    """
+    from adpm_dist.diffusion.schedule import schedule_from_description
+    from adpm_dist.io import storage
+
+    try:
+        raw = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise GammaFileError(f"{url}: no such Γ file") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise GammaFileError(f"{url}: not UTF-8 text (not a Γ file)") from None
+    gf = loads(text, url, require_complete=False)
+    source = f"Γ file {url}"
+    sched = model.schedule if model is not None else schedule
+    if sched is None:
+        try:
+            sched = schedule_from_description(gf.schedule, source)
+        except ValueError as exc:
+            raise GammaFileError(str(exc)) from None
+    check_schedule(gf, sched, source=source)
+    if model is not None:
+        check_model(gf, model.digest, model.name, source=source)
+    return GammaRef(gf.gamma_vector(), hashlib.sha256(raw).hexdigest(), url, gf, sched)
 
 
 def _overlap(a: dict, b: dict) -> bool:

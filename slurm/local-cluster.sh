@@ -127,7 +127,7 @@ SchedulerType=sched/backfill
 # Requeued jobs wait for the next pass of the scheduler: keep passes frequent.
 SchedulerParameters=bf_interval=1,sched_interval=2
 ReturnToService=2
-# Keep finished jobs visible to squeue for an hour: slurm/bin/sacct answers from it.
+# Keep finished jobs visible to squeue for an hour: adpm_dist/launch/bin/sacct answers from it.
 MinJobAge=3600
 KillWait=5
 InactiveLimit=0

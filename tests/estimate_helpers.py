@@ -51,3 +51,36 @@ def torchrun(nproc: int, module_args: list[str], env=None, timeout=300, **kw):
     full_env = dict(os.environ if env is None else env)
     full_env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.run(cmd, env=full_env, timeout=timeout, capture_output=True, text=True, **kw)
+
+
+def launch_ranks(world: int, module: str, module_args: list[str], extra_env=None, timeout=120):
+    """Start ``world`` ranks of ``python -m module`` directly (no torchrun agent to kill peers).
+
+    Like ``srun`` without ``--kill-on-bad-exit``: each rank lives or dies on its own,
+    so a rank left waiting for a dead peer shows up as a late exit. Returns, per rank,
+    (exit status, seconds from start to exit, stderr).
+    """
+    import time
+
+    port = free_port()
+    procs, start = [], time.time()
+    for rank in range(world):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), RANK=str(rank),
+                   WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(extra_env or {}))
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *module_args], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    ended: dict[int, float] = {}
+    while len(ended) < world and time.time() - start < timeout:
+        for rank, p in enumerate(procs):
+            if rank not in ended and p.poll() is not None:
+                ended[rank] = time.time() - start
+        time.sleep(0.02)
+    for p in procs:  # only the processes started here
+        if p.poll() is None:
+            p.kill()
+    out = []
+    for rank, p in enumerate(procs):
+        err = p.communicate()[1]
+        out.append((p.returncode, ended.get(rank, float("inf")), err))
+    return out

@@ -82,3 +82,52 @@ def test_merge_is_exact_and_refuses_overlap_and_mismatch():
         merge([a, make_file("r3", schedule=make_schedule("cosine", 10))])
     with pytest.raises(GammaFileError, match="model"):
         merge([a, make_file("r4", digest="def")])
+
+
+def test_mean_stderr_matches_numpy_and_handles_small_counts():
+    from adpm_dist.diffusion.stats import mean_stderr
+
+    v = np.random.default_rng(3).normal(2.0, 0.5, 37)
+    mean, se = mean_stderr(v.sum(), (v * v).sum(), v.size)
+    assert mean == pytest.approx(v.mean(), rel=1e-13)
+    assert se == pytest.approx(v.std(ddof=1) / np.sqrt(v.size), rel=1e-10)
+    mean, se = mean_stderr([0.0, 3.0], [0.0, 9.0], [0, 1])
+    assert mean.tolist() == [0.0, 3.0] and se.tolist() == [0.0, 0.0]
+
+
+def test_all_reduce_alone_keeps_the_sums():
+    gf = make_file()
+    before = (gf.sum.copy(), gf.sum_sq.copy(), gf.count.copy())
+    assert gf.all_reduce() is gf
+    for a, b in zip(before, (gf.sum, gf.sum_sq, gf.count)):
+        np.testing.assert_array_equal(a, b)
+    assert gf.count.dtype == np.int64
+
+
+def test_load_for_reads_once_hashes_those_bytes_and_checks(tmp_path, monkeypatch):
+    import hashlib
+    from types import SimpleNamespace
+
+    from adpm_dist.gamma import load_for
+    from adpm_dist.io import storage
+
+    sched = make_schedule("linear", 10)
+    path = tmp_path / "g.json"
+    path.write_text(make_file(schedule=sched).to_json())
+    reads = []
+    real = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda url: reads.append(url) or real(url))
+    monkeypatch.setattr(storage, "read_text", lambda *a: pytest.fail("read twice"))
+    model = SimpleNamespace(schedule=sched, digest="abc", name="tiny")
+    ref = load_for(model, str(path))
+    assert reads == [str(path)] and ref.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert ref.url == str(path) and ref.gamma.shape == (11,) and np.isnan(ref.gamma[0])
+    np.testing.assert_allclose(ref.gamma[1:], ref.file.sum / ref.file.count)
+    with pytest.raises(GammaFileError, match="digest"):
+        load_for(SimpleNamespace(schedule=sched, digest="zzz", name="other"), str(path))
+    with pytest.raises(GammaFileError, match="'cosine'"):
+        load_for(SimpleNamespace(schedule=make_schedule("cosine", 10), digest="abc", name="t"), str(path))
+    alone = load_for(None, str(path))  # plan: the file's own schedule, rebuilt and digest-checked
+    assert alone.schedule.betas_sha256() == sched.betas_sha256()
+    with pytest.raises(GammaFileError, match="no such"):
+        load_for(None, str(tmp_path / "missing.json"))

@@ -10,9 +10,11 @@ import json
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from adpm_dist.errors import UsageError
 from adpm_dist.io.preempt import REQUEUE_EXIT_CODE
 from adpm_dist.launch import cli as launch
 from tests.slurm_cluster import run_launch
@@ -41,10 +43,69 @@ def test_unknown_arguments_without_dashdash_go_to_the_stage_in_order():
     (["nosuchstage"], "invalid choice"),
 ])
 def test_bad_options_are_refused_with_the_reason(argv, words, capsys):
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(UsageError, match=words):
         launch.parse_args(argv)
-    assert err.value.code == 2
-    assert words in capsys.readouterr().err
+    # Through main: one "error:" line, exit 2, no traceback.
+    assert launch.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
+
+
+def test_no_cluster_is_a_user_error_and_bugs_are_not(monkeypatch, capsys):
+    from adpm_dist.launch import slurm
+
+    monkeypatch.setattr(slurm, "slurm_reachable", lambda: (False, "controller DOWN"))
+    assert launch.main(["selftest", "--cluster", "slurm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --cluster slurm: no SLURM reachable")
+
+    def broken(spec, folder):
+        raise ValueError("internal bug in the launcher")
+
+    monkeypatch.setattr(launch, "submit_slurm", broken)
+    with pytest.raises(ValueError, match="internal bug"):
+        launch.main(["selftest", "--cluster", "slurm"])
+    assert "error:" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- following a SLURM job
+
+
+class _FakeJob:
+    """What follow_slurm reads of a submitit job: ids, log paths, the job folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.job_id, self.num_tasks = "4242", 2
+        self.paths = SimpleNamespace(folder=folder)
+        self.watcher = SimpleNamespace(get_state=lambda job_id, mode: "FAILED")
+
+    def task(self, rank: int):
+        return SimpleNamespace(paths=SimpleNamespace(
+            stdout=self.paths.folder / f"{self.job_id}_{rank}_log.out",
+            stderr=self.paths.folder / f"{self.job_id}_{rank}_log.err"))
+
+
+@pytest.mark.parametrize("record, restarts, expected", [
+    (None, 0, 1),  # the log says "requeue", nothing recorded: a failure
+    (("left", 0), 0, REQUEUE_EXIT_CODE),  # checkpointed, job no longer RUNNING: rerun
+    (("requeued", 0), 1, REQUEUE_EXIT_CODE),  # requeued, then cancelled while pending
+    (("requeued", 0), 2, 1),  # a record of an earlier run: the latest run just failed
+    (("refused", 0), 0, 1),
+])
+def test_follow_decides_requeue_from_the_record_not_the_log(tmp_path, monkeypatch, record,
+                                                            restarts, expected):
+    from adpm_dist.launch import slurm, task
+
+    job = _FakeJob(tmp_path)
+    job.task(0).paths.stdout.write_text("step 7: lr warm-up; will requeue if preempted\n"
+                                        "[launch] requeue requested\n")
+    if record is not None:
+        task.write_requeue_record(tmp_path, job.job_id, record[1], record[0], "test")
+    monkeypatch.setattr(slurm, "slurm_job_view", lambda job_id: ("FAILED", "", restarts))
+    monkeypatch.setattr(slurm, "_task_records", lambda job: {})
+    outcome = slurm.follow_slurm(job, poll_s=0.01)
+    assert outcome.status == expected, outcome.message
+    assert "ended FAILED" in outcome.message
 
 
 def test_plan_is_forwarded_to_plan_main(capsys):
@@ -142,3 +203,23 @@ def test_local_run_passes_sigterm_on_and_stops_for_a_rerun(tmp_path):
     assert "stopped by SIGTERM" in log.read_text() and "rerun" in log.read_text()
     assert json.loads(marker.read_text())["preempted_by"] == "signal SIGTERM"
     assert "attempt 1" not in rank0.read_text()  # a stop asked for by the user is not requeued
+
+
+def test_other_ranks_leave_as_soon_as_rank0_recorded_its_requeue(tmp_path, monkeypatch):
+    import threading
+
+    from adpm_dist.launch import task
+
+    monkeypatch.setattr(task, "_job_folder", lambda: tmp_path)
+    task.write_requeue_record(tmp_path, "77", 0, "requeued", "earlier run")  # stale: restart 0
+    later = threading.Timer(0.5, task.write_requeue_record,
+                            (tmp_path, "77", 1, "requeued", "this run"))
+    t0 = time.monotonic()
+    later.start()
+    task._wait_for_rank0("77", restart=1, timeout_s=30)
+    waited = time.monotonic() - t0
+    later.join()
+    assert 0.4 < waited < 5  # not released by the stale record, not held for the timeout
+    t0 = time.monotonic()
+    task._wait_for_rank0("78", restart=0, timeout_s=0.5)  # rank 0 never wrote: bounded
+    assert time.monotonic() - t0 < 3

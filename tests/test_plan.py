@@ -41,7 +41,7 @@ def test_plan_table_and_errors(tmp_path, capsys):
     assert plan.main(["--gamma", str(tmp_path / "g.json"), "--steps", "4", "--method", "ddim"]) == 0
     assert "σ²" in capsys.readouterr().out
     assert plan.main(["--gamma", str(tmp_path / "g.json"), "--steps", "51"]) == 2
-    assert "2 <= K <= N=50" in capsys.readouterr().err
+    assert "--steps 51: need 2 <= K <= N = 50" in capsys.readouterr().err
     assert plan.main(["--gamma", str(tmp_path / "missing.json"), "--steps", "4"]) == 2
     assert "missing.json" in capsys.readouterr().err
 

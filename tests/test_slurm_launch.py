@@ -45,7 +45,7 @@ def test_selftest_runs_one_rank_on_each_slurm_node(tmp_path, slurm_cluster):
     # The sacct stand-in (what submitit polls) tells the same story as squeue.
     # submitit sees the tasks' results before slurmctld has finished the job's
     # epilog, so the job may still read RUNNING/COMPLETING for a moment.
-    sacct_bin = str(Path(__file__).parents[1] / "slurm" / "bin" / "sacct")
+    sacct_bin = str(Path(__file__).parents[1] / "adpm_dist" / "launch" / "bin" / "sacct")
 
     def sacct_lines():
         out = slurm_cluster.run(sacct_bin, "-o", "JobID,State,NodeList", "--parsable2",

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from adpm_dist.train.run_dir import read_metrics
 from tests.slurm_cluster import run_launch, start_launch, submitted_job, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,8 +148,9 @@ def test_preempted_training_requeues_resumes_and_matches_an_uninterrupted_run(in
                          "--", *_train_argv(ctx, run, steps)], log)
     try:
         job, rank0 = wait_for(lambda: submitted_job(log), 60, "the job id")
-        metrics = run / "metrics.jsonl"
-        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 120,
+        parts = run / "metrics"
+        wait_for(lambda: sum(len(p.read_text().splitlines()) for p in parts.glob("*.jsonl")) >= 3,
+                 120,
                  "training to make progress")
         slurm_cluster.run("scancel", "--signal=USR1", job)  # what --signal=USR1@T sends
         rc = proc.wait(timeout=200)
@@ -159,7 +161,7 @@ def test_preempted_training_requeues_resumes_and_matches_an_uninterrupted_run(in
     assert rc == 0, text
     assert "requeued 1×" in text
     assert f"requeued job {job} (restart 1)" in rank0.read_text()
-    resumed = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    resumed = [m["step"] for m in read_metrics(str(run))]
     assert resumed == list(range(1, steps + 1))  # each step logged once: none lost or repeated
     # Rank 0's log: the checkpoint at the signal, then the rerun starting from it.
     err0 = rank0.with_name(rank0.name.replace("_log.out", "_log.err")).read_text()

@@ -23,6 +23,7 @@ from adpm_dist.io import preempt, storage
 from adpm_dist.models.io import model_from_bytes
 from adpm_dist.train import loop as train
 from adpm_dist.train.config import preset_path
+from adpm_dist.train.run_dir import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TOTAL = 12
@@ -59,8 +60,7 @@ def final_state(run_dir: str) -> tuple[int, dict, dict, list[dict]]:
     assert meta["step"] == latest["step"]
     assert meta["schedule"] == latest["schedule"] == {"name": "linear", "num_timesteps": 1000}
     assert ema_model.config == latest["model"]
-    metrics = [json.loads(x) for x in storage.read_text(storage.join(run_dir, "metrics.jsonl"))
-               .splitlines()]
+    metrics = read_metrics(run_dir)
     return latest["step"], module, ema_model.state_dict(), metrics
 
 
@@ -120,6 +120,14 @@ def test_exact_resume_from_s3_matches_uninterrupted(digits, reference, s3_bucket
     assert storage.read_text(f"{run}/latest.json") == before
 
 
+def _lines_logged(run: Path) -> list[str]:
+    """Complete lines in a live run's metrics parts (a part may be mid-append)."""
+    lines = []
+    for part in sorted((run / "metrics").glob("*.jsonl")):
+        lines += part.read_text().splitlines()
+    return lines
+
+
 @pytest.mark.timeout(240)
 def test_sigusr1_checkpoints_exits_for_requeue_and_resumes_exactly(digits, reference, tmp_path):
     run = tmp_path / "run"
@@ -129,11 +137,10 @@ def test_sigusr1_checkpoints_exits_for_requeue_and_resumes_exactly(digits, refer
          "train.progress=false"],
         cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 150
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            if (run / "metrics").exists() and len(_lines_logged(run)) >= 2:
                 break
             time.sleep(0.02)
         assert proc.poll() is None, proc.communicate()[0]
@@ -148,7 +155,7 @@ def test_sigusr1_checkpoints_exits_for_requeue_and_resumes_exactly(digits, refer
     stopped = latest["step"]
     assert 2 <= stopped < TOTAL  # it finished the step in flight, then stopped
     assert (run / "ckpt" / f"step_{stopped:08d}" / "mp_rank_00_model_states.pt").exists()
-    assert json.loads(metrics.read_text().splitlines()[-1])["step"] == stopped
+    assert read_metrics(str(run))[-1]["step"] == stopped
     # The requeued job (same command) resumes and ends where the uninterrupted run did.
     assert train.main(tiny_args(digits, str(run))) == 0
     step, module, ema, got = final_state(str(run))
@@ -165,7 +172,7 @@ def test_nonfinite_losses_are_skipped_then_the_run_stops(digits, tmp_path):
     with pytest.warns(RuntimeWarning, match="non-finite loss"):
         rc = train.main(tiny_args(digits, str(run), "optim.lr=1e30", "optim.warmup_steps=0"))
     assert rc == train.DIVERGED_EXIT_CODE
-    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(str(run))
     assert [m["skipped"] for m in metrics] == [False, True, True, True]
     assert metrics[0]["loss"] is not None
     assert all(m["loss"] is None and m["nonfinite_loss"] in ("nan", "inf") for m in metrics[1:])
@@ -224,3 +231,96 @@ def test_ema_follows_its_formula_in_fp32():
         torch.testing.assert_close(p, d1 * after0 + (1 - d1) * 2.0)
     with pytest.raises(ValueError):
         EMA(net, decay=1.0)
+
+
+# ---------------------------------------------------------------- metrics parts
+
+
+def _record(step: int) -> dict:
+    # Padded so every line has the same length, whatever the step's digits.
+    return {"step": step, "pad": "x" * (6 - len(str(step))), "loss": 0.5, "skipped": False}
+
+
+def _metrics_run(where: str, request) -> str:
+    return (f"{request.getfixturevalue('s3_bucket')}/runs/metrics" if where == "s3"
+            else str(request.getfixturevalue("tmp_path") / "run"))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_metrics_bytes_per_checkpoint_do_not_grow_with_the_run(where, request, monkeypatch):
+    from adpm_dist.train import run_dir as rd
+
+    run = rd.RunDir.create(_metrics_run(where, request), str(request.getfixturevalue("tmp_path")))
+    writes: list[int] = []  # bytes of every whole-object write the metrics make
+    real = rd.storage.write_text
+
+    def counting(url: str, text: str, **kw):
+        writes.append(len(text.encode()))
+        return real(url, text, **kw)
+
+    monkeypatch.setattr(rd.storage, "write_text", counting)
+    metrics = rd.Metrics(run, 0, enabled=True)
+    every, segments = 5, 30
+    line = len(json.dumps(_record(10)).encode()) + 1  # every record has the same size
+    per_ckpt = []
+    for step in range(1, every * segments + 1):
+        metrics.append(_record(step))
+        if step % every == 0:
+            before = sum(writes)
+            metrics.flush(step)
+            per_ckpt.append(sum(writes) - before)
+    if run.remote:  # checkpoint 30 uploads exactly what checkpoint 1 did: its 5 lines
+        assert per_ckpt == [every * line] * segments
+    else:  # local: records are appended, nothing is ever rewritten
+        assert writes == [] and per_ckpt == [0] * segments
+        size = sum(p.stat().st_size for p in Path(run.url, "metrics").glob("*.jsonl"))
+        assert size == every * segments * line
+    assert [m["step"] for m in rd.read_metrics(run.url)] == list(range(1, every * segments + 1))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_metrics_resume_after_a_crash_keeps_each_step_once(where, request):
+    from adpm_dist.train import run_dir as rd
+
+    run = rd.RunDir.create(_metrics_run(where, request), str(request.getfixturevalue("tmp_path")))
+    first = rd.Metrics(run, 0, enabled=True)
+    for step in range(1, 6):
+        first.append(_record(step))
+    first.flush(5)  # checkpoint 5 made it (latest.json = 5)
+    for step in range(6, 9):
+        first.append(_record(step))
+    first.flush(8)  # metrics of checkpoint 8 written, then a crash before its latest.json
+    first.append(_record(9))  # and a record of the segment after it (local: on disk)
+    if not run.remote:
+        with open(Path(run.url, "metrics", "00000008.jsonl"), "a") as fh:
+            fh.write('{"step": 10, "lo')  # torn by the crash
+    again = rd.Metrics(run, 5, enabled=True)  # the rerun resumes from latest.json: step 5
+    for step in range(6, 12):
+        again.append(_record(step))
+    again.flush(11)
+    assert [m["step"] for m in rd.read_metrics(run.url)] == list(range(1, 12))
+    assert [storage.basename(u) for u in rd.metrics_parts(run.url)] == [
+        "00000000.jsonl", "00000005.jsonl"]
+
+
+# ---------------------------------------------------------------- error policy
+
+
+def test_bad_flag_is_one_error_line_and_exit_2():
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-m", "adpm_dist.train", "--no-such-flag"],
+                         cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--no-such-flag" in lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_an_internal_valueerror_is_not_reported_as_bad_input(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise ValueError("internal bug, not the user's input")
+
+    monkeypatch.setattr(train, "build_config", broken)
+    with pytest.raises(ValueError, match="internal bug"):
+        train.main(["--config", str(preset_path("tiny"))])
+    assert "error:" not in capsys.readouterr().err

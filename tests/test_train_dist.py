@@ -247,8 +247,9 @@ def test_two_nodes_train_checkpoint_and_resume_on_s3(digits, two_rank_run, s3_se
         torch.testing.assert_close(module[k], expected[k], rtol=1e-6, atol=1e-7, msg=k)
     ema, meta = model_from_bytes(storage.read_bytes(f"{run}/ema.safetensors"))
     assert meta["step"] == FIT_STEPS and meta["run_dir"] == run
-    lines = storage.read_text(f"{run}/metrics.jsonl").splitlines()
-    assert [json.loads(x)["step"] for x in lines] == list(range(1, FIT_STEPS + 1))
+    from adpm_dist.train.run_dir import read_metrics
+
+    assert [m["step"] for m in read_metrics(run)] == list(range(1, FIT_STEPS + 1))
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":

@@ -66,7 +66,7 @@ def _start_server(root: str) -> dict[str, str]:
     return env
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--source", default="mnist")
     p.add_argument("--limit", type=int, default=None)
@@ -78,7 +78,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3, help="alternating local/S3 runs")
     p.add_argument("--s3-url", default=None, help="s3://bucket/prefix on the configured server")
     p.add_argument("--json", default=None, help="also write the result to this file")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
 
     from adpm_dist.io import storage
 

@@ -48,11 +48,20 @@ def random_model(size: int, channels: int):
     return unet.eval(), DDPMScheduler(num_train_timesteps=1000)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
-
+def our_scheduler(cfg: dict, gamma_file: str | None, method: str):
+    """AnalyticDPMScheduler from a Γ file, or with Γ = 0.5 everywhere (timing only)."""
     from adpm_dist.gamma import read_gamma
     from adpm_dist.integrations.diffusers.scheduler import AnalyticDPMScheduler
+
+    if gamma_file:
+        return AnalyticDPMScheduler.from_gamma_file(read_gamma(gamma_file), cfg, method=method)
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    return AnalyticDPMScheduler(**{k: cfg[k] for k in keys if k in cfg},
+                                gamma=[0.5] * cfg["num_train_timesteps"], method=method)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
 
     args = parse_args(argv)
     if args.model:
@@ -60,13 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         base = DDPMScheduler.from_pretrained(args.model, subfolder="scheduler")
     else:
         unet, base = random_model(args.size, args.channels)
-    cfg = dict(base.config)
-    if args.gamma:
-        ours = AnalyticDPMScheduler.from_gamma_file(read_gamma(args.gamma), cfg, method=args.method)
-    else:
-        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-        ours = AnalyticDPMScheduler(**{k: cfg[k] for k in keys if k in cfg},
-                                    gamma=[0.5] * cfg["num_train_timesteps"], method=args.method)
+    ours = our_scheduler(dict(base.config), args.gamma, args.method)
     pipe = DDIMPipeline(unet=unet, scheduler=base).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe.scheduler  # DDIMPipeline turned it into a DDIMScheduler

@@ -92,6 +92,32 @@ class DDPLoop:
         self.step_count += 1
 
 
+def best_rounds(adpm_step, ddp_step, batches: list, args: argparse.Namespace):
+    """(best ADPM seconds, best DDP seconds) over ``args.rounds`` rounds of ``args.steps``."""
+    from adpm_dist.io import dist
+
+    def timed(step, n: int, offset: int) -> float:
+        dist.barrier()
+        t = time.perf_counter()
+        for i in range(n):
+            step(batches[(offset + i) % len(batches)])
+        dist.barrier()
+        return time.perf_counter() - t
+
+    timed(adpm_step, args.warmup, 0)
+    timed(ddp_step, args.warmup, 0)
+    adpm_best, ddp_best = float("inf"), float("inf")
+    for r in range(args.rounds):
+        # alternate which goes first so drifting machine load is shared fairly
+        if r % 2 == 0:
+            adpm_best = min(adpm_best, timed(adpm_step, args.steps, args.warmup))
+            ddp_best = min(ddp_best, timed(ddp_step, args.steps, args.warmup))
+        else:
+            ddp_best = min(ddp_best, timed(ddp_step, args.steps, args.warmup))
+            adpm_best = min(adpm_best, timed(adpm_step, args.steps, args.warmup))
+    return adpm_best, ddp_best
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from adpm_dist.io import dist
@@ -118,34 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         ddp = DDPLoop(cfg, copy.deepcopy(baseline_model), dist.device_for(info))
         batches = make_batches(cfg, info, args.warmup + args.steps, trainer.model_config)
 
-        def adpm_round(n: int, offset: int) -> float:
-            dist.barrier()
-            t = time.perf_counter()
-            for i in range(n):
-                trainer.step(batches[(offset + i) % len(batches)])
-                trainer.state.step += 1
-            dist.barrier()
-            return time.perf_counter() - t
+        def adpm_step(batch) -> None:
+            trainer.step(batch)
+            trainer.state.step += 1
 
-        def ddp_round(n: int, offset: int) -> float:
-            dist.barrier()
-            t = time.perf_counter()
-            for i in range(n):
-                ddp.step(batches[(offset + i) % len(batches)])
-            dist.barrier()
-            return time.perf_counter() - t
-
-        adpm_round(args.warmup, 0)
-        ddp_round(args.warmup, 0)
-        adpm_best, ddp_best = float("inf"), float("inf")
-        for r in range(args.rounds):
-            # alternate which goes first so drifting machine load is shared fairly
-            if r % 2 == 0:
-                adpm_best = min(adpm_best, adpm_round(args.steps, args.warmup))
-                ddp_best = min(ddp_best, ddp_round(args.steps, args.warmup))
-            else:
-                ddp_best = min(ddp_best, ddp_round(args.steps, args.warmup))
-                adpm_best = min(adpm_best, adpm_round(args.steps, args.warmup))
+        adpm_best, ddp_best = best_rounds(adpm_step, ddp.step, batches, args)
         result = {
             "preset": args.preset,
             "world_size": info.world_size,

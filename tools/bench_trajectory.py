@@ -60,7 +60,7 @@ def gaussian_gamma(schedule, variance: float) -> np.ndarray:
     return gamma
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-timesteps", type=int, default=1000)
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
@@ -68,9 +68,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gamma", default=None, help="a Γ file (its schedule wins over --schedule)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-baseline", action="store_true", help="time ours only")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    return p.parse_args(sys.argv[1:] if argv is None else argv)
 
+
+def _schedule_and_gamma(args: argparse.Namespace):
+    """(schedule, Γ, where Γ came from): a Γ file's, or Γ of Gaussian data in closed form."""
     from adpm_dist.diffusion.schedule import make_schedule, schedule_from_description
+
+    if args.gamma:
+        from adpm_dist.gamma import read_gamma
+
+        gf = read_gamma(args.gamma)
+        schedule = schedule_from_description(gf.schedule, args.gamma)
+        return schedule, gf.gamma_vector(), args.gamma
+    schedule = make_schedule(args.schedule, args.num_timesteps)
+    return schedule, gaussian_gamma(schedule, 0.25), "exact Γ of N(0, 0.25·I) data"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
     from adpm_dist.diffusion.trajectory import (
         least_cost_path,
         optimal_trajectory,
@@ -78,15 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         step_cost_matrix,
     )
 
-    if args.gamma:
-        from adpm_dist.gamma import read_gamma
-
-        gf = read_gamma(args.gamma)
-        schedule = schedule_from_description(gf.schedule, args.gamma)
-        gamma, source = gf.gamma_vector(), args.gamma
-    else:
-        schedule = make_schedule(args.schedule, args.num_timesteps)
-        gamma, source = gaussian_gamma(schedule, 0.25), "exact Γ of N(0, 0.25·I) data"
+    schedule, gamma, source = _schedule_and_gamma(args)
     n = schedule.num_timesteps
     cost_s = []
     for _ in range(args.repeats):

@@ -280,42 +280,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise SystemExit(f"{manifest_url} holds a different shard set; use --overwrite")
 
     ds = load_source(args.source, args.npm_package)
-    images, labels = ds.images, ds.labels
-    if args.limit is not None:
-        images, labels = images[: args.limit], labels[: args.limit]
-    if not images:
-        raise SystemExit(f"source {args.source!r} holds no images")
-    channels = args.channels or images[0].shape[2]
-    images = [fit_image(a, args.resolution, args.fit, channels) for a in images]
-    sizes = {a.shape for a in images}
-    if len(sizes) != 1:
-        raise SystemExit(f"images differ in size {sorted(sizes)[:4]}; pass --resolution")
+    images, labels = _prepared(ds, args)
     h, w, c = images[0].shape
-    if h != w:
-        raise SystemExit(f"images are {w}x{h}; pass --resolution for square images")
 
     train_idx, test_idx = split_indices(len(images), args.test_fraction, args.seed)
     if storage.exists(manifest_url):  # --overwrite: the old set is incomplete from now on
         storage.remove(manifest_url)
-    written: list[dict] = []
-    splits: dict[str, dict] = {}
-    from rich.progress import Progress
-
-    with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
-        task = bar.add_task("writing shards", total=len(images))
-        for split, idx in (("train", train_idx), ("test", test_idx)):
-            if len(idx) == 0:
-                continue
-            entries = shards.write_split(
-                out,
-                split,
-                (images[i] for i in idx),
-                (labels[i] for i in idx),
-                shard_size=args.shard_size,
-                progress=lambda: bar.advance(task),
-            )
-            written.extend(entries)
-            splits[split] = {"total": int(len(idx)), "num_shards": len(entries)}
+    written, splits = _write_splits(out, images, labels, train_idx, test_idx, args.shard_size)
     _remove_stale_shards(out, {s["name"] for s in written})
     manifest = {
         "format": shards.MANIFEST_FORMAT,
@@ -331,6 +302,49 @@ def main(argv: Sequence[str] | None = None) -> dict:
     shards.write_manifest(out, manifest)
     print(json.dumps({"out": out, "splits": splits, "resolution": h, "channels": c}))
     return manifest
+
+
+def _prepared(ds, args: argparse.Namespace) -> tuple[list, list]:
+    """The source's images (limited, fitted to one square size) and labels."""
+    images, labels = ds.images, ds.labels
+    if args.limit is not None:
+        images, labels = images[: args.limit], labels[: args.limit]
+    if not images:
+        raise SystemExit(f"source {args.source!r} holds no images")
+    channels = args.channels or images[0].shape[2]
+    images = [fit_image(a, args.resolution, args.fit, channels) for a in images]
+    sizes = {a.shape for a in images}
+    if len(sizes) != 1:
+        raise SystemExit(f"images differ in size {sorted(sizes)[:4]}; pass --resolution")
+    h, w, _ = images[0].shape
+    if h != w:
+        raise SystemExit(f"images are {w}x{h}; pass --resolution for square images")
+    return images, labels
+
+
+def _write_splits(out: str, images: list, labels: list, train_idx, test_idx,
+                  shard_size: int) -> tuple[list[dict], dict[str, dict]]:
+    """Write the train and test shards; (their manifest entries, per-split counts)."""
+    from rich.progress import Progress
+
+    written: list[dict] = []
+    splits: dict[str, dict] = {}
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("writing shards", total=len(images))
+        for split, idx in (("train", train_idx), ("test", test_idx)):
+            if len(idx) == 0:
+                continue
+            entries = shards.write_split(
+                out,
+                split,
+                (images[i] for i in idx),
+                (labels[i] for i in idx),
+                shard_size=shard_size,
+                progress=lambda: bar.advance(task),
+            )
+            written.extend(entries)
+            splits[split] = {"total": int(len(idx)), "num_shards": len(entries)}
+    return written, splits
 
 
 def _remove_stale_shards(out: str, keep: set[str]) -> None:

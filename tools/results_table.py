@@ -4,7 +4,7 @@
 
 Reads what the stages left in OUT: ``nll/nll.json`` (negative ELBO table),
 ``fid/METHOD-KK/fid.json`` (one FID per method and K), ``gamma.json`` (how many
-samples per timestep went into Γ), ``run/metrics.jsonl`` (training loss) and
+samples per timestep went into Γ), ``run/metrics/*.jsonl`` (training loss) and
 ``timings.jsonl`` (wall time per stage). Prints the report and writes it to
 OUT/RESULTS.md. A stage that has not run yet is reported as missing, never
 filled in.
@@ -129,7 +129,9 @@ def fid_section(out: Path) -> str:
 
 def run_section(out: Path) -> str:
     parts = []
-    metrics = [m for m in _lines(out / "run" / "metrics.jsonl") if m.get("loss") is not None]
+    # One part per checkpoint segment, named by its first step (zero-padded: name order).
+    parts_ = sorted((out / "run" / "metrics").glob("*.jsonl"))
+    metrics = [m for p in parts_ for m in _lines(p) if m.get("loss") is not None]
     latest = out / "run" / "latest.json"
     if metrics and latest.exists():
         first, last = metrics[0], metrics[-1]

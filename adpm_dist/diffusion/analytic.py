@@ -1,6 +1,6 @@
 """Reverse-step variances for every method, including Analytic-DPM's optimum.
 
-For a step s = τ_{k−1} → t = τ_k of a trajectory (DESIGN.md, paper §3–4):
+For a step s = τ_{k−1} → t = τ_k of a trajectory (docs/architecture.md, paper §3–4):
 
     σ² = λ² + γ² · clip((β̄_t/ᾱ_t)(1 − Γ_t), 0, ((b−a)/2)²)
 

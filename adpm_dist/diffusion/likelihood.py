@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from adpm_dist.diffusion.analytic import DDPM_FAMILY, step_variances
+from adpm_dist.diffusion.forward import q_sample
 from adpm_dist.diffusion.samplers import EpsFn, per_image_normal, predict_x0, reverse_mean
 from adpm_dist.diffusion.schedule import Schedule
 
@@ -101,20 +102,22 @@ def negative_elbos(
         if method not in DDPM_FAMILY:
             raise ValueError(f"the ELBO is defined for the DDPM family {list(DDPM_FAMILY)}, not '{method}'")
     x0 = x0.to(torch.float64)
-    batch, dims = x0.shape[0], x0[0].numel()
+    batch = x0.shape[0]
     abar, bbar = schedule.alphas_cumprod, schedule.bar_betas
     variances = {m: step_variances(schedule, trajectory, m, gamma=gamma, data_range=data_range)
                  for m in methods}
     steps = variances[methods[0]]  # s, t and λ² are the same for every method of the family
     clip = data_range if clip_x0 else None
 
-    def q_sample(t: int) -> torch.Tensor:
+    def timestep(t: int) -> torch.Tensor:
+        return torch.full((batch,), t, dtype=torch.long, device=x0.device)
+
+    def noised(t: int) -> torch.Tensor:
         noise = per_image_normal(generators, x0.shape[1:], torch.float64, x0.device)
-        return math.sqrt(abar[t]) * x0 + math.sqrt(bbar[t]) * noise
+        return q_sample(schedule, x0, timestep(t), noise)
 
     def x0_hat(x_t: torch.Tensor, t: int) -> torch.Tensor:
-        n = torch.full((batch,), t, dtype=torch.long, device=x0.device)
-        pred = predict_x0(schedule, x_t, eps_fn(x_t, n).to(torch.float64), t)
+        pred = predict_x0(schedule, x_t, eps_fn(x_t, timestep(t)).to(torch.float64), t)
         return pred.clamp(*clip) if clip else pred
 
     n_last = schedule.num_timesteps
@@ -124,20 +127,22 @@ def negative_elbos(
     step_kls: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
     for i, (s, t, lam2) in enumerate(zip(steps.s, steps.t, steps.lambda2)):
         s, t = int(s), int(t)
-        x_t = q_sample(t)
+        x_t = noised(t)
         mean_q = reverse_mean(schedule, x_t, x0, s, t, float(lam2))
         mean_p = reverse_mean(schedule, x_t, x0_hat(x_t, t), s, t, float(lam2))
         for m in methods:
             step_kls[m].append(gaussian_kl(mean_q, float(lam2), mean_p, float(variances[m].sigma2[i])))
 
-    x_1 = q_sample(1)
+    x_1 = noised(1)
     dec_var = float(bbar[1] * (1.0 - abar[2] / abar[1]) / bbar[2])
     decoder = -log_discretized_gaussian(x0, x0_hat(x_1, 1), dec_var)
+    return {m: _terms(prior, step_kls[m], decoder, x0[0].numel()) for m in methods}
 
-    out = {}
-    for m in methods:
-        steps_t = torch.stack(step_kls[m], dim=1)
-        total = prior + steps_t.sum(dim=1) + decoder
-        out[m] = {"prior": prior, "steps": steps_t, "decoder": decoder, "total": total,
-                  "bpd": total / (dims * math.log(2.0))}
-    return out
+
+def _terms(prior: torch.Tensor, step_kls: list[torch.Tensor], decoder: torch.Tensor,
+           dims: int) -> dict[str, torch.Tensor]:
+    """The per-image terms of one method, and their total in nats and bits/dim."""
+    steps_t = torch.stack(step_kls, dim=1)
+    total = prior + steps_t.sum(dim=1) + decoder
+    return {"prior": prior, "steps": steps_t, "decoder": decoder, "total": total,
+            "bpd": total / (dims * math.log(2.0))}

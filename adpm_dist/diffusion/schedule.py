@@ -1,6 +1,6 @@
 """Noise schedules and timestep trajectories, in float64.
 
-Conventions (DESIGN.md): timesteps n = 1..N; arrays indexed by n have length
+Conventions (docs/architecture.md): timesteps n = 1..N; arrays indexed by n have length
 N+1. ``alphas_cumprod[0] = 1`` means clean data, ``betas[0] = 0`` is unused.
 Everything stays float64: the cosine schedule's ᾱ_N ≈ 2e-9 is lost in float32.
 """

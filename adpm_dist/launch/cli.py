@@ -47,21 +47,23 @@ import importlib.util
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from adpm_dist.errors import UsageError, run_cli
 from adpm_dist.launch.local import run_local
 from adpm_dist.launch.slurm import follow_slurm, slurm_reachable, submit_slurm
 from adpm_dist.launch.spec import LaunchSpec
-from adpm_dist.launch.status import EXIT_FAILED, EXIT_OK, EXIT_USAGE, LaunchError
+from adpm_dist.launch.status import EXIT_FAILED, EXIT_OK, LaunchError
 from adpm_dist.launch.task import STAGES, run_stage
+from adpm_dist.train.cli import UserArgumentParser
 
 # Stages that only ever run here (no cluster), forwarded as they are.
 LOCAL_ONLY = {"plan": "adpm_dist.stages.plan"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = UserArgumentParser(
         prog="python -m adpm_dist.launch",
         description="Run a stage on SLURM (submitit) or as local processes. Arguments after "
                     "'--' (and unknown ones) go to the stage.",
@@ -121,7 +123,7 @@ def parse_args(argv: list[str]) -> LaunchSpec:
     if spec.time_min < 1:
         problems.append("--time must be ≥ 1 minute")
     if problems:
-        parser.error("; ".join(problems))
+        raise UsageError("; ".join(problems))
     return spec
 
 
@@ -175,8 +177,8 @@ def _worker_main(argv: list[str]) -> int:
     return run_stage(stage, rest)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _main(argv: Sequence[str] | None) -> int:
+    argv = list(argv or [])
     if argv[:1] == ["_worker"]:
         return _worker_main(argv[1:])
     if argv[:1] and argv[0] in LOCAL_ONLY:
@@ -184,12 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(LOCAL_ONLY[argv[0]])
         rc = module.main(argv[1:])
         return 0 if rc is None else int(rc)
-    spec = parse_args(argv)
-    try:
-        return launch(spec)
-    except LaunchError as exc:
-        print(f"[launch] error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return launch(parse_args(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Bad options, no cluster, a rejected submission (LaunchError) → one ``error:`` line and
+    exit 2; anything else keeps its traceback (exit 1)."""
+    return run_cli(_main, list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

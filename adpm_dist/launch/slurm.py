@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,7 @@ import submitit
 
 from adpm_dist.io.preempt import REQUEUE_EXIT_CODE
 from adpm_dist.launch.status import EXIT_FAILED, EXIT_OK, LaunchError, Outcome, StatusView, last_line, tail
-from adpm_dist.launch.task import StageTask, slurm_job_view
+from adpm_dist.launch.task import StageTask, read_requeue_record, slurm_job_view
 
 if TYPE_CHECKING:
     from adpm_dist.launch.spec import LaunchSpec
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
                  "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "PREEMPTED",
                  "RESV_DEL_HOLD", "UNKNOWN"}
-REPO_SLURM_BIN = Path(__file__).resolve().parents[2] / "slurm" / "bin"
+# Helper commands shipped as package data (adpm_dist/launch/bin), e.g. the sacct stand-in.
+SLURM_BIN = Path(str(resources.files("adpm_dist.launch").joinpath("bin")))
 
 
 def slurm_reachable(timeout_s: float = 20.0) -> tuple[bool, str]:
@@ -52,10 +54,10 @@ def _ensure_sacct() -> None:
                              timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return
-    if "accounting_storage/none" in out.stdout and (REPO_SLURM_BIN / "sacct").exists():
+    if "accounting_storage/none" in out.stdout and (SLURM_BIN / "sacct").exists():
         path = os.environ.get("PATH", "")
-        if not path.startswith(str(REPO_SLURM_BIN)):
-            os.environ["PATH"] = f"{REPO_SLURM_BIN}{os.pathsep}{path}"
+        if not path.startswith(str(SLURM_BIN)):
+            os.environ["PATH"] = f"{SLURM_BIN}{os.pathsep}{path}"
 
 
 def _signal_delay_s(time_min: int) -> int:
@@ -132,6 +134,19 @@ def _error_message(job: submitit.Job, task: int, trace: object) -> str:
             f"\nlogs: {paths.stderr}\n      {paths.stdout}")
 
 
+def _left_for_rerun(job: submitit.Job, requeues: int) -> bool:
+    """True when rank 0 recorded that this run of the job checkpointed and left for a rerun.
+
+    Decided from the record the task writes (launch.task.write_requeue_record), never
+    from log text: a record of an earlier run (before a later requeue) does not count.
+    """
+    record = read_requeue_record(job.paths.folder, job.job_id)
+    if record is None or record["action"] not in ("requeued", "left"):
+        return False
+    ran_after = record["restart"] + (1 if record["action"] == "requeued" else 0)
+    return ran_after >= requeues
+
+
 def follow_slurm(job: submitit.Job, timeout_s: float | None = None,
                  poll_s: float = 2.0) -> Outcome:
     """Follow a job until it ends; a task's error is reported as soon as it is recorded."""
@@ -172,7 +187,7 @@ def follow_slurm(job: submitit.Job, timeout_s: float | None = None,
                     return Outcome(EXIT_OK, f"job {job.job_id} completed ({detail})")
                 missing = [t for t in range(job.num_tasks) if t not in records]
                 err = job.task(missing[0]).paths.stderr
-                status = REQUEUE_EXIT_CODE if "requeue" in tail(rank0_log, 5) else EXIT_FAILED
+                status = REQUEUE_EXIT_CODE if _left_for_rerun(job, requeues) else EXIT_FAILED
                 return Outcome(status, f"job {job.job_id} ended {state}; tasks {missing} left no "
                                f"result. Last lines of {err}:\n{tail(err, 20)}")
             if deadline is not None and time.monotonic() > deadline:

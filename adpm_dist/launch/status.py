@@ -9,13 +9,16 @@ from pathlib import Path
 
 from rich.console import Console
 
+from adpm_dist.errors import UserError
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
-class LaunchError(RuntimeError):
-    """Launching could not start (no cluster, rejected submission, bad options)."""
+class LaunchError(UserError, RuntimeError):
+    """Launching could not start (no cluster, rejected submission, bad options): the user
+    fixes it, so it is reported as one ``error:`` line with exit status 2."""
 
 
 @dataclass

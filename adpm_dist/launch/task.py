@@ -3,17 +3,22 @@
 :class:`StageTask` is what submitit pickles into the SLURM job (by reference, so
 it lives in this importable module); local ranks call :func:`run_stage` directly.
 A stage that checkpoints on ``PREEMPT_SIGNAL`` returns ``REQUEUE_EXIT_CODE``;
-rank 0 then ``scontrol requeue``s the job and every rank leaves without a result
-record, so the launcher keeps following the same job id.
+rank 0 then ``scontrol requeue``s the job, records what it did in
+``<job_id>_requeue.json`` next to the logs, and every rank leaves without a result
+record, so the launcher keeps following the same job id. The other ranks leave
+as soon as that record appears (srun must not kill rank 0 before it requeued).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import NoReturn
 
 import submitit
@@ -79,26 +84,79 @@ def slurm_job_view(job_id: str, timeout_s: float = 30.0) -> tuple[str | None, st
     return state.strip(), reason.strip(), int(restarts) if restarts.strip().isdigit() else 0
 
 
+# What rank 0 did about a requeue request, recorded next to the job's logs (see
+# requeue_record): "requeued" (scontrol requeue done), "left" (the job was no longer
+# RUNNING: scancel or a time limit; the stage's checkpoint stays for a rerun) or
+# "refused" (--max-requeues reached: the task fails).
+REQUEUE_ACTIONS = ("requeued", "left", "refused")
+PEER_WAIT_S = 60.0  # how long other ranks wait for rank 0's record before leaving anyway
+
+
+def requeue_record_path(folder: str | Path, job_id: str) -> Path:
+    return Path(folder) / f"{job_id}_requeue.json"
+
+
+def write_requeue_record(folder: str | Path, job_id: str, restart: int, action: str,
+                         why: str) -> None:
+    """Atomically (temp + rename) record what rank 0 did; the follower and peers read it."""
+    path = requeue_record_path(folder, job_id)
+    record = {"job_id": str(job_id), "restart": int(restart), "action": action, "why": why}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+
+
+def read_requeue_record(folder: str | Path, job_id: str) -> dict | None:
+    """The record rank 0 left for ``job_id``, or None (none, or unreadable)."""
+    try:
+        record = json.loads(requeue_record_path(folder, job_id).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(record, dict) and record.get("action") in REQUEUE_ACTIONS
+    return record if ok else None
+
+
+def _job_folder() -> Path:
+    return Path(submitit.JobEnvironment().paths.folder)
+
+
+def _wait_for_rank0(job_id: str, restart: int, timeout_s: float = PEER_WAIT_S) -> None:
+    """Return once rank 0 recorded its decision for this run of the job (or after timeout_s).
+
+    Leaving first with a non-zero status would make srun kill rank 0 before it has
+    requeued; waiting any longer than rank 0 needs only delays the requeue.
+    """
+    folder = _job_folder()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record = read_requeue_record(folder, job_id)
+        if record is not None and record["restart"] == restart:
+            return
+        time.sleep(0.2)
+
+
 def _requeue_this_job(info: dist.DistInfo, max_requeues: int, why: str) -> NoReturn:
     """Rank 0 requeues the running job; every rank then leaves without a result record."""
     sched = dist.scheduler_info()
     job_id, restarts = sched["job_id"], sched["restart_count"] or 0
-    if info.rank == 0:
-        state = slurm_job_view(job_id)[0]
-        if state != "RUNNING":
-            # scancel, a time limit, or SLURM's own preemption requeue: not ours to undo.
-            print(f"[launch] {why}; job {job_id} is {state}: not requeueing (the stage's "
-                  "checkpoint stays for a rerun)", flush=True)
-            raise _Requeued()
-        if restarts >= max_requeues:
-            raise StageFailed(f"{why}, but job {job_id} was already requeued {restarts} times "
-                              f"(--max-requeues {max_requeues}); rerun to resume")
-        subprocess.run(["scontrol", "requeue", str(job_id)], check=True, timeout=60)
-        print(f"[launch] {why}: requeued job {job_id} (restart {restarts + 1})", flush=True)
+    if info.rank != 0:
+        _wait_for_rank0(job_id, restarts)
         raise _Requeued()
-    # Other ranks wait for the requeue to end them: leaving first with a non-zero status
-    # would make srun kill rank 0 before it has requeued.
-    time.sleep(60)
+    folder = _job_folder()
+    state = slurm_job_view(job_id)[0]
+    if state != "RUNNING":
+        # scancel, a time limit, or SLURM's own preemption requeue: not ours to undo.
+        write_requeue_record(folder, job_id, restarts, "left", why)
+        print(f"[launch] {why}; job {job_id} is {state}: not requeueing (the stage's "
+              "checkpoint stays for a rerun)", flush=True)
+        raise _Requeued()
+    if restarts >= max_requeues:
+        write_requeue_record(folder, job_id, restarts, "refused", why)
+        raise StageFailed(f"{why}, but job {job_id} was already requeued {restarts} times "
+                          f"(--max-requeues {max_requeues}); rerun to resume")
+    subprocess.run(["scontrol", "requeue", str(job_id)], check=True, timeout=60)
+    write_requeue_record(folder, job_id, restarts, "requeued", why)
+    print(f"[launch] {why}: requeued job {job_id} (restart {restarts + 1})", flush=True)
     raise _Requeued()
 
 

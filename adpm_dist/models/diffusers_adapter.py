@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from adpm_dist.diffusion.schedule import Schedule, make_schedule
+from adpm_dist.diffusion.schedule import Schedule, cosine_betas, make_schedule
 from adpm_dist.errors import UserError
+from adpm_dist.io import storage
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -55,9 +57,7 @@ def diffusers_betas(config: dict[str, Any], source: str = "scheduler config") ->
     elif kind == "scaled_linear":
         betas = np.linspace(start**0.5, end**0.5, n, dtype=np.float64) ** 2
     elif kind == "squaredcos_cap_v2":
-        def abar(x: float) -> float:
-            return float(np.cos((x + 0.008) / 1.008 * np.pi / 2) ** 2)
-        betas = np.array([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)])
+        betas = cosine_betas(n, s=0.008, max_beta=0.999)  # the one cosine schedule
     else:
         raise DiffusersError(f"{source}: beta_schedule '{kind}' is not supported "
                              "(linear, scaled_linear, squaredcos_cap_v2 or trained_betas)")
@@ -126,14 +126,48 @@ def _find(path: str) -> tuple[str, str]:
     raise DiffusersError(f"{path}: no scheduler/scheduler_config.json or scheduler_config.json")
 
 
+# What a diffusers folder needs of an object store: the UNet, the scheduler config and
+# root-level files (a bare UNet folder); a pipeline's VAE or text encoder stay put.
+_NEEDED = ("unet/", "scheduler/")
+
+
+def fetch_folder(url: str, local_dir: str) -> None:
+    """Copy the files of the diffusers folder at ``url`` (s3://) into ``local_dir``."""
+    base = url.rstrip("/")
+    files = storage.walk_files(base)
+    if not files:
+        raise DiffusersError(f"{url}: not found or empty (not a diffusers folder)")
+    for src in files:
+        rel = src[len(base):].lstrip("/")
+        if "/" not in rel or rel.startswith(_NEEDED):
+            storage.copy_file(src, os.path.join(local_dir, *rel.split("/")))
+
+
 def load_diffusers(path: str):
-    """A ``LoadedModel`` for the diffusers folder ``path`` (CPU, eval mode)."""
+    """A ``LoadedModel`` for the diffusers folder ``path`` (CPU, eval mode).
+
+    ``path`` is a local folder, ``file://`` or ``s3://`` URL; a remote folder is
+    downloaded (through :mod:`adpm_dist.io.storage`) into a temporary folder,
+    loaded, and the copy deleted. Errors name ``path``, not the copy.
+    """
+    if not storage.is_remote(path):
+        local = storage.local_path(path)
+        return _load_folder(local, local)
+    with tempfile.TemporaryDirectory(prefix="adpm_diffusers_") as tmp:
+        fetch_folder(path, tmp)
+        try:
+            return _load_folder(tmp, path)
+        except DiffusersError as exc:
+            raise DiffusersError(str(exc).replace(tmp, path.rstrip("/"))) from None
+
+
+def _load_folder(path: str, source: str):
+    """Load the local diffusers folder ``path``; ``source`` is what the user named."""
     from diffusers import UNet2DModel
 
     from adpm_dist.models.io import model_digest
     from adpm_dist.models.loaded import LoadedModel
 
-    path = path[len("file://"):] if path.startswith("file://") else path
     unet_dir, sched_file = _find(path)
     sched_cfg = _read_json(sched_file)
     unet_cfg = _read_json(os.path.join(unet_dir, "config.json"))
@@ -159,5 +193,5 @@ def load_diffusers(path: str):
         "schedule": schedule.describe(),
     }
     model = DiffusersEps(unet, schedule, prediction_type, config).eval()
-    name = f"diffusers:{os.path.basename(os.path.normpath(path))}"
-    return LoadedModel(model, schedule, model_digest(model), name, path)
+    name = f"diffusers:{storage.basename(source)}"
+    return LoadedModel(model, schedule, model_digest(model), name, source)

@@ -14,11 +14,11 @@ to the model's device and dtype at the point of use.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from adpm_dist.diffusion.samplers import EpsFn
 from adpm_dist.diffusion.schedule import Schedule, schedule_from_description
 from adpm_dist.io import storage
 from adpm_dist.models.io import model_digest, model_from_bytes
@@ -58,9 +58,6 @@ def load_checkpoint(spec: str) -> LoadedModel:
     config = getattr(model, "config", {})
     name = str(extra.get("name") or config.get("preset") or config.get("type", "model"))
     return LoadedModel(model.eval(), schedule, model_digest(model), name, weights)
-
-
-EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 PRECISIONS = ("auto", "fp32", "fp64", "bf16")

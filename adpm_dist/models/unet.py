@@ -27,6 +27,7 @@ Every instance carries ``model.config``: a JSON-serialisable dict with
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -185,6 +186,52 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def _maybe_attn(c: int, size: int, heads: int, at: Sequence[int]) -> nn.Module:
+    return AttnBlock(c, heads) if size in at else nn.Identity()
+
+
+def _down_path(ch: int, ch_mult: list[int], num_res_blocks: int, size: int, res, attn):
+    """(the down levels, the skip widths they store, the width at the bottom)."""
+    down = nn.ModuleList()
+    skip_ch = [ch]
+    c = ch
+    for level, mult in enumerate(ch_mult):
+        stage = nn.Module()
+        stage.blocks = nn.ModuleList()
+        stage.attns = nn.ModuleList()
+        for _ in range(num_res_blocks):
+            stage.blocks.append(res(c, ch * mult))
+            c = ch * mult
+            stage.attns.append(attn(c, size))
+            skip_ch.append(c)
+        if level != len(ch_mult) - 1:
+            stage.downsample = Downsample(c)
+            size //= 2
+            skip_ch.append(c)
+        down.append(stage)
+    return down, skip_ch, c
+
+
+def _up_path(ch: int, ch_mult: list[int], num_res_blocks: int, size: int, skip_ch: list[int],
+             c: int, res, attn):
+    """(the up levels in forward order, coarsest first; the output width). Consumes skip_ch."""
+    up = nn.ModuleList()
+    for level in reversed(range(len(ch_mult))):
+        stage = nn.Module()
+        stage.blocks = nn.ModuleList()
+        stage.attns = nn.ModuleList()
+        for _ in range(num_res_blocks + 1):
+            stage.blocks.append(res(c + skip_ch.pop(), ch * ch_mult[level]))
+            c = ch * ch_mult[level]
+            stage.attns.append(attn(c, size))
+        if level != 0:
+            stage.upsample = Upsample(c)
+            size *= 2
+        up.append(stage)
+    assert not skip_ch, "every skip activation must be consumed"
+    return up, c
+
+
 class UNet(nn.Module):
     """DDPM UNet predicting ε from (x_n, n).
 
@@ -250,52 +297,17 @@ class UNet(nn.Module):
         temb_ch = 4 * ch
         self.temb = nn.Sequential(_linear(ch, temb_ch), nn.SiLU(), _linear(temb_ch, temb_ch))
         self.conv_in = _conv(in_channels, ch)
-
-        def res(c_in: int, c_out: int) -> ResBlock:
-            return ResBlock(c_in, c_out, temb_ch, dropout, scale_shift_norm)
-
-        def attn(c: int, size: int) -> nn.Module:
-            return AttnBlock(c, num_heads) if size in attn_resolutions else nn.Identity()
-
-        # Down path. skip_ch records the width of every activation stored for a skip.
-        self.down = nn.ModuleList()
-        skip_ch = [ch]
-        c, size = ch, internal
-        for level, mult in enumerate(ch_mult):
-            stage = nn.Module()
-            stage.blocks = nn.ModuleList()
-            stage.attns = nn.ModuleList()
-            for _ in range(num_res_blocks):
-                stage.blocks.append(res(c, ch * mult))
-                c = ch * mult
-                stage.attns.append(attn(c, size))
-                skip_ch.append(c)
-            if level != len(ch_mult) - 1:
-                stage.downsample = Downsample(c)
-                size //= 2
-                skip_ch.append(c)
-            self.down.append(stage)
-
+        # Built in this order (down, mid, up, out): the order parameters draw their init.
+        res = functools.partial(ResBlock, temb_ch=temb_ch, dropout=dropout,
+                                scale_shift_norm=scale_shift_norm)
+        attn = functools.partial(_maybe_attn, heads=num_heads, at=attn_resolutions)
+        # skip_ch records the width of every activation stored for a skip.
+        self.down, skip_ch, c = _down_path(ch, ch_mult, num_res_blocks, internal, res, attn)
         self.mid_block1 = res(c, c)
         self.mid_attn = AttnBlock(c, num_heads)
         self.mid_block2 = res(c, c)
-
-        # Up path, stored in forward order (coarsest level first).
-        self.up = nn.ModuleList()
-        for level in reversed(range(len(ch_mult))):
-            stage = nn.Module()
-            stage.blocks = nn.ModuleList()
-            stage.attns = nn.ModuleList()
-            for _ in range(num_res_blocks + 1):
-                stage.blocks.append(res(c + skip_ch.pop(), ch * ch_mult[level]))
-                c = ch * ch_mult[level]
-                stage.attns.append(attn(c, size))
-            if level != 0:
-                stage.upsample = Upsample(c)
-                size *= 2
-            self.up.append(stage)
-        assert not skip_ch, "every skip activation must be consumed"
-
+        size = internal // 2 ** (len(ch_mult) - 1)
+        self.up, c = _up_path(ch, ch_mult, num_res_blocks, size, skip_ch, c, res, attn)
         self.norm_out = group_norm(c)
         self.conv_out = _conv(c, out_channels, init_scale=0.0)
 

@@ -24,14 +24,16 @@ from adpm_dist.diffusion.likelihood import negative_elbo
 from adpm_dist.diffusion.moments import estimate_gamma
 from adpm_dist.diffusion.samplers import make_generators
 from adpm_dist.diffusion.trajectory import make_trajectory
+from adpm_dist.errors import UsageError, run_cli
 from adpm_dist.models.oracle import two_cluster_mixture
+from adpm_dist.train.cli import UserArgumentParser
 
 ROWS = (("ddpm-tilde", "even"), ("ddpm-beta", "even"), ("analytic-ddpm", "even"),
         ("analytic-ddpm", "optimal"))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adpm_dist.stages.demo", description=__doc__.split("\n\n")[0])
+    p = UserArgumentParser(prog="adpm_dist.stages.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="output folder")
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
     p.add_argument("--num-timesteps", type=int, default=1000)
@@ -92,6 +94,11 @@ def plot(oracle, gamma, stderr, k, path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad flags → one ``error:`` line and exit 2; anything else keeps its traceback."""
+    return run_cli(_main, sys.argv[1:] if argv is None else argv)
+
+
+def _main(argv: list[str] | None) -> int:
     from rich.console import Console
     from rich.markdown import Markdown
     from rich.progress import Progress
@@ -100,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ks = [int(k) for k in args.steps.split(",")]
     bad = [k for k in ks if not 2 <= k <= args.num_timesteps]
     if bad:
-        print(f"error: --steps {bad} outside 2..{args.num_timesteps}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--steps {bad} outside 2..{args.num_timesteps}")
     os.makedirs(args.out, exist_ok=True)
     console = Console()
     start = time.time()

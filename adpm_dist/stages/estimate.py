@@ -30,30 +30,31 @@ large t, where the clip takes over anyway.)
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 from itertools import islice
 
 import numpy as np
 import torch
 
 from adpm_dist.diffusion.forward import q_sample
+from adpm_dist.diffusion.stats import mean_stderr
 from adpm_dist.diffusion.trajectory import even_trajectory, quadratic_trajectory
+from adpm_dist.errors import UsageError
 from adpm_dist.gamma import GammaFile, GammaFileError, read_gamma, write_gamma
 from adpm_dist.io import dist, storage
-from adpm_dist.io.data import BadDataError
-from adpm_dist.models.loading import PRECISIONS, CheckpointError, eps_function, load_checkpoint
+from adpm_dist.models.loading import PRECISIONS, eps_function, load_checkpoint
+from adpm_dist.stages.job import Parser, ShardedJob, diff, main_wrapper, run_job, together
 
 NOISE_BLOCK = 16  # timesteps per noise generator: noise depends on (seed, id, t) only
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adpm_dist.estimate", description=__doc__.split("\n\n")[0])
+def build_parser() -> Parser:
+    p = Parser(prog="adpm_dist.estimate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="run dir, weights file, or diffusers:PATH")
     p.add_argument("--data", required=True, help="evaluation shards (brace pattern, glob or list)")
     p.add_argument("--out", required=True, help="the Γ file to write (local, file:// or s3://)")
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_timesteps(spec: str, num_timesteps: int) -> np.ndarray:
-    """'all', '1,5,10-20', or 'even:10,100' → sorted unique timesteps in 1..N.
+    """'all', '1,5,10-20', or 'even:10,100' → sorted unique timesteps in 1..N (UsageError if not).
 
     ``KIND:K1,K2,…`` (KIND even or quadratic) is the union of the timesteps of
     those trajectories: the Γ that samplers and the NLL need on them, and no more.
@@ -89,13 +90,13 @@ def parse_timesteps(spec: str, num_timesteps: int) -> np.ndarray:
     kind, colon, ks = spec.partition(":")
     if colon:
         if kind not in ("even", "quadratic"):
-            raise ValueError(f"--timesteps {spec!r}: a trajectory union is even:K,… or quadratic:K,…")
+            raise UsageError(f"--timesteps {spec!r}: a trajectory union is even:K,… or quadratic:K,…")
         try:
             steps = [int(k) for k in ks.split(",") if k.strip()]
             make = even_trajectory if kind == "even" else quadratic_trajectory
             return np.unique(np.concatenate([make(num_timesteps, k) for k in steps]))
         except ValueError as exc:
-            raise ValueError(f"--timesteps {spec!r}: {exc}") from None
+            raise UsageError(f"--timesteps {spec!r}: {exc}") from None
     out: set[int] = set()
     try:
         for part in spec.split(","):
@@ -105,10 +106,10 @@ def parse_timesteps(spec: str, num_timesteps: int) -> np.ndarray:
             elif part.strip():
                 out.add(int(part))
     except ValueError:
-        raise ValueError(f"--timesteps {spec!r}: use 'all' or a list such as 1,2,10-20") from None
+        raise UsageError(f"--timesteps {spec!r}: use 'all' or a list such as 1,2,10-20") from None
     ts = np.array(sorted(out), dtype=np.int64)
     if ts.size == 0 or ts[0] < 1 or ts[-1] > num_timesteps:
-        raise ValueError(f"--timesteps {spec!r}: timesteps must lie in 1..{num_timesteps}")
+        raise UsageError(f"--timesteps {spec!r}: timesteps must lie in 1..{num_timesteps}")
     return ts
 
 
@@ -117,11 +118,50 @@ def _seed_for(seed: int, sample_id: int, block: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def pair_noise(seed: int, sample_id: int, block: int, shape, device) -> torch.Tensor:
-    """Noise for timesteps NOISE_BLOCK·block+1 … NOISE_BLOCK·(block+1) of one sample."""
+def partial_draw_exact(shape, device) -> bool:
+    """Can single rows of a block's 16-row draw be drawn alone, bit for bit?
+
+    True on CPU when a row holds a multiple of 16 numbers: torch's CPU ``randn``
+    takes one float32 uniform per number, in order, then transforms them 16 at a
+    time. So a draw of rows a..b equals those rows of the full draw once the
+    uniforms of rows 0..a−1 are consumed (``uniform_`` on float32 takes the same
+    ones) — skipping them costs no Box–Muller transforms.
+    """
+    return torch.device(device).type == "cpu" and math.prod(shape) % 16 == 0
+
+
+def _runs(offsets: list[int]) -> list[tuple[int, int]]:
+    """Sorted offsets → contiguous runs [(first, length), …]."""
+    runs: list[list[int]] = []
+    for o in offsets:
+        if runs and runs[-1][0] + runs[-1][1] == o:
+            runs[-1][1] += 1
+        else:
+            runs.append([o, 1])
+    return [(a, n) for a, n in runs]
+
+
+def pair_noise(seed: int, sample_id: int, block: int, shape, device, offsets=None) -> torch.Tensor:
+    """Rows ``offsets`` (sorted, unique; default all 16) of one sample's noise block.
+
+    The block covers timesteps NOISE_BLOCK·block+1 … NOISE_BLOCK·(block+1); its values
+    never depend on which rows are asked for. Only the asked rows are drawn when that
+    is exact (:func:`partial_draw_exact`); otherwise all 16 are drawn and indexed.
+    """
     g = torch.Generator(device=device)
     g.manual_seed(_seed_for(seed, sample_id, block))
-    return torch.randn((NOISE_BLOCK, *shape), generator=g, device=device)
+    offsets = list(range(NOISE_BLOCK)) if offsets is None else [int(o) for o in offsets]
+    ordered = bool(offsets) and offsets == sorted(set(offsets)) and 0 <= offsets[0] < NOISE_BLOCK
+    ordered = ordered and offsets[-1] < NOISE_BLOCK
+    if not (ordered and partial_draw_exact(shape, device)):
+        return torch.randn((NOISE_BLOCK, *shape), generator=g, device=device)[offsets]
+    numel, pos, parts = math.prod(shape), 0, []
+    for first, length in _runs(offsets):
+        if first > pos:  # consume the skipped rows' uniforms, as randn would have
+            torch.empty((first - pos) * numel).uniform_(generator=g)
+        parts.append(torch.randn((length, *shape), generator=g))
+        pos = first + length
+    return torch.cat(parts)
 
 
 def id_ranges(ids: list[int]) -> list[list[int]]:
@@ -135,49 +175,12 @@ def id_ranges(ids: list[int]) -> list[list[int]]:
     return out
 
 
-@dataclass
-class RankState:
-    """What one rank has accumulated; flushed to OUT.partial/rank-R-of-W.json."""
-
-    fingerprint: dict
-    num_timesteps: int
-    units_done: int = 0
-    sum: np.ndarray = None
-    sum_sq: np.ndarray = None
-    count: np.ndarray = None
-    ranges: list = field(default_factory=list)
-
-    def __post_init__(self):
-        n = self.num_timesteps
-        self.sum = np.zeros(n) if self.sum is None else self.sum
-        self.sum_sq = np.zeros(n) if self.sum_sq is None else self.sum_sq
-        self.count = np.zeros(n, dtype=np.int64) if self.count is None else self.count
-
-    def to_json(self) -> str:
-        return json.dumps({
-            "fingerprint": self.fingerprint, "units_done": self.units_done,
-            "sum": self.sum.tolist(), "sum_sq": self.sum_sq.tolist(),
-            "count": self.count.tolist(), "ranges": self.ranges,
-        })
-
-    @classmethod
-    def from_json(cls, text: str, num_timesteps: int, source: str) -> RankState:
-        try:
-            obj = json.loads(text)
-            return cls(obj["fingerprint"], num_timesteps, int(obj["units_done"]),
-                       np.asarray(obj["sum"], dtype=np.float64),
-                       np.asarray(obj["sum_sq"], dtype=np.float64),
-                       np.asarray(obj["count"], dtype=np.int64), obj["ranges"])
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ValueError(f"{source}: unreadable partial state ({exc}); delete it to start over") from None
-
-
 class PairEvaluator:
-    """Packs (x₀, t) pairs into forward batches of ``batch_size`` and accumulates v = ‖ε‖²/d."""
+    """Packs (x₀, t) pairs into forward batches of ``batch_size``; v = ‖ε‖²/d goes to a GammaFile."""
 
-    def __init__(self, eps_fn, schedule, batch_size: int, state: RankState, device):
+    def __init__(self, eps_fn, schedule, batch_size: int, sums: GammaFile, device):
         self.eps_fn, self.schedule, self.batch_size = eps_fn, schedule, batch_size
-        self.state, self.device = state, device
+        self.sums, self.device = sums, device
         self.buf_x: list[torch.Tensor] = []
         self.buf_t: list[torch.Tensor] = []
         self.buf_noise: list[torch.Tensor] = []
@@ -202,11 +205,7 @@ class PairEvaluator:
         x, t, noise = x[:size], t[:size], noise[:size]
         eps = self.eps_fn(q_sample(self.schedule, x, t, noise), t)
         flat = eps.reshape(size, -1).to(torch.float64)
-        v = (flat.pow(2).sum(dim=1) / flat.shape[1]).cpu().numpy()
-        idx = t.cpu().numpy() - 1
-        np.add.at(self.state.sum, idx, v)
-        np.add.at(self.state.sum_sq, idx, v * v)
-        np.add.at(self.state.count, idx, 1)
+        self.sums.add(t.cpu().numpy(), (flat.pow(2).sum(dim=1) / flat.shape[1]).cpu().numpy())
         self.evaluations += size
         self.buf_x, self.buf_t, self.buf_noise = ([r] if len(r) else [] for r in rest)
         self.pending = len(rest[0])
@@ -220,8 +219,8 @@ def process_unit(ev: PairEvaluator, ids: torch.Tensor, x0: torch.Tensor, timeste
     blocks = (timesteps - 1) // NOISE_BLOCK
     for block in np.unique(blocks):
         ts = timesteps[blocks == block]
-        rows = torch.as_tensor(ts - 1 - NOISE_BLOCK * block, device=device)
-        noise = torch.stack([pair_noise(seed, int(i), int(block), shape, device)[rows] for i in ids])
+        offsets = (ts - 1 - NOISE_BLOCK * block).tolist()
+        noise = torch.stack([pair_noise(seed, int(i), int(block), shape, device, offsets) for i in ids])
         k = len(ts)
         xs = x0[:, None].expand(-1, k, *shape).reshape(-1, *shape)
         tt = torch.as_tensor(ts, device=device).repeat(len(ids))
@@ -255,15 +254,13 @@ def work_units(args, rank: int, world: int, total: int, per_t: int, data_batch: 
                 yield j[keep], x[keep]
 
 
-def settled(g_sum, g_sq, count, timesteps, target: float) -> bool:
+def settled(gf: GammaFile, timesteps: np.ndarray, target: float) -> bool:
     """Is se(Γ_t) ≤ target at every requested t (see the module docstring for why)?"""
     idx = timesteps - 1
-    c = count[idx].astype(np.float64)
-    if np.any(c < 2):
+    if np.any(gf.count[idx] < 2):
         return False
-    mean = g_sum[idx] / c
-    var = np.maximum(g_sq[idx] / c - mean**2, 0) * c / (c - 1)
-    return bool(np.all(np.sqrt(var / c) <= target))
+    _, se = mean_stderr(gf.sum[idx], gf.sum_sq[idx], gf.count[idx])
+    return bool(np.all(se <= target))
 
 
 def model_error_ranges(gf: GammaFile, timesteps: np.ndarray) -> list[dict]:
@@ -276,166 +273,133 @@ def model_error_ranges(gf: GammaFile, timesteps: np.ndarray) -> list[dict]:
     return out
 
 
-def _partial_url(out: str, rank: int, world: int) -> str:
-    return storage.join(out + ".partial", f"rank-{rank:05d}-of-{world:05d}.json")
+def warn_model_error(warnings: list[dict]) -> None:
+    for issue in dict.fromkeys(w["issue"] for w in warnings):  # one line per issue
+        spans = [w["t"] for w in warnings if w["issue"] == issue]
+        where = ", ".join(f"{a}" if a == b else f"{a}..{b}" for a, b in spans[:8])
+        more = f" and {len(spans) - 8} more ranges" if len(spans) > 8 else ""
+        print(f"warning: {issue} by more than 3 standard errors at t = {where}{more} "
+              "(model error; the analytic clip takes over there)", file=sys.stderr)
+
+
+class GammaJob(ShardedJob):
+    """The Γ job on the job core: per-rank sums in a GammaFile, all-reduced every round."""
+
+    label = "Γ estimation (sample × t)"
+
+    def __init__(self, args, rank: int, world: int):
+        self.args, self.rank, self.world = args, rank, world
+        self.loaded = load_checkpoint(args.checkpoint)
+        n_t = self.loaded.schedule.num_timesteps
+        self.timesteps = parse_timesteps(args.timesteps, n_t)
+        self.data_batch = args.data_batch or max(1, args.batch_size // NOISE_BLOCK)
+        self.total_ids, present = data_span(args.data)
+        self.per_t = args.samples_per_t or present
+        data_key = storage.redact(json.dumps(args.data))
+        self.run_id = args.run_id or hashlib.sha256(
+            json.dumps([args.seed, data_key, args.timesteps]).encode()).hexdigest()[:16]
+        self.fingerprint = {
+            "model": self.loaded.digest, "data": data_key, "seed": args.seed, "samples_per_t": self.per_t,
+            "timesteps": args.timesteps, "world_size": world, "num_workers": args.num_workers,
+            "data_batch": self.data_batch, "run_id": self.run_id, "target_stderr": args.target_stderr,
+            "precision": args.precision,
+        }
+        self.partial_dir = args.out + ".partial"
+        self.show_progress = not args.no_progress
+        self.progress_total = self.per_t * len(self.timesteps)
+        self.sums = GammaFile.empty(self.loaded.schedule, self.loaded.describe(),
+                                    {"urls": data_key, "samples_per_t": self.per_t})
+        self.totals = self.sums
+        self.units_done, self.ids_seen, self.units, self.ev = 0, [], None, None
+        self.start = time.time()
+
+    def existing(self) -> bool:
+        if not storage.exists(self.args.out):
+            return False
+        try:
+            done = read_gamma(self.args.out, require_complete=False)
+        except GammaFileError as exc:
+            raise GammaFileError(f"{exc} (refusing to overwrite it)") from None
+        got = dict(done.extra.get("fingerprint") or {})
+        want = dict(self.fingerprint)
+        got.pop("world_size", None), want.pop("world_size", None)
+        if got == want:
+            return True
+        raise UsageError(f"{self.args.out} exists and holds a different estimate ({diff(got, want)}); "
+                         "choose another --out or remove it")
+
+    def done_message(self) -> str:
+        return f"{self.args.out}: already complete, nothing to do"
+
+    def state_dict(self) -> dict:
+        return {"units_done": self.units_done, "sum": self.sums.sum.tolist(),
+                "sum_sq": self.sums.sum_sq.tolist(), "count": self.sums.count.tolist(),
+                "ranges": id_ranges(self.ids_seen)}
+
+    def load_state(self, state: dict, source: str) -> None:
+        n = self.sums.num_timesteps
+        arrays = [np.asarray(state[k], dtype=np.float64) for k in ("sum", "sum_sq", "count")]
+        if any(a.shape != (n,) for a in arrays):
+            raise ValueError(f"sums must have length N={n}")
+        self.sums.sum, self.sums.sum_sq, self.sums.count = arrays[0], arrays[1], arrays[2].astype(np.int64)
+        self.units_done = int(state["units_done"])
+        self.ids_seen = [i for lo, hi in state["ranges"] for i in range(lo, hi)]
+
+    def step(self, round_index: int) -> bool:
+        args = self.args
+        if self.units is None:
+            device = dist.device_for(dist.env_info())
+            eps_fn = eps_function(self.loaded.model, device, args.precision)
+            self.ev = PairEvaluator(eps_fn, self.loaded.schedule, args.batch_size, self.sums, device)
+            units = work_units(args, self.rank, self.world, self.total_ids, self.per_t, self.data_batch)
+            self.units = islice(units, self.units_done, None)
+            self.start = time.time()
+        done = 0
+        for ids, x in islice(self.units, args.flush_every):
+            process_unit(self.ev, ids, x, self.timesteps, args.seed)
+            self.ev.flush()
+            self.units_done += 1
+            self.ids_seen.extend(int(i) for i in ids)
+            done += 1
+        return done == args.flush_every
+
+    def reduce(self, rounds: int) -> tuple[int, bool]:
+        self.totals = replace(self.sums).all_reduce()
+        target = self.args.target_stderr
+        enough = bool(target) and rounds >= 2 and settled(self.totals, self.timesteps, target)
+        return int(self.totals.count.sum()), enough
+
+    def payload(self):
+        self.wall = time.time() - self.start
+        contributions = [{"run_id": self.run_id, "rank": self.rank, "world_size": self.world, "samples": r}
+                         for r in id_ranges(self.ids_seen)]
+        return {"contributions": contributions, "evaluations": self.ev.evaluations if self.ev else 0}
+
+    def write(self, gathered: list) -> None:
+        gf, ts, wall = self.totals, self.timesteps, self.wall
+        evaluations = sum(g["evaluations"] for g in gathered)
+        gf.contributions = sorted((c for g in gathered for c in g["contributions"]),
+                                  key=lambda c: (c["samples"][0], c["rank"]))
+        warnings = model_error_ranges(gf, ts)
+        gf.extra = {"fingerprint": self.fingerprint, "wall_time_s": wall,
+                    "evaluations_per_s": evaluations / max(wall, 1e-9),
+                    "timesteps": self.args.timesteps, "model_error": warnings}
+        write_gamma(gf, self.args.out)
+        warn_model_error(warnings)
+        print(json.dumps({"out": storage.redact(self.args.out), "num_timesteps": gf.num_timesteps,
+                          "samples_per_t_min": int(gf.count[ts - 1].min()),
+                          "max_stderr": float(gf.stderr[ts - 1].max()),
+                          "wall_time_s": round(wall, 3),
+                          "evaluations_per_s": round(evaluations / max(wall, 1e-9), 1)}))
 
 
 def run(args) -> int:
     info = dist.init()
-    rank, world = info.rank, info.world_size
-    device = dist.device_for(info)
-    loaded = load_checkpoint(args.checkpoint)
-    schedule = loaded.schedule
-    n_t = schedule.num_timesteps
-    timesteps = parse_timesteps(args.timesteps, n_t)
-    data_batch = args.data_batch or max(1, args.batch_size // NOISE_BLOCK)
-
-    total, present = data_span(args.data)
-    per_t = args.samples_per_t or present
-    data_key = storage.redact(json.dumps(args.data))
-    run_id = args.run_id or hashlib.sha256(
-        json.dumps([args.seed, data_key, args.timesteps]).encode()).hexdigest()[:16]
-    fingerprint = {
-        "model": loaded.digest, "data": data_key, "seed": args.seed, "samples_per_t": per_t,
-        "timesteps": args.timesteps, "world_size": world, "num_workers": args.num_workers,
-        "data_batch": data_batch, "run_id": run_id, "target_stderr": args.target_stderr,
-        "precision": args.precision,
-    }
-
-    # A finished job is a no-op; a different job's file is never overwritten.
-    if storage.exists(args.out):
-        try:
-            done = read_gamma(args.out, require_complete=False)
-        except GammaFileError as exc:
-            raise GammaFileError(f"{exc} (refusing to overwrite it)") from None
-        if done.extra.get("fingerprint") == fingerprint or (
-            done.extra.get("fingerprint", {}).get("run_id") == run_id
-            and {k: v for k, v in done.extra["fingerprint"].items() if k != "world_size"}
-            == {k: v for k, v in fingerprint.items() if k != "world_size"}
-        ):
-            if rank == 0:
-                print(f"{args.out}: already complete, nothing to do")
-            dist.shutdown()
-            return 0
-        raise ValueError(f"{args.out} exists and holds a different estimate; "
-                         "choose another --out or remove it")
-
-    partial = _partial_url(args.out, rank, world)
-    state = RankState(fingerprint, n_t)
-    if storage.exists(partial):
-        state = RankState.from_json(storage.read_text(partial), n_t, partial)
-        if state.fingerprint != fingerprint:
-            raise ValueError(f"{partial} was written by a different command "
-                             f"({_diff(state.fingerprint, fingerprint)}); rerun it unchanged or delete it")
-
-    eps_fn = eps_function(loaded.model, device, args.precision)
-    ev = PairEvaluator(eps_fn, schedule, args.batch_size, state, device)
-    units = islice(work_units(args, rank, world, total, per_t, data_batch), state.units_done, None)
-    ids_seen: list[int] = []
-    for lo, hi in state.ranges:
-        ids_seen.extend(range(lo, hi))
-    expected = per_t * len(timesteps)
-    start = time.time()
-    progress = _progress(rank == 0 and not args.no_progress, expected)
-    reduced = None
-    rounds = 0
-    while True:
-        done_local = 0
-        for ids, x in islice(units, args.flush_every):
-            process_unit(ev, ids, x, timesteps, args.seed)
-            ev.flush()
-            state.units_done += 1
-            ids_seen.extend(int(i) for i in ids)
-            done_local += 1
-        state.ranges = id_ranges(ids_seen)
-        storage.write_text(partial, state.to_json())
-        more = 1.0 if done_local == args.flush_every else 0.0
-        reduced = dist.all_reduce_sum(torch.tensor(
-            np.concatenate([state.sum, state.sum_sq, state.count.astype(np.float64), [more]]),
-            dtype=torch.float64)).numpy()
-        g_sum, g_sq, g_count = reduced[:n_t], reduced[n_t:2 * n_t], reduced[2 * n_t:3 * n_t]
-        if progress:
-            progress.update(int(g_count.sum()))
-        if reduced[-1] == 0:
-            break
-        rounds += 1
-        if args.target_stderr and rounds >= 2 and settled(g_sum, g_sq, g_count, timesteps,
-                                                          args.target_stderr):
-            break
-    wall = time.time() - start
-    if progress:
-        progress.close()
-
-    contributions = dist.all_gather_object(
-        [{"run_id": run_id, "rank": rank, "world_size": world, "samples": r} for r in state.ranges])
-    evaluations = dist.all_reduce_sum(torch.tensor([float(ev.evaluations)], dtype=torch.float64)).item()
-    if rank == 0:
-        gf = GammaFile.empty(schedule, loaded.describe(), {"urls": data_key, "samples_per_t": per_t})
-        gf.sum, gf.sum_sq = g_sum.copy(), g_sq.copy()
-        gf.count = np.rint(reduced[2 * n_t:3 * n_t]).astype(np.int64)
-        gf.contributions = sorted((c for rc in contributions for c in rc),
-                                  key=lambda c: (c["samples"][0], c["rank"]))
-        warnings = model_error_ranges(gf, timesteps)
-        gf.extra = {"fingerprint": fingerprint, "wall_time_s": wall,
-                    "evaluations_per_s": evaluations / max(wall, 1e-9),
-                    "timesteps": args.timesteps, "model_error": warnings}
-        write_gamma(gf, args.out)
-        for issue in dict.fromkeys(w["issue"] for w in warnings):  # one line per issue
-            spans = [w["t"] for w in warnings if w["issue"] == issue]
-            where = ", ".join(f"{a}" if a == b else f"{a}..{b}" for a, b in spans[:8])
-            more = f" and {len(spans) - 8} more ranges" if len(spans) > 8 else ""
-            print(f"warning: {issue} by more than 3 standard errors at t = {where}{more} "
-                  "(model error; the analytic clip takes over there)", file=sys.stderr)
-        print(json.dumps({"out": storage.redact(args.out), "num_timesteps": n_t,
-                          "samples_per_t_min": int(gf.count[timesteps - 1].min()),
-                          "max_stderr": float(gf.stderr[timesteps - 1].max()),
-                          "wall_time_s": round(wall, 3),
-                          "evaluations_per_s": round(evaluations / max(wall, 1e-9), 1)}))
-    dist.barrier()
-    storage.remove(partial)
-    dist.barrier()
-    if rank == 0:
-        storage.remove(args.out + ".partial", recursive=True)
-    dist.shutdown()
-    return 0
-
-
-def _diff(a: dict, b: dict) -> str:
-    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return ", ".join(f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys)
-
-
-class _progress:
-    """A rich progress bar over (sample, t) evaluations, on rank 0 only."""
-
-    def __new__(cls, enabled: bool, total: int):
-        if not enabled:
-            return None
-        return super().__new__(cls)
-
-    def __init__(self, enabled: bool, total: int):
-        from rich.progress import Progress
-
-        self.bar = Progress(transient=False)
-        self.bar.start()
-        self.task = self.bar.add_task("Γ estimation (sample × t)", total=total)
-
-    def update(self, completed: int) -> None:
-        self.bar.update(self.task, completed=completed)
-
-    def close(self) -> None:
-        self.bar.stop()
+    return run_job(together(lambda: GammaJob(args, info.rank, info.world_size)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (CheckpointError, GammaFileError, ValueError, FileNotFoundError, PermissionError,
-            BadDataError) as exc:
-        # Bad input or refused access: one line naming the file, exit 2 (as sample/evaluate).
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return main_wrapper(lambda a: run(build_parser().parse_args(a)), argv)
 
 
 if __name__ == "__main__":

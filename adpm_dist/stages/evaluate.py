@@ -26,10 +26,8 @@ Inception statistics of the reference set are cached beside its manifest
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import math
 import sys
 import time
 from itertools import islice
@@ -40,11 +38,21 @@ import torch
 from adpm_dist.diffusion.analytic import ANALYTIC_METHODS, DDPM_FAMILY
 from adpm_dist.diffusion.likelihood import negative_elbos
 from adpm_dist.diffusion.samplers import make_generators
+from adpm_dist.diffusion.stats import mean_stderr
 from adpm_dist.diffusion.trajectory import TRAJECTORIES
-from adpm_dist.gamma import GammaFileError
+from adpm_dist.errors import UsageError
+from adpm_dist.gamma import load_for
 from adpm_dist.io import dist, storage
-from adpm_dist.models.loading import PRECISIONS, CheckpointError, eps_function, load_checkpoint
-from adpm_dist.stages.sample import load_gamma_for, resolve_trajectory
+from adpm_dist.models.loading import PRECISIONS, eps_function, load_checkpoint
+from adpm_dist.stages.job import (
+    Parser,
+    Progress,
+    ShardedJob,
+    main_wrapper,
+    resolve_trajectory,
+    run_job,
+    together,
+)
 
 # ============================================================================ NLL
 
@@ -63,44 +71,7 @@ def config_key(trajectory: str, steps: int, method: str) -> str:
     return f"{trajectory}/K={steps}/{method}"
 
 
-class NllState:
-    """Per-configuration sums on one rank (bits/dim and the nats of each ELBO term)."""
-
-    FIELDS = ("bpd", "bpd_sq", "prior", "steps", "decoder")
-
-    def __init__(self, keys: list[str], fingerprint: dict):
-        self.fingerprint = fingerprint
-        self.units_done = 0
-        self.count = 0
-        self.sums = {k: dict.fromkeys(self.FIELDS, 0.0) for k in keys}
-        self.per_image: dict[str, dict[str, float]] = {}  # id → {key: bpd}, only with --per-image
-
-    def add(self, key: str, ids: list[int], out: dict, keep_per_image: bool) -> None:
-        bpd = out["bpd"].to(torch.float64)
-        s = self.sums[key]
-        s["bpd"] += float(bpd.sum())
-        s["bpd_sq"] += float((bpd * bpd).sum())
-        s["prior"] += float(out["prior"].sum())
-        s["steps"] += float(out["steps"].sum())
-        s["decoder"] += float(out["decoder"].sum())
-        if keep_per_image:
-            for i, v in zip(ids, bpd.tolist()):
-                self.per_image.setdefault(str(i), {})[key] = v
-
-    def to_json(self) -> str:
-        return json.dumps({"fingerprint": self.fingerprint, "units_done": self.units_done,
-                           "count": self.count, "sums": self.sums, "per_image": self.per_image})
-
-    @classmethod
-    def from_json(cls, text: str, source: str) -> NllState:
-        try:
-            obj = json.loads(text)
-            st = cls(list(obj["sums"]), obj["fingerprint"])
-            st.units_done, st.count = int(obj["units_done"]), int(obj["count"])
-            st.sums, st.per_image = obj["sums"], obj["per_image"]
-            return st
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ValueError(f"{source}: unreadable partial state ({exc}); delete it to start over") from None
+FIELDS = ("bpd", "bpd_sq", "prior", "steps", "decoder")
 
 
 def nll_table(results: dict, trajectories: list[str], steps: list[int], methods: list[str]) -> str:
@@ -118,123 +89,159 @@ def nll_table(results: dict, trajectories: list[str], steps: list[int], methods:
     return "\n".join(rows) + "\n"
 
 
-def _partial_url(out: str, rank: int, world: int) -> str:
-    return storage.join(out, "nll.partial", f"rank-{rank:05d}-of-{world:05d}.json")
-
-
-def run_nll(args) -> int:
-    steps = [int(k) for k in _csv(args.steps)]
+def parse_configs(args) -> tuple[list[int], list[str], list[str]]:
+    """(K list, methods, trajectories) from the flags; UsageError naming the flag when bad."""
+    try:
+        steps = [int(k) for k in _csv(args.steps)]
+    except ValueError:
+        raise UsageError(f"--steps {args.steps!r}: a comma list of integers, e.g. 10,25,50") from None
     methods, trajectories = _csv(args.methods), _csv(args.trajectory)
     for m in methods:
         if m not in DDPM_FAMILY:
-            raise ValueError(f"--methods: the ELBO is defined for {list(DDPM_FAMILY)}, not {m!r}")
+            raise UsageError(f"--methods: the ELBO is defined for {list(DDPM_FAMILY)}, not {m!r}")
     for t in trajectories:
         if t not in TRAJECTORIES:
-            raise ValueError(f"--trajectory: unknown {t!r}; choose from {list(TRAJECTORIES)}")
-    loaded = load_checkpoint(args.checkpoint)
+            raise UsageError(f"--trajectory: unknown {t!r}; choose from {list(TRAJECTORIES)}")
     if args.gamma is None and (set(methods) & set(ANALYTIC_METHODS) or "optimal" in trajectories):
-        raise ValueError("analytic methods and the optimal trajectory need --gamma (a Γ file)")
-    gamma, gamma_digest = load_gamma_for(args.gamma, loaded)
-    taus = {(t, k): resolve_trajectory(t, loaded, k, gamma) for t in trajectories for k in steps}
-    keys = [config_key(t, k, m) for t in trajectories for k in steps for m in methods]
-    fingerprint = {
-        "model": loaded.digest, "gamma_sha256": gamma_digest, "data": storage.redact(json.dumps(args.data)),
-        "seed": args.seed, "keys": keys, "precision": args.precision, "per_image": args.per_image,
-        "batch_size": args.batch_size, "num_workers": args.num_workers, "limit": args.limit,
-    }
-    info = dist.init()
-    rank, world = info.rank, info.world_size
-    out_json = storage.join(args.out, "nll.json")
-    if storage.exists(out_json):
-        done = json.loads(storage.read_text(out_json))
-        if {k: v for k, v in done.get("fingerprint", {}).items()} == fingerprint:
-            if rank == 0:
-                print(f"{storage.redact(out_json)}: already complete, nothing to do")
-            dist.shutdown()
-            return 0
-        raise ValueError(f"{out_json} exists and holds a different evaluation; choose another --out")
-    fingerprint_rank = {**fingerprint, "world_size": world}
-    partial = _partial_url(args.out, rank, world)
-    state = NllState(keys, fingerprint_rank)
-    if storage.exists(partial):
-        state = NllState.from_json(storage.read_text(partial), partial)
-        if state.fingerprint != fingerprint_rank:
-            raise ValueError(f"{partial} was written by a different command; rerun it unchanged or delete it")
+        raise UsageError("analytic methods and the optimal trajectory need --gamma (a Γ file)")
+    return steps, methods, trajectories
 
-    from adpm_dist.io.data import eval_batches
 
-    device = dist.device_for(info)
-    eps_fn = eps_function(loaded.model, device, args.precision)
-    stream = eval_batches(args.data, batch_size=args.batch_size, rank=rank, world_size=world,
-                          num_workers=args.num_workers)
-    # --limit keeps the images with id < LIMIT: the same subset for any world size.
-    total = stream.total if args.limit is None else min(stream.total, args.limit)
-    batches = islice(stream, state.units_done, None)
-    progress = _Progress(rank == 0 and not args.no_progress, total, "NLL (test images)")
-    start = time.time()
-    while True:
-        n_local = 0
-        for ids, x in islice(batches, args.flush_every):
+class NllJob(ShardedJob):
+    """Every test image once, under every (trajectory, K, method); per-configuration sums per rank."""
+
+    label = "NLL (test images)"
+
+    def __init__(self, args, rank: int, world: int):
+        self.args, self.rank, self.world = args, rank, world
+        self.steps, self.methods, self.trajectories = parse_configs(args)
+        self.loaded = load_checkpoint(args.checkpoint)
+        self.ref = load_for(self.loaded, args.gamma) if args.gamma else None
+        self.gamma = self.ref.gamma if self.ref else None
+        sched = self.loaded.schedule
+        self.taus = {(t, k): resolve_trajectory(t, sched, k, self.gamma)
+                     for t in self.trajectories for k in self.steps}
+        self.keys = [config_key(t, k, m) for t in self.trajectories for k in self.steps for m in self.methods]
+        self.fingerprint = {
+            "model": self.loaded.digest, "gamma_sha256": self.ref.sha256 if self.ref else None,
+            "data": storage.redact(json.dumps(args.data)), "seed": args.seed, "keys": self.keys,
+            "precision": args.precision, "per_image": args.per_image, "batch_size": args.batch_size,
+            "num_workers": args.num_workers, "limit": args.limit,
+        }
+        self.out_json = storage.join(args.out, "nll.json")
+        self.partial_dir = storage.join(args.out, "nll.partial")
+        self.show_progress = not args.no_progress
+        self.units_done, self.count, self.batches = 0, 0, None
+        from adpm_dist.io.data import eval_batches
+
+        self.stream = eval_batches(args.data, batch_size=args.batch_size, rank=rank, world_size=world,
+                                   num_workers=args.num_workers)
+        # --limit keeps the images with id < LIMIT: the same subset for any world size.
+        total = self.stream.total
+        self.progress_total = total if args.limit is None else min(total, args.limit)
+        self.sums = {k: dict.fromkeys(FIELDS, 0.0) for k in self.keys}
+        self.per_image: dict[str, dict[str, float]] = {}  # id → {key: bpd}, only with --per-image
+
+    def existing(self) -> bool:
+        if not storage.exists(self.out_json):
+            return False
+        try:
+            done = json.loads(storage.read_text(self.out_json))
+        except json.JSONDecodeError:
+            done = {}
+        if isinstance(done, dict) and done.get("fingerprint") == self.fingerprint:
+            return True
+        raise UsageError(f"{self.out_json} exists and holds a different evaluation; choose another --out")
+
+    def done_message(self) -> str:
+        return f"{storage.redact(self.out_json)}: already complete, nothing to do"
+
+    def state_dict(self) -> dict:
+        return {"units_done": self.units_done, "count": self.count, "sums": self.sums,
+                "per_image": self.per_image}
+
+    def load_state(self, state: dict, source: str) -> None:
+        if sorted(state["sums"]) != sorted(self.keys):
+            raise ValueError("configurations differ")
+        self.units_done, self.count = int(state["units_done"]), int(state["count"])
+        self.sums, self.per_image = state["sums"], state["per_image"]
+
+    def _open(self) -> None:
+        self.device = dist.device_for(dist.env_info())
+        self.eps_fn = eps_function(self.loaded.model, self.device, self.args.precision)
+        self.batches = islice(self.stream, self.units_done, None)
+        self.start = time.time()
+
+    def step(self, round_index: int) -> bool:
+        if self.batches is None:
+            self._open()
+        args, n_local = self.args, 0
+        for ids, x in islice(self.batches, args.flush_every):
             ids_list = [int(i) for i in ids]
             if args.limit is not None:
                 keep = [j for j, i in enumerate(ids_list) if i < args.limit]
                 ids_list, x = [ids_list[j] for j in keep], x[keep]
-            x0 = x.to(device)
-            for (traj, k), tau in taus.items() if ids_list else ():
-                # One pass of K ε evaluations serves every method (they differ only in σ²).
-                gens = make_generators([image_seed(args.seed, i) for i in ids_list], device=device)
-                outs = negative_elbos(eps_fn, loaded.schedule, tau, methods, x0, gens, gamma=gamma)
-                for method in methods:
-                    state.add(config_key(traj, k, method), ids_list, outs[method], args.per_image)
-            state.units_done += 1
-            state.count += len(ids_list)
+            if ids_list:
+                self._evaluate(ids_list, x.to(self.device))
+            self.units_done += 1
+            self.count += len(ids_list)
             n_local += 1
-        storage.write_text(partial, state.to_json())
-        flags = dist.all_reduce_sum(torch.tensor([float(state.count), float(n_local == args.flush_every)],
-                                                 dtype=torch.float64))
-        if progress:
-            progress.update(int(flags[0]))
-        if flags[1] == 0:
-            break
-    wall = time.time() - start
-    if progress:
-        progress.close()
+        return n_local == args.flush_every
 
-    gathered = dist.all_gather_object({"count": state.count, "sums": state.sums,
-                                       "per_image": state.per_image})
-    if rank == 0:
+    def _evaluate(self, ids: list[int], x0: torch.Tensor) -> None:
+        for (traj, k), tau in self.taus.items():
+            # One pass of K ε evaluations serves every method (they differ only in σ²).
+            gens = make_generators([image_seed(self.args.seed, i) for i in ids], device=self.device)
+            outs = negative_elbos(self.eps_fn, self.loaded.schedule, tau, self.methods, x0, gens,
+                                  gamma=self.gamma)
+            for method in self.methods:
+                key = config_key(traj, k, method)
+                out, s = outs[method], self.sums[key]
+                bpd = out["bpd"].to(torch.float64)
+                s["bpd"] += float(bpd.sum())
+                s["bpd_sq"] += float((bpd * bpd).sum())
+                for f in ("prior", "steps", "decoder"):
+                    s[f] += float(out[f].sum())
+                if self.args.per_image:
+                    for i, v in zip(ids, bpd.tolist()):
+                        self.per_image.setdefault(str(i), {})[key] = v
+
+    def reduce(self, rounds: int) -> tuple[int, bool]:
+        total = dist.all_reduce_sum(torch.tensor([float(self.count)], dtype=torch.float64))
+        return int(total[0]), False
+
+    def payload(self):
+        self.wall = time.time() - self.start
+        return {"count": self.count, "sums": self.sums, "per_image": self.per_image}
+
+    def write(self, gathered: list) -> None:
         count = sum(g["count"] for g in gathered)
-        if count != total:
-            raise RuntimeError(f"evaluated {count} images but the data holds {total}")
+        if count != self.progress_total:
+            raise RuntimeError(f"evaluated {count} images but the data holds {self.progress_total}")
         results = {}
-        for key in keys:
-            s = {f: sum(g["sums"][key][f] for g in gathered) for f in NllState.FIELDS}
-            mean = s["bpd"] / count
-            var = max(s["bpd_sq"] / count - mean**2, 0.0) * count / max(count - 1, 1)
-            results[key] = {"bpd": mean, "bpd_stderr": math.sqrt(var / count), "count": count,
+        for key in self.keys:
+            s = {f: sum(g["sums"][key][f] for g in gathered) for f in FIELDS}
+            mean, se = mean_stderr(s["bpd"], s["bpd_sq"], count)
+            results[key] = {"bpd": float(mean), "bpd_stderr": float(se), "count": count,
                             "prior_nats": s["prior"] / count, "steps_nats": s["steps"] / count,
                             "decoder_nats": s["decoder"] / count}
-        per_image = {}
-        for g in gathered:
-            per_image.update(g["per_image"])
-        doc = {"format": "adpm-nll/1", "fingerprint": fingerprint, "model": loaded.describe(),
-               "schedule": loaded.schedule.describe(), "gamma_sha256": gamma_digest,
-               "trajectories": {f"{t}/K={k}": [int(v) for v in tau] for (t, k), tau in taus.items()},
-               "results": results, "num_images": count, "wall_time_s": wall, "world_size": world}
-        if args.per_image:
+        doc = {"format": "adpm-nll/1", "fingerprint": self.fingerprint, "model": self.loaded.describe(),
+               "schedule": self.loaded.schedule.describe(), "gamma_sha256": self.fingerprint["gamma_sha256"],
+               "trajectories": {f"{t}/K={k}": [int(v) for v in tau] for (t, k), tau in self.taus.items()},
+               "results": results, "num_images": count, "wall_time_s": self.wall, "world_size": self.world}
+        if self.args.per_image:
+            per_image = {i: row for g in gathered for i, row in g["per_image"].items()}
             doc["per_image_bpd"] = dict(sorted(per_image.items(), key=lambda kv: int(kv[0])))
-        table = nll_table(results, trajectories, steps, methods)
-        storage.write_text(storage.join(args.out, "nll.md"),
+        table = nll_table(results, self.trajectories, self.steps, self.methods)
+        storage.write_text(storage.join(self.args.out, "nll.md"),
                            f"Negative ELBO, bits/dim (± standard error over {count} images)\n\n{table}")
-        storage.write_text(out_json, json.dumps(doc, indent=1))
+        storage.write_text(self.out_json, json.dumps(doc, indent=1))
         print(table)
-    dist.barrier()
-    storage.remove(partial)
-    dist.barrier()
-    if rank == 0:
-        storage.remove(storage.join(args.out, "nll.partial"), recursive=True)
-    dist.shutdown()
-    return 0
+
+
+def run_nll(args) -> int:
+    info = dist.init()
+    return run_job(together(lambda: NllJob(args, info.rank, info.world_size)))
 
 
 # ============================================================================ FID
@@ -248,13 +255,10 @@ def _features_over(urls, extractor, rank: int, world: int, batch_size: int, num_
 
     stream = eval_batches(urls, batch_size=batch_size, rank=rank, world_size=world, num_workers=num_workers)
     stats = FeatureStats.empty()
-    progress = _Progress(show, stream.total // max(world, 1), progress_label)
-    for _ids, x in stream:
-        stats.add(extractor(x))
-        if progress:
+    with Progress(show, progress_label, stream.total // max(world, 1)) as progress:
+        for _ids, x in stream:
+            stats.add(extractor(x))
             progress.update(stats.count)
-    if progress:
-        progress.close()
     packed = torch.tensor(np.concatenate([[stats.count], stats.sum, stats.outer.reshape(-1)]))
     packed = dist.all_reduce_sum(packed).numpy()
     d = stats.sum.shape[0]
@@ -313,15 +317,14 @@ def run_fid(args) -> int:
         dist.shutdown()
         return 0
     start = time.time()
-    show = rank == 0 and not args.no_progress
+    show = not args.no_progress
     if storage.exists(cache):
         mu_r, sig_r, n_ref = load_stats_npz(storage.read_bytes(cache), cache)
         cached = True
     else:
         ref = _features_over(ref_urls, extractor, rank, world, args.batch_size, args.num_workers,
                              "FID reference", show)
-        if rank == 0:
-            storage.write_bytes(cache, ref.to_npz())
+        together(lambda: storage.write_bytes(cache, ref.to_npz()), rank0_only=True)
         mu_r, sig_r = ref.mean_cov()
         n_ref, cached = ref.count, False
     gen = _features_over(sample_urls, extractor, rank, world, args.batch_size, args.num_workers,
@@ -333,39 +336,18 @@ def run_fid(args) -> int:
               "reference_stats": storage.redact(cache), "reference_stats_cached": cached,
               "network_sha256": extractor.digest, "samples_manifest_sha256": samples_sha,
               "wall_time_s": round(time.time() - start, 3)}
-    if rank == 0:
+    def write() -> None:
         if args.out:
             storage.write_text(args.out, json.dumps(result, indent=1) + "\n")
         print(json.dumps(result))
+
+    together(write, rank0_only=True)
     dist.shutdown()
     return 0
 
 
-# ============================================================================ CLI
-
-
-class _Progress:
-    """Rich progress bar on rank 0 only (None elsewhere)."""
-
-    def __new__(cls, enabled: bool, total: int, label: str):
-        return super().__new__(cls) if enabled else None
-
-    def __init__(self, enabled: bool, total: int, label: str):
-        from rich.progress import Progress
-
-        self.bar = Progress(transient=False)
-        self.bar.start()
-        self.task = self.bar.add_task(label, total=total)
-
-    def update(self, completed: int) -> None:
-        self.bar.update(self.task, completed=completed)
-
-    def close(self) -> None:
-        self.bar.stop()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adpm_dist.evaluate", description=__doc__.split("\n\n")[0])
+def build_parser() -> Parser:
+    p = Parser(prog="adpm_dist.evaluate", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     n = sub.add_parser("nll", help="negative ELBO (bits/dim) table")
     n.add_argument("--checkpoint", required=True)
@@ -395,12 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    def _main(a):
+        args = build_parser().parse_args(a)
         return run_nll(args) if args.command == "nll" else run_fid(args)
-    except (CheckpointError, GammaFileError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+    return main_wrapper(_main, argv)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,17 @@ will run with that file.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from adpm_dist.diffusion.analytic import METHODS, step_variances
-from adpm_dist.diffusion.schedule import schedule_from_description
-from adpm_dist.diffusion.trajectory import TRAJECTORIES, make_trajectory
-from adpm_dist.gamma import GammaFileError, read_gamma
+from adpm_dist.diffusion.analytic import METHODS
+from adpm_dist.diffusion.trajectory import TRAJECTORIES
+from adpm_dist.gamma import load_for
+from adpm_dist.stages.job import Parser, main_wrapper, resolve_trajectory, resolve_variances
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adpm_dist.launch plan", description=__doc__.split("\n\n")[0])
+def build_parser() -> Parser:
+    p = Parser(prog="adpm_dist.launch plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--gamma", required=True, help="Γ file (local path, file:// or s3://)")
     p.add_argument("--steps", type=int, required=True, help="number of steps K (2 <= K <= N)")
     p.add_argument("--method", default="analytic-ddpm", choices=METHODS)
@@ -33,11 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_plan(gamma_url: str, steps: int, method: str, trajectory: str, eta=0.0, clip_pixel=None) -> dict:
-    gf = read_gamma(gamma_url, require_complete=False)  # partial files: checked per trajectory
-    sched = schedule_from_description(gf.schedule, gamma_url)
-    gamma = gf.gamma_vector()
-    tau = make_trajectory(trajectory, sched, steps, gamma=gamma)
-    var = step_variances(sched, tau, method, gamma=gamma, eta=eta, clip_pixel=clip_pixel)
+    ref = load_for(None, gamma_url)  # partial files: checked per trajectory
+    tau = resolve_trajectory(trajectory, ref.schedule, steps, ref.gamma)
+    var = resolve_variances(ref.schedule, tau, method, ref.gamma, eta, clip_pixel)
     return {"trajectory": [int(t) for t in tau], "steps": var.rows()}
 
 
@@ -56,18 +53,18 @@ def print_table(plan: dict, args) -> None:
     console.print(f"trajectory: {plan['trajectory']}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        plan = make_plan(args.gamma, args.steps, args.method, args.trajectory, args.eta, args.clip_pixel)
-    except (GammaFileError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    plan = make_plan(args.gamma, args.steps, args.method, args.trajectory, args.eta, args.clip_pixel)
     if args.json:
         print(json.dumps(plan))
     else:
         print_table(plan, args)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_wrapper(_main, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ command so a rerun with different settings is refused rather than mixed in.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import io
@@ -37,13 +36,23 @@ import time
 import numpy as np
 import torch
 
-from adpm_dist.diffusion.analytic import ANALYTIC_METHODS, METHODS, step_variances
+from adpm_dist.diffusion.analytic import ANALYTIC_METHODS, METHODS
 from adpm_dist.diffusion.samplers import make_generators, run_reverse
-from adpm_dist.diffusion.trajectory import TRAJECTORIES, make_trajectory
-from adpm_dist.gamma import GammaFileError, check_model, check_schedule, read_gamma
+from adpm_dist.diffusion.trajectory import TRAJECTORIES
+from adpm_dist.errors import UsageError
+from adpm_dist.gamma import load_for
 from adpm_dist.io import dist, storage
 from adpm_dist.io.shards import MANIFEST_NAME, encode_png, write_manifest, write_shard
 from adpm_dist.models.loading import PRECISIONS, CheckpointError, LoadedModel, eps_function, load_checkpoint
+from adpm_dist.stages.job import (
+    Parser,
+    ShardedJob,
+    main_wrapper,
+    resolve_trajectory,
+    resolve_variances,
+    run_job,
+    together,
+)
 
 SPLIT = "samples"
 JOB_NAME = "job.json"
@@ -51,8 +60,8 @@ GRID_NAME = "grid.png"
 GRID_COUNT = 64
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adpm_dist.sample", description=__doc__.split("\n\n")[0])
+def build_parser() -> Parser:
+    p = Parser(prog="adpm_dist.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="run dir, weights file, or diffusers:PATH")
     p.add_argument("--gamma", default=None, help="Γ file (needed by analytic-* and --trajectory optimal)")
     p.add_argument("--method", required=True, choices=METHODS)
@@ -91,27 +100,6 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[−1, 1] float (B, C, H, W) → uint8 (B, H, W, C) on the grid the data loader inverts (x/127.5 − 1)."""
     pixels = torch.round((x.to(torch.float64).clamp(-1, 1) + 1.0) * 127.5).clamp(0, 255)
     return pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def load_gamma_for(spec: str | None, loaded: LoadedModel):
-    """(Γ vector, sha256 of the file) checked against the model's schedule and digest; (None, None)."""
-    if spec is None:
-        return None, None
-    gf = read_gamma(spec, require_complete=False)  # partial files: checked per trajectory
-    check_schedule(gf, loaded.schedule, source=f"Γ file {spec}")
-    check_model(gf, loaded.digest, loaded.name, source=f"Γ file {spec}")
-    digest = hashlib.sha256(storage.read_bytes(spec)).hexdigest()
-    return gf.gamma_vector(), digest
-
-
-def resolve_trajectory(kind: str, loaded: LoadedModel, steps: int, gamma) -> np.ndarray:
-    """τ for (kind, K), refusing K outside [2, N] with a message naming N."""
-    n = loaded.schedule.num_timesteps
-    if not 2 <= steps <= n:
-        raise ValueError(f"--steps {steps}: need 2 <= K <= N = {n} (the checkpoint's timesteps)")
-    if kind == "optimal" and gamma is None:
-        raise ValueError("--trajectory optimal needs --gamma (a Γ file for this model)")
-    return make_trajectory(kind, loaded.schedule, steps, gamma=gamma)
 
 
 def shard_name(j: int) -> str:
@@ -183,26 +171,6 @@ def make_grid(images: list[np.ndarray], columns: int = 8, pad: int = 2) -> bytes
     return buf.getvalue()
 
 
-class _Progress:
-    """Rich progress bar over images, rank 0 only (None elsewhere)."""
-
-    def __new__(cls, enabled: bool, total: int, done: int):
-        return super().__new__(cls) if enabled else None
-
-    def __init__(self, enabled: bool, total: int, done: int):
-        from rich.progress import Progress
-
-        self.bar = Progress(transient=False)
-        self.bar.start()
-        self.task = self.bar.add_task("sampling (images)", total=total, completed=done)
-
-    def update(self, completed: int) -> None:
-        self.bar.update(self.task, completed=completed)
-
-    def close(self) -> None:
-        self.bar.stop()
-
-
 # ---------------------------------------------------------------------------- the job
 
 
@@ -227,10 +195,10 @@ def check_or_write_job(out: str, job: dict, rank: int) -> bool:
         try:
             old = json.loads(storage.read_text(job_url))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{job_url}: not valid JSON ({exc}); remove it to start over") from None
+            raise UsageError(f"{job_url}: not valid JSON ({exc}); remove it to start over") from None
         if old != job:
             keys = [k for k in sorted(set(old) | set(job)) if old.get(k) != job.get(k)]
-            raise ValueError(f"{out} holds samples of a different job (differs in {', '.join(keys)}); "
+            raise UsageError(f"{out} holds samples of a different job (differs in {', '.join(keys)}); "
                              "choose another --out or remove it")
         return storage.exists(manifest_url)
     if rank == 0:
@@ -249,110 +217,109 @@ def remove_stale_temporaries(out: str) -> None:
         os.unlink(path)
 
 
-def run(args) -> int:
-    if args.num_samples < 1 or args.batch_size < 1 or args.shard_size < 1:
-        raise ValueError("--num-samples, --batch-size and --shard-size must be >= 1")
-    loaded = load_checkpoint(args.checkpoint)
-    if args.method in ANALYTIC_METHODS and args.gamma is None:
-        raise ValueError(f"--method {args.method} needs --gamma (a Γ file for this model)")
-    gamma, gamma_digest = load_gamma_for(args.gamma, loaded)
-    tau = resolve_trajectory(args.trajectory, loaded, args.steps, gamma)
-    steps = step_variances(loaded.schedule, tau, args.method, gamma=gamma, eta=args.eta,
-                           clip_pixel=args.clip_pixel)
-    shape = image_shape(loaded.model)
-    job = job_description(args, loaded, tau, gamma_digest, shape)
+class SampleJob(ShardedJob):
+    """Shards of images on the job core: shard j on rank j mod W, one shard per rank per round."""
 
-    info = dist.init()
-    rank, world = info.rank, info.world_size
-    # Rank 0 decides and tells the others, so a refusal never leaves ranks waiting on each other.
-    verdict: tuple[bool, str | None] = (False, None)
-    if rank == 0:
-        try:
-            verdict = (check_or_write_job(args.out, job, rank), None)
-            if not verdict[0]:
-                remove_stale_temporaries(args.out)
-        except ValueError as exc:
-            verdict = (False, str(exc))
-    finished, error = dist.broadcast_object(verdict)
-    if error or finished:
-        if rank == 0 and finished:
-            print(f"{storage.redact(args.out)}: already complete, nothing to do")
-        dist.shutdown()
-        if error:
-            raise ValueError(error)
-        return 0
+    label = "sampling (images)"
 
-    device = dist.device_for(info)
-    eps_fn = eps_function(loaded.model, device, args.precision)
-    dtype = torch.float64 if args.precision == "fp64" else torch.float32
+    def __init__(self, args, rank: int, world: int):
+        if args.num_samples < 1 or args.batch_size < 1 or args.shard_size < 1:
+            raise UsageError("--num-samples, --batch-size and --shard-size must be >= 1")
+        self.args, self.rank, self.world = args, rank, world
+        self.loaded = loaded = load_checkpoint(args.checkpoint)
+        if args.method in ANALYTIC_METHODS and args.gamma is None:
+            raise UsageError(f"--method {args.method} needs --gamma (a Γ file for this model)")
+        ref = load_for(loaded, args.gamma) if args.gamma else None
+        gamma, gamma_digest = (ref.gamma, ref.sha256) if ref else (None, None)
+        tau = resolve_trajectory(args.trajectory, loaded.schedule, args.steps, gamma)
+        self.steps = resolve_variances(loaded.schedule, tau, args.method, gamma, args.eta, args.clip_pixel)
+        self.shape = image_shape(loaded.model)
+        self.job = job_description(args, loaded, tau, gamma_digest, self.shape)
+        self.meta = {"method": args.method, "steps": args.steps, "trajectory": args.trajectory,
+                     "tau_sha256": hashlib.sha256(json.dumps(self.job["tau"]).encode()).hexdigest(),
+                     "eta": args.eta, "clip_pixel": args.clip_pixel,
+                     "model_digest": loaded.digest, "gamma_sha256": gamma_digest}
+        self.num_shards = math.ceil(args.num_samples / args.shard_size)
+        self.rounds = math.ceil(self.num_shards / world)
+        self.show_progress, self.progress_total = not args.no_progress, args.num_samples
+        self.entries: list[dict] = []
+        self.present: set[int] | None = None
+        self.drawn = self.local_done = 0
 
-    def sampler(seeds: list[int]) -> torch.Tensor:
-        gens = make_generators(seeds, device=device)
-        return run_reverse(eps_fn, loaded.schedule, steps, gens, shape, dtype=dtype, device=device)
+    def existing(self) -> bool:
+        finished = check_or_write_job(self.args.out, self.job, self.rank)
+        if not finished:
+            remove_stale_temporaries(self.args.out)
+        return finished
 
-    meta = {"method": args.method, "steps": args.steps, "trajectory": args.trajectory,
-            "tau_sha256": hashlib.sha256(json.dumps(job["tau"]).encode()).hexdigest(),
-            "eta": args.eta, "clip_pixel": args.clip_pixel,
-            "model_digest": loaded.digest, "gamma_sha256": gamma_digest}
-    num_shards = math.ceil(args.num_samples / args.shard_size)
-    mine = list(range(rank, num_shards, world))
-    present = {j for j in mine if storage.exists(storage.join(args.out, shard_name(j)))}
-    done_images = dist.all_reduce_sum(torch.tensor(
-        [float(sum(np.diff(shard_span(j, args.shard_size, args.num_samples))[0] for j in present))],
-        dtype=torch.float64)).item()
-    progress = _Progress(rank == 0 and not args.no_progress, args.num_samples, int(done_images))
-    entries: list[dict] = []
-    drawn = 0
-    start = time.time()
-    # Lock-step rounds of one shard per rank, so progress can be all-reduced after each.
-    for r in range(math.ceil(num_shards / world)):
-        j = r * world + rank
-        new = 0
-        if j < num_shards:
+    def done_message(self) -> str:
+        return f"{storage.redact(self.args.out)}: already complete, nothing to do"
+
+    def _span(self, j: int) -> int:
+        lo, hi = shard_span(j, self.args.shard_size, self.args.num_samples)
+        return hi - lo
+
+    def _open(self) -> None:
+        args, device = self.args, dist.device_for(dist.env_info())
+        eps_fn = eps_function(self.loaded.model, device, args.precision)
+        dtype = torch.float64 if args.precision == "fp64" else torch.float32
+
+        def sampler(seeds: list[int]) -> torch.Tensor:
+            gens = make_generators(seeds, device=device)
+            return run_reverse(eps_fn, self.loaded.schedule, self.steps, gens, self.shape, dtype=dtype,
+                               device=device)
+
+        self.sampler = sampler
+        mine = range(self.rank, self.num_shards, self.world)
+        self.present = {j for j in mine if storage.exists(storage.join(args.out, shard_name(j)))}
+        self.local_done = sum(self._span(j) for j in self.present)
+        self.start = time.time()
+
+    def step(self, round_index: int) -> bool:
+        if self.present is None:
+            self._open()
+        args, j = self.args, round_index * self.world + self.rank
+        if j < self.num_shards:
             url = storage.join(args.out, shard_name(j))
-            if j in present:
-                entries.append(shard_entry(url, j, args))
+            if j in self.present:
+                self.entries.append(shard_entry(url, j, args))
             else:
-                samples = draw_shard(sampler, j, args, meta)
-                result = write_shard(url, samples)
+                result = write_shard(url, draw_shard(self.sampler, j, args, self.meta))
                 lo, hi = shard_span(j, args.shard_size, args.num_samples)
-                entries.append({"name": shard_name(j), "split": SPLIT, "offset": lo, "count": hi - lo,
-                                "sha256": result["sha256"], "bytes": result["bytes"]})
-                new = hi - lo
-        drawn += new
-        total_new = dist.all_reduce_sum(torch.tensor([float(new)], dtype=torch.float64)).item()
-        done_images += total_new
-        if progress:
-            progress.update(int(done_images))
-    wall = time.time() - start
-    if progress:
-        progress.close()
+                self.entries.append({"name": shard_name(j), "split": SPLIT, "offset": lo, "count": hi - lo,
+                                     "sha256": result["sha256"], "bytes": result["bytes"]})
+                self.drawn += hi - lo
+                self.local_done += hi - lo
+        return round_index + 1 < self.rounds
 
-    all_entries = sorted((e for part in dist.all_gather_object(entries) for e in part),
-                         key=lambda e: e["offset"])
-    drawn_total = dist.all_reduce_sum(torch.tensor([float(drawn)], dtype=torch.float64)).item()
-    if rank == 0:
+    def reduce(self, rounds: int) -> tuple[int, bool]:
+        done = dist.all_reduce_sum(torch.tensor([float(self.local_done)], dtype=torch.float64))
+        return int(done[0]), False
+
+    def payload(self):
+        self.wall = time.time() - self.start
+        return {"entries": self.entries, "drawn": self.drawn}
+
+    def write(self, gathered: list) -> None:
+        args, shape = self.args, self.shape
+        entries = sorted((e for g in gathered for e in g["entries"]), key=lambda e: e["offset"])
+        drawn = sum(g["drawn"] for g in gathered)
         grid = read_first_images(args.out, min(GRID_COUNT, args.num_samples))
         storage.write_bytes(storage.join(args.out, GRID_NAME), make_grid(grid))
-        write_manifest(args.out, {
-            "resolution": shape[-1], "channels": shape[0], "shards": all_entries,
-            "splits": {SPLIT: args.num_samples}, "job": job,
-        })
+        write_manifest(args.out, {"resolution": shape[-1], "channels": shape[0], "shards": entries,
+                                  "splits": {SPLIT: args.num_samples}, "job": self.job})
         print(json.dumps({"out": storage.redact(args.out), "num_samples": args.num_samples,
-                          "drawn_now": int(drawn_total), "shards": len(all_entries),
-                          "wall_time_s": round(wall, 3),
-                          "images_per_s": round(drawn_total / max(wall, 1e-9), 2)}))
-    dist.shutdown()
-    return 0
+                          "drawn_now": drawn, "shards": len(entries), "wall_time_s": round(self.wall, 3),
+                          "images_per_s": round(drawn / max(self.wall, 1e-9), 2)}))
+
+
+def run(args) -> int:
+    info = dist.init()
+    return run_job(together(lambda: SampleJob(args, info.rank, info.world_size)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (CheckpointError, GammaFileError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return main_wrapper(lambda a: run(build_parser().parse_args(a)), argv)
 
 
 if __name__ == "__main__":

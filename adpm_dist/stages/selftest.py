@@ -32,11 +32,13 @@ import time
 
 import torch
 
+from adpm_dist.errors import run_cli
 from adpm_dist.io import dist, preempt, storage
+from adpm_dist.train.cli import UserArgumentParser
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = UserArgumentParser(
         prog="python -m adpm_dist.stages.selftest",
         description="torch.distributed self-test: all-reduce check and a JSON report.",
     )
@@ -75,10 +77,10 @@ def _any_rank(flag: bool) -> bool:
 
 def _hold_for_signal(seconds: float, is_main: bool) -> str:
     """Wait up to ``seconds`` for a preemption signal on any rank; say what ended the wait."""
-    if is_main:
-        print(f"selftest: holding up to {seconds:.0f}s for a preemption signal", flush=True)
     deadline = time.monotonic() + seconds
     with preempt.PreemptionHandler():
+        if is_main:  # only once the handler is in place: a signal sent on this line is caught
+            print(f"selftest: holding up to {seconds:.0f}s for a preemption signal", flush=True)
         while True:
             # Ranks agree every 0.2 s, so all leave the loop together.
             if _any_rank(preempt.requested()):
@@ -146,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(parse_args(sys.argv[1:] if argv is None else argv))
+    """Bad flags → one ``error:`` line and exit 2; a crash keeps its traceback (exit 1)."""
+    return run_cli(lambda a: run(parse_args(a)), sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

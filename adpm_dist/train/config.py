@@ -1,9 +1,9 @@
 """Training configuration: dataclasses, YAML presets and ``a.b=c`` overrides.
 
-Precedence (DESIGN.md): preset YAML < user YAML < command-line overrides.
+Precedence (docs/train.md): preset YAML < user YAML < command-line overrides.
 
-* A preset is one of ``configs/NAME.yaml``. A user YAML names its base with a
-  top-level ``preset: NAME`` key (or is itself a preset file).
+* A preset is one of ``adpm_dist/configs/NAME.yaml`` (package data). A user YAML
+  names its base with a top-level ``preset: NAME`` key (or is itself a preset file).
 * Overrides are ``section.key=value``; the value is parsed as YAML, so
   ``optim.lr=2e-4``, ``data.hflip=true`` and ``data.urls=[a,b]`` all work.
 * Every key is checked against the dataclasses: an unknown or mistyped key is
@@ -20,6 +20,7 @@ import difflib
 import os
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ import yaml
 
 from adpm_dist.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# The presets ship inside the package (adpm_dist/configs/*.yaml, package data), so a wheel
+# install finds them as well as a checkout does; the top-level configs/ is a link to them.
+CONFIG_DIR = Path(str(resources.files("adpm_dist").joinpath("configs")))
 PRESETS = ("tiny", "mnist", "cifar10", "celeba64", "imagenet64")
 
 

@@ -4,7 +4,7 @@ DeepSpeed wraps the model on every path (one process included): ZeRO stage from 
 config, fp32 on CPU and bf16 on GPU, torch AdamW with explicit weight decay, a linear
 learning-rate warm-up and gradient clipping. Its checkpoints are loaded with
 ``weights_only=True`` (a small allow-list of DeepSpeed's data classes), never by
-unpickling arbitrary objects. The CPU traps this works around are in shared/ENVIRONMENT.md.
+unpickling arbitrary objects. The CPU traps this works around are in docs/train.md.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from adpm_dist.train.config import Config, ConfigError
 
 
 def prepare_deepspeed() -> None:
-    """Environment DeepSpeed needs before its import (see shared/ENVIRONMENT.md)."""
+    """Environment DeepSpeed needs before its import (see docs/train.md)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed

@@ -18,7 +18,8 @@ Run directory (a local path or ``s3://``; :mod:`adpm_dist.train.run_dir`)::
     config.yaml              resolved config of the latest (re)start
     ckpt/step_XXXXXXXX/      DeepSpeed state (+ ema.safetensors of that step)
     ema.safetensors          fp32 EMA weights: what estimation and sampling load
-    metrics.jsonl            one JSON object per logged step
+    metrics/NNNNNNNN.jsonl   one JSON object per logged step, one part per checkpoint
+                             segment (after step NNNNNNNN); read them with run_dir.read_metrics
     samples/step_XXXXXXXX.png  optional sample grids
     latest.json              written LAST; rerunning resumes from it
 
@@ -31,22 +32,23 @@ SIGUSR1/SIGTERM, requeue me; ``DIVERGED_EXIT_CODE`` (3) stopped after
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
-import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from adpm_dist.diffusion.schedule import make_schedule
+from adpm_dist.errors import run_cli
 from adpm_dist.io import dist, preempt, storage
+from adpm_dist.train import checkpoint
+from adpm_dist.train.batches import batches_from, make_stream
+from adpm_dist.train.cli import UserArgumentParser
 from adpm_dist.train.config import Config, ConfigError, build_config, config_to_yaml
 from adpm_dist.train.ema import EMA
 from adpm_dist.train.engine import (
@@ -54,77 +56,19 @@ from adpm_dist.train.engine import (
     forget_deepspeed_groups,
     full_parameters,
     grad_norm_zero0,
-    per_rank_batch,
     prepare_deepspeed,
 )
+from adpm_dist.train.grid import sample_grid_png
 from adpm_dist.train.objective import training_loss
-from adpm_dist.train.run_dir import EMA_FILE, LATEST, Metrics, RunDir, checkpoint_tag, read_latest
+from adpm_dist.train.progress import progress
+from adpm_dist.train.run_dir import Metrics, RunDir, checkpoint_tag
+
+__all__ = ["Trainer", "batches_from", "main", "make_schedule", "make_stream", "train"]
 
 DIVERGED_EXIT_CODE = 3
 CONFIG_ERROR_EXIT_CODE = 2
 
 log = logging.getLogger("adpm_dist.train.loop")
-
-
-# ---------------------------------------------------------------- data
-
-
-def batches_from(stream, start_step: int, batches_per_epoch: int) -> Iterator[torch.Tensor]:
-    """Batches from step ``start_step`` on: epoch s // B, skipping the s % B already used."""
-    epoch, skip = divmod(start_step, batches_per_epoch)
-    while True:
-        count = 0
-        for i, batch in enumerate(stream.epoch(epoch)):
-            count += 1
-            if i >= skip:
-                yield batch
-        if count != batches_per_epoch:
-            raise RuntimeError(
-                f"training stream epoch {epoch} gave {count} batches, expected {batches_per_epoch}"
-            )
-        epoch, skip = epoch + 1, 0
-
-
-def default_batches_per_epoch(cfg: Config) -> int:
-    """One pass over the data set: (samples in the manifests) // global batch (at least 1)."""
-    from adpm_dist.io.shards import expand_urls, shard_table
-
-    shards, _ = shard_table(expand_urls(list(cfg.data.urls)), require_manifest=False)
-    if any(s.count is None for s in shards):
-        raise ConfigError(
-            "config key 'data.batches_per_epoch' is 0 but the shards have no manifest to count "
-            "samples from; set it explicitly"
-        )
-    return max(1, sum(int(s.count) for s in shards) // cfg.data.batch_size)
-
-
-def make_stream(cfg: Config, model_config: dict, info: dist.DistInfo):
-    """The data layer's TrainStream for this rank (equal batch counts on every rank)."""
-    from adpm_dist.io import data
-
-    per_rank = per_rank_batch(cfg, info.world_size)
-    bpe = cfg.data.batches_per_epoch
-    if bpe == 0:
-        bpe = default_batches_per_epoch(cfg)
-    resolution = cfg.data.resolution or model_config.get("resolution")
-    channels = cfg.data.channels or model_config.get("in_channels")
-    stream = data.TrainStream(
-        list(cfg.data.urls),
-        batch_size=per_rank,
-        seed=cfg.train.seed,
-        rank=info.rank,
-        world_size=info.world_size,
-        batches_per_epoch=bpe,
-        num_workers=cfg.data.num_workers,
-        resolution=resolution,
-        channels=channels,
-        hflip=cfg.data.hflip,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        max_bad_fraction=cfg.data.max_bad_fraction,
-    )
-    return stream, bpe
-
-
 
 
 # ---------------------------------------------------------------- the trainer
@@ -165,120 +109,25 @@ class Trainer:
             "num_timesteps": self.schedule.num_timesteps,
         }
 
-    # -- checkpoints --------------------------------------------------------
-
-    def _ema_bytes(self) -> bytes:
-        from adpm_dist.models.io import model_to_bytes
-
-        meta = {"schedule": self.schedule_info, "step": self.state.step, "run_dir": self.run.url}
-        return model_to_bytes(self.ema.model, metadata=meta)
+    # -- one step -----------------------------------------------------------
 
     def save(self) -> None:
-        """Collective: DeepSpeed state → stage, upload, then ema, metrics, latest.json (last)."""
-        step = self.state.step
-        tag = checkpoint_tag(step)
-        client = {
-            "adpm_step": step,
-            "adpm_bad_in_row": self.state.bad_in_row,
-            "adpm_skipped_total": self.state.skipped_total,
-            "adpm_ema_updates": self.ema.num_updates,
-        }
-        self.engine.save_checkpoint(
-            self.run.stage_ckpt(), tag=tag, client_state=client, save_latest=False
-        )
-        ema_bytes = self._ema_bytes() if self.info.is_main else b""
-        if self.info.is_main:
-            storage.write_bytes(os.path.join(self.run.stage_ckpt(), tag, EMA_FILE), ema_bytes)
-        dist.barrier()
-        if self.run.remote and self.info.local_rank == 0:
-            # Each node uploads what its ranks wrote (ZeRO shards are per rank).
-            storage.upload_dir(
-                os.path.join(self.run.stage_ckpt(), tag), self.run.join("ckpt", tag)
-            )
-        dist.barrier()
-        if self.info.is_main:
-            storage.write_bytes(self.run.join(EMA_FILE), ema_bytes)
-            self.metrics.flush()
-            latest = {
-                "step": step,
-                "ema": EMA_FILE,
-                "deepspeed": f"ckpt/{tag}",
-                "schedule": self.schedule_info,
-                "model": self.model_config,
-            }
-            storage.write_text(self.run.join(LATEST), json.dumps(latest, indent=2) + "\n")
-            self._prune_run(tag, keep_last=self.cfg.train.keep_ckpts)
-        dist.barrier()
-        if self.run.remote and self.info.local_rank == 0:
-            self._prune_stage(keep=tag)
-        self.state.last_saved = step
-
-    def _prune_run(self, current: str, keep_last: int) -> None:
-        """Keep ``current`` and the ``keep_last - 1`` checkpoints before it (0 keeps all).
-
-        Runs after latest.json names ``current``. Folders newer than ``current`` (left by
-        a run that crashed before its latest.json) are not counted and not touched.
-        """
-        if keep_last <= 0:
-            return
-        root = self.run.join("ckpt")
-        tags = sorted(storage.basename(u.rstrip("/")) for u in storage.listdir(root))
-        older = [t for t in tags if t.startswith("step_") and t < current]
-        for tag in older[: max(0, len(older) - (keep_last - 1))]:
-            storage.remove(storage.join(root, tag), recursive=True)
-
-    def _prune_stage(self, keep: str) -> None:
-        """Staged copies of older checkpoints are already uploaded: free the local disk."""
-        root = self.run.stage_ckpt()
-        if not os.path.isdir(root):
-            return
-        for name in os.listdir(root):
-            if name != keep and name.startswith("step_"):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        """Collective: checkpoint this step (see :func:`adpm_dist.train.checkpoint.save`)."""
+        checkpoint.save(self)
 
     def resume(self) -> bool:
         """Load latest.json's checkpoint if there is one; True when resumed."""
-        latest = read_latest(self.run)
-        if latest is None:
-            return False
-        where = self.run.join(LATEST)
-        if latest["schedule"] != self.schedule_info:
-            raise ConfigError(
-                f"{where}: run was trained with schedule {latest['schedule']}, config asks for "
-                f"{self.schedule_info} (config keys 'diffusion.*'); use a new train.run_dir"
-            )
-        if latest["model"] != self.model_config:
-            raise ConfigError(
-                f"{where}: run was trained with model {latest['model']}, config builds "
-                f"{self.model_config} (config keys 'model.*'); use a new train.run_dir"
-            )
-        tag = os.path.basename(latest["deepspeed"].rstrip("/"))
-        local = os.path.join(self.run.stage_ckpt(), tag)
-        if self.run.remote:
-            if self.info.local_rank == 0:
-                shutil.rmtree(local, ignore_errors=True)
-                storage.download_dir(self.run.join(latest["deepspeed"]), local)
-            dist.barrier()
-        path, client = self.engine.load_checkpoint(
-            self.run.stage_ckpt(), tag=tag, load_optimizer_states=True,
-            load_lr_scheduler_states=True,
+        return checkpoint.resume(self)
+
+    def sample_grid(self) -> None:
+        """A PNG grid of EMA samples (DDIM, even trajectory) on rank 0."""
+        cfg = self.cfg.train
+        png = sample_grid_png(self.ema.model, self.schedule, self.model_config,
+                              steps=cfg.sample_steps, count=cfg.sample_count, seed=cfg.seed,
+                              device=self.device)
+        storage.write_bytes(
+            self.run.join("samples", f"{checkpoint_tag(self.state.step)}.png"), png
         )
-        if path is None:
-            raise RuntimeError(f"{self.run.join(latest['deepspeed'])}: DeepSpeed could not load it")
-        from adpm_dist.models.io import model_from_bytes
-
-        with open(os.path.join(local, EMA_FILE), "rb") as fh:
-            ema_model, _ = model_from_bytes(fh.read(), source=os.path.join(local, EMA_FILE))
-        self.ema.load_tensors(ema_model.state_dict(), client["adpm_ema_updates"])
-        self.state.step = int(client["adpm_step"])
-        self.state.bad_in_row = int(client["adpm_bad_in_row"])
-        self.state.skipped_total = int(client["adpm_skipped_total"])
-        self.state.last_saved = self.state.step
-        if self.state.step != int(latest["step"]):
-            raise RuntimeError(f"{where}: step {latest['step']} but checkpoint has {self.state.step}")
-        return True
-
-    # -- one step -----------------------------------------------------------
 
     def step(self, x0: torch.Tensor) -> dict[str, Any]:
         """Forward, agree across ranks, backward + update unless the loss is not finite."""
@@ -325,46 +174,6 @@ class Trainer:
         out["skipped"] = False
         return out
 
-    # -- samples --------------------------------------------------------------
-
-    def sample_grid(self) -> None:
-        """A PNG grid of EMA samples (DDIM, even trajectory) on rank 0."""
-        from PIL import Image
-
-        from adpm_dist.diffusion.samplers import make_generators, sample
-        from adpm_dist.diffusion.trajectory import even_trajectory
-
-        cfg = self.cfg.train
-        mc = self.model_config
-        shape = (mc["in_channels"], mc["resolution"], mc["resolution"])
-        model = self.ema.model
-        k = min(cfg.sample_steps, self.schedule.num_timesteps)
-        with torch.no_grad():
-            imgs = sample(
-                lambda x, n: model(x, n), self.schedule,
-                even_trajectory(self.schedule.num_timesteps, k), "ddim",
-                make_generators([self.cfg.train.seed * 100003 + i
-                                 for i in range(cfg.sample_count)]),
-                shape, device=self.device,
-            )
-        imgs = ((imgs.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-        count, c, h, w = imgs.shape
-        cols = int(math.ceil(math.sqrt(count)))
-        rows = int(math.ceil(count / cols))
-        grid = torch.zeros((c, rows * h, cols * w), dtype=torch.uint8)
-        for i in range(count):
-            r, q = divmod(i, cols)
-            grid[:, r * h:(r + 1) * h, q * w:(q + 1) * w] = imgs[i]
-        arr = grid.permute(1, 2, 0).numpy()
-        pil = Image.fromarray(arr[:, :, 0] if c == 1 else arr)
-        import io
-
-        buf = io.BytesIO()
-        pil.save(buf, format="PNG")
-        storage.write_bytes(
-            self.run.join("samples", f"{checkpoint_tag(self.state.step)}.png"), buf.getvalue()
-        )
-
     # -- the loop -------------------------------------------------------------
 
     def fit(self) -> int:
@@ -387,7 +196,7 @@ class Trainer:
         batches = batches_from(stream, state.step, bpe)
         self.engine.train()
         t_last, step_last = time.perf_counter(), state.step
-        with _progress(info.is_main and cfg.train.progress) as bar:
+        with progress(info.is_main and cfg.train.progress) as bar:
             task = bar.add_task("train", total=cfg.train.total_steps, completed=state.step)
             while state.step < cfg.train.total_steps:
                 out = self.step(next(batches))
@@ -429,41 +238,11 @@ class Trainer:
         return 0
 
 
-class _NullProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add_task(self, *a, **k):
-        return 0
-
-    def update(self, *a, **k):
-        pass
-
-
-def _progress(enabled: bool):
-    if not enabled:
-        return _NullProgress()
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn())
-
-
 # ---------------------------------------------------------------- entry point
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = UserArgumentParser(
         prog="python -m adpm_dist.train",
         description="Train an ε-network with DeepSpeed (single process or under torchrun).",
     )
@@ -486,15 +265,15 @@ def train(cfg: Config) -> int:
         forget_deepspeed_groups()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def _main(argv: Sequence[str] | None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = build_config(args.config, args.overrides, preset=args.preset)
-        return train(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return CONFIG_ERROR_EXIT_CODE
+    return train(build_config(args.config, args.overrides, preset=args.preset))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Bad flags or config (ConfigError) → one ``error:`` line, exit 2; bugs keep their traceback."""
+    return run_cli(_main, list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adpm_dist.diffusion.forward import q_sample
 from adpm_dist.diffusion.schedule import Schedule
 
 
@@ -38,12 +39,8 @@ def draw_noise(
 def diffuse(
     x0: torch.Tensor, n: torch.Tensor, eps: torch.Tensor, schedule: Schedule
 ) -> torch.Tensor:
-    """x_n = √ᾱ_n x_0 + √β̄_n ε; the float64 schedule is cast to x0's dtype only here."""
-    abar = torch.from_numpy(np.array(schedule.alphas_cumprod, dtype=np.float64))
-    a = abar[n.cpu()].sqrt().to(device=x0.device, dtype=x0.dtype)
-    b = (1.0 - abar[n.cpu()]).sqrt().to(device=x0.device, dtype=x0.dtype)
-    shape = (-1,) + (1,) * (x0.ndim - 1)
-    return a.view(shape) * x0 + b.view(shape) * eps
+    """x_n = √ᾱ_n x_0 + √β̄_n ε: the one forward process, :func:`diffusion.forward.q_sample`."""
+    return q_sample(schedule, x0, n, eps)
 
 
 def eps_loss(pred: torch.Tensor, eps: torch.Tensor, kind: str = "mse") -> torch.Tensor:

@@ -17,7 +17,7 @@ from adpm_dist.io import storage
 
 LATEST = "latest.json"
 EMA_FILE = "ema.safetensors"
-METRICS_FILE = "metrics.jsonl"
+METRICS_DIR = "metrics"
 
 
 def _digest(obj: Any) -> str:
@@ -68,31 +68,62 @@ def read_latest(run: RunDir) -> dict[str, Any] | None:
     return latest
 
 
+def _part_name(start_step: int) -> str:
+    return f"{start_step:08d}.jsonl"
+
+
+def metrics_parts(run_url: str) -> list[str]:
+    """URLs of the metrics part files in step order (empty when none were written)."""
+    root = storage.join(run_url, METRICS_DIR)
+    if not storage.exists(root):
+        return []
+    names = [u for u in storage.listdir(root) if _part_start(u) is not None]
+    return sorted(names, key=lambda u: _part_start(u) or 0)
+
+
+def _part_start(url: str) -> int | None:
+    stem, dot, ext = storage.basename(url).partition(".")
+    return int(stem) if dot and ext == "jsonl" and stem.isdigit() else None
+
+
+def read_metrics(run_url: str) -> list[dict[str, Any]]:
+    """Every logged record of a run, in step order: the part files concatenated."""
+    records = []
+    for url in metrics_parts(run_url):
+        for line in storage.read_text(url).splitlines():
+            if line.strip():
+                records.append(json.loads(line))
+    return records
+
+
 class Metrics:
-    """metrics.jsonl on rank 0: appended locally at once; for s3:// rewritten at checkpoints."""
+    """The run's metrics on rank 0, append-only: one part file per checkpoint segment.
+
+    ``metrics/NNNNNNNN.jsonl`` holds the records of the steps after checkpoint NNNNNNNN
+    up to the next one. A local run appends each record to the open part at once; an
+    s3:// run writes the part once, at the checkpoint that ends its segment. So a
+    checkpoint writes only its own segment's lines, however long the run is. Resuming
+    from step S deletes the parts that start at or after S (their steps run again);
+    earlier parts end at or before S and stay as they are.
+    """
 
     def __init__(self, run: RunDir, resume_step: int, enabled: bool) -> None:
         self.run = run
-        self.url = run.join(METRICS_FILE)
+        self.root = run.join(METRICS_DIR)
         self.enabled = enabled
         self.lines: list[str] = []
+        self.start = resume_step
         if not enabled:
             return
-        if storage.exists(self.url):
-            kept = []
-            for line in storage.read_text(self.url).splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a crash: drop it, the run re-logs that step
-            self.lines = kept
-        # Lines past the checkpoint we resume from will be logged again: drop them now.
-        self._rewrite()
+        for url in metrics_parts(run.url):
+            if (_part_start(url) or 0) >= resume_step:
+                storage.remove(url)
+        storage.makedirs(self.root)
 
-    def _rewrite(self) -> None:
-        text = "".join(line + "\n" for line in self.lines)
-        storage.write_text(self.url, text)
+    @property
+    def url(self) -> str:
+        """The part file of the segment being logged."""
+        return storage.join(self.root, _part_name(self.start))
 
     def append(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -103,6 +134,11 @@ class Metrics:
             with open(storage.local_path(self.url), "a", encoding="utf-8") as fh:
                 fh.write(line + "\n")
 
-    def flush(self) -> None:
-        if self.enabled and self.run.remote:
-            self._rewrite()
+    def flush(self, step: int) -> None:
+        """End the segment at checkpoint ``step``; the next records go to a new part."""
+        if not self.enabled:
+            return
+        if self.run.remote and self.lines:
+            storage.write_text(self.url, "".join(line + "\n" for line in self.lines))
+        self.lines = []
+        self.start = step

@@ -83,9 +83,17 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def from_gamma_file(cls, gamma_file, scheduler_config: dict, **kw) -> AnalyticDPMScheduler:
-        """Build from a diffusers scheduler config and a :class:`adpm_dist.gamma.GammaFile`."""
-        from adpm_dist.gamma import check_schedule
+        """Build from a diffusers scheduler config and a Γ file.
 
+        ``gamma_file``: a URL (read once and checked by :func:`adpm_dist.gamma.load_for`),
+        a :class:`~adpm_dist.gamma.GammaRef` or a :class:`~adpm_dist.gamma.GammaFile`.
+        """
+        from adpm_dist.gamma import GammaRef, check_schedule, load_for
+
+        if isinstance(gamma_file, str):
+            gamma_file = load_for(None, gamma_file)
+        if isinstance(gamma_file, GammaRef):
+            gamma_file = gamma_file.file
         missing = gamma_file.missing_timesteps()
         if missing.size:
             # The scheduler may be asked for any K and trajectory later, and a diffusers

@@ -1,0 +1,311 @@
+"""The ONE resumable sharded-job core under ``estimate``, ``evaluate nll`` and ``sample``.
+
+A job is a :class:`ShardedJob` subclass; :func:`run_job` drives it on every rank:
+
+1. **Verdict** — rank 0 looks at the output (:meth:`ShardedJob.existing`): a finished
+   job with the same fingerprint is a no-op ("already complete"); another job's
+   output is refused. Every rank learns the verdict.
+2. **Resume** — each rank reloads its partial state (``PARTIAL/rank-R-of-W.json``),
+   refusing state written by a different command.
+3. **Rounds** — in lock-step: local work (:meth:`~ShardedJob.step`), the partial
+   state written atomically, one all-reduce of (failed ranks, "more" flag), then the
+   job's own reduction (:meth:`~ShardedJob.reduce`) for progress and early stopping.
+4. **Final write** — the ranks' payloads are gathered and rank 0 writes the result.
+5. **Cleanup** — partial state removed, the process group shut down.
+
+Failure of ANY rank ends every rank quickly. Each phase runs through
+:func:`together`: a rank that raises still joins the phase's all-reduce, with its
+flag set; the failing rank re-raises its own error (exit 2 for a user error, else
+1 with its traceback) and the others raise :class:`RankFailed` ("rank N failed: …",
+same kind of exit status). An error outside any phase (before the first collective)
+ends the process at once (:func:`main_wrapper` uses ``os._exit`` once a process group
+exists), so gloo peers see the connection close instead of waiting for the timeout.
+
+Test hook: ``ADPM_TEST_FAIL_RANK=R:K`` makes rank R raise a RuntimeError in its
+K-th round (0-based), ``ADPM_TEST_FAIL_RANK=0:write`` makes rank 0 raise one in the
+final write: the propagation above is tested with faults that cannot be produced
+for real (as root, an unwritable output location does not exist).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from adpm_dist.diffusion.analytic import step_variances
+from adpm_dist.diffusion.trajectory import make_trajectory
+from adpm_dist.errors import UsageError, UserError, is_user_error, run_cli
+from adpm_dist.io import dist, storage
+from adpm_dist.train.cli import UserArgumentParser
+from adpm_dist.train.progress import progress
+
+FAIL_RANK_ENV = "ADPM_TEST_FAIL_RANK"
+
+
+class RankFailed(RuntimeError):
+    """Another rank failed; ``status`` is the exit status this rank should end with."""
+
+    def __init__(self, rank: int, kind: str, message: str, user_error: bool):
+        super().__init__(f"rank {rank} failed: {kind}: {message}")
+        self.rank, self.status = rank, 2 if user_error else 1
+
+
+class PartialStateError(UserError, ValueError):
+    """A rank's partial state cannot be read or belongs to another command."""
+
+
+Parser = UserArgumentParser  # argparse whose bad flags raise UsageError (one line, exit 2)
+
+
+# ---------------------------------------------------------------- failure propagation
+
+
+def _settle(err: BaseException | None, extra: Sequence[float] = ()) -> np.ndarray:
+    """All-reduce (which ranks failed, *extra*); raise on every rank if any failed.
+
+    Returns the summed ``extra``. Alone (no process group) it just re-raises ``err``.
+    """
+    if not dist.is_initialized():
+        if err is not None:
+            raise err
+        return np.asarray(extra, dtype=np.float64)
+    world, rank = dist.world_size(), dist.rank()
+    packed = torch.zeros(world + len(extra), dtype=torch.float64)
+    packed[world:] = torch.tensor(list(extra), dtype=torch.float64)
+    if err is not None:
+        packed[rank] = 1.0
+    total = dist.all_reduce_sum(packed).numpy()
+    failed = np.flatnonzero(total[:world] > 0)
+    if failed.size:
+        report = None if err is None else (type(err).__name__, str(err), is_user_error(err))
+        reports = dist.all_gather_object(report)
+        if err is not None:
+            raise err
+        first = int(failed[0])
+        raise RankFailed(first, *reports[first])
+    return total[world:]
+
+
+def together(fn: Callable[[], object], rank0_only: bool = False, share: bool = False):
+    """Run ``fn`` on every rank (or on rank 0 only) as one phase; any failure ends every rank.
+
+    With ``share`` the others receive rank 0's result (broadcast) instead of None.
+    """
+    result, err = None, None
+    if not rank0_only or dist.rank() == 0:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the peers
+            err = exc
+    _settle(err)
+    return dist.broadcast_object(result) if share else result
+
+
+def _injected_fault(rank: int, phase) -> None:
+    spec = os.environ.get(FAIL_RANK_ENV)
+    if spec and spec == f"{rank}:{phase}":
+        raise RuntimeError(f"injected failure ({FAIL_RANK_ENV}={spec})")
+
+
+# ---------------------------------------------------------------- progress
+
+
+class Progress:
+    """The one progress display of the stages: the rich bar of :mod:`adpm_dist.train.progress`,
+    on rank 0 only (when enabled); a no-op elsewhere."""
+
+    def __init__(self, enabled: bool, label: str, total: int, completed: int = 0):
+        self.bar = progress(enabled and dist.rank() == 0)
+        self.bar.__enter__()
+        self.task = self.bar.add_task(label, total=total, completed=completed)
+        self.open = True
+
+    def update(self, completed: int) -> None:
+        self.bar.update(self.task, completed=completed)
+
+    def close(self) -> None:
+        if self.open:
+            self.bar.__exit__(None, None, None)
+            self.open = False
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- the job
+
+
+class ShardedJob:
+    """Hooks of one resumable sharded job; :func:`run_job` calls them in order."""
+
+    label = "work"
+    partial_dir: str | None = None  # folder of per-rank partial state (None: no partial files)
+    fingerprint: dict = {}
+    show_progress: bool = True
+    progress_total: int = 0
+    rank: int = 0
+    world: int = 1
+
+    def existing(self) -> bool:
+        """Rank 0: True when the output is already complete; raise to refuse it."""
+        return False
+
+    def load_state(self, state: dict, source: str) -> None:
+        """Resume from this rank's partial state (``state_dict``'s keys)."""
+
+    def state_dict(self) -> dict | None:
+        """This rank's partial state (JSON-able), or None when the job keeps none."""
+        return None
+
+    def step(self, round_index: int) -> bool:
+        """One round of local work; True when this rank has more to do."""
+        raise NotImplementedError
+
+    def reduce(self, rounds: int) -> tuple[int, bool]:
+        """Collective, after every round: (progress completed, stop early?)."""
+        return 0, False
+
+    def payload(self):
+        """What this rank contributes to the final write (gathered to rank 0)."""
+        return None
+
+    def write(self, gathered: list) -> None:
+        """Rank 0: write the result from every rank's payload."""
+
+    def done_message(self) -> str:
+        return "already complete, nothing to do"
+
+
+def partial_url(job: ShardedJob) -> str:
+    return storage.join(job.partial_dir, f"rank-{job.rank:05d}-of-{job.world:05d}.json")
+
+
+def diff(a: dict, b: dict) -> str:
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return ", ".join(f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys)
+
+
+def _resume(job: ShardedJob) -> None:
+    if job.partial_dir is None:
+        return
+    url = partial_url(job)
+    if not storage.exists(url):
+        return
+    want = {**job.fingerprint, "world_size": job.world}
+    try:
+        state = json.loads(storage.read_text(url))
+        got = state["fingerprint"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PartialStateError(f"{url}: unreadable partial state ({exc}); delete it to start over") from None
+    if got != want:
+        raise PartialStateError(f"{url} was written by a different command ({diff(got, want)}); "
+                                "rerun it unchanged or delete it")
+    try:
+        job.load_state(state, url)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PartialStateError(f"{url}: unreadable partial state ({exc}); delete it to start over") from None
+
+
+def _round(job: ShardedJob, index: int) -> bool:
+    """Local work + partial state, then one all-reduce of (failures, more); True if any rank has more."""
+    err, more = None, False
+    try:
+        _injected_fault(job.rank, index)
+        more = job.step(index)
+        state = job.state_dict()
+        if state is not None and job.partial_dir is not None:
+            fingerprint = {**job.fingerprint, "world_size": job.world}
+            storage.write_text(partial_url(job), json.dumps({"fingerprint": fingerprint, **state}))
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the peers
+        err = exc
+    return bool(_settle(err, [float(more)])[0] > 0)
+
+
+def run_job(job: ShardedJob) -> int:
+    """Drive ``job`` through verdict, resume, rounds, final write and cleanup (see module doc)."""
+    info = dist.init()
+    job.rank, job.world = info.rank, info.world_size
+    if together(job.existing, rank0_only=True, share=True):
+        if job.rank == 0:
+            print(job.done_message())
+        dist.shutdown()
+        return 0
+    together(lambda: _resume(job))
+    rounds = 0
+    with Progress(job.show_progress, job.label, job.progress_total) as bar:
+        while True:
+            more = _round(job, rounds)
+            rounds += 1
+            completed, enough = job.reduce(rounds)
+            bar.update(completed)
+            if not more or enough:
+                break
+    gathered = dist.all_gather_object(job.payload())
+    def write() -> None:
+        _injected_fault(job.rank, "write")
+        job.write(gathered)
+
+    together(write, rank0_only=True)
+    if job.partial_dir is not None:
+        together(lambda: storage.remove(partial_url(job)))
+        together(lambda: storage.remove(job.partial_dir, recursive=True), rank0_only=True)
+    dist.shutdown()
+    return 0
+
+
+# ---------------------------------------------------------------- shared stage pieces
+
+
+def resolve_trajectory(kind: str, schedule, steps: int, gamma) -> np.ndarray:
+    """τ for (kind, K); K outside [2, N], or a Γ the trajectory needs but lacks, is a UsageError."""
+    n = schedule.num_timesteps
+    if not 2 <= steps <= n:
+        raise UsageError(f"--steps {steps}: need 2 <= K <= N = {n} (the schedule's timesteps)")
+    if kind == "optimal" and gamma is None:
+        raise UsageError("--trajectory optimal needs --gamma (a Γ file for this model)")
+    try:
+        return make_trajectory(kind, schedule, steps, gamma=gamma)
+    except ValueError as exc:  # the diffusion layer's argument checks (e.g. Γ missing at t)
+        raise UsageError(str(exc)) from None
+
+
+def resolve_variances(schedule, tau, method: str, gamma, eta: float = 0.0, clip_pixel=None):
+    """:func:`step_variances`, its argument checks (Γ missing on τ, η < 0) as UsageError."""
+    try:
+        return step_variances(schedule, tau, method, gamma=gamma, eta=eta, clip_pixel=clip_pixel)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def main_wrapper(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """The one CLI policy (:func:`adpm_dist.errors.run_cli`) plus the distributed endgame.
+
+    User errors: one ``error:`` line, exit 2. A peer's failure: one ``error: rank N
+    failed: …`` line, exit 2 or 1 like the failed rank. Anything else propagates
+    (traceback, exit 1). Once a process group exists, a failing rank leaves with
+    ``os._exit`` after printing, so no exit-time hook can leave its peers waiting.
+    """
+    try:
+        status = run_cli(main, argv)
+    except RankFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        status = exc.status
+    except BaseException:
+        if not dist.is_initialized():
+            raise
+        traceback.print_exc()
+        status = 1
+    if status != 0 and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
