@@ -15,8 +15,10 @@ subclasses also derive from the builtin they used to be (ValueError, ...), so
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 EXIT_USER_ERROR = 2
 
@@ -27,6 +29,15 @@ class UserError(Exception):
 
 class UsageError(UserError, ValueError):
     """A command-line flag or argument has a value the command cannot use."""
+
+
+class UserArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad flags raise :class:`UsageError`, so :func:`run_cli` reports them as
+    ONE ``error: …`` line with exit 2 (argparse would print its usage block and exit itself).
+    ``--help`` is unchanged."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, PermissionError)

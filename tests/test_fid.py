@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from adpm_dist.models.fid import FeatureStats, InceptionFeatures, frechet_distance
 from adpm_dist.stages import evaluate, sample
-from adpm_dist.stages.fid import FeatureStats, InceptionFeatures, frechet_distance
 from tests.estimate_helpers import ROOT, make_digit_shards, save_tiny_model
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.usefixtures("one_thread")]

@@ -100,6 +100,37 @@ def test_bad_data_on_one_rank_is_a_user_error_everywhere(setup, tmp_path):
     assert_same_file(out, setup["ref"])
 
 
+def test_sample_and_nll_final_write_failures_end_every_rank(setup, tmp_path):
+    """The same core under ``sample`` (manifest write) and ``evaluate nll`` (nll.json write)."""
+    import json
+
+    from adpm_dist.stages import evaluate, sample
+
+    smp = ["--checkpoint", setup["model"], "--method", "ddim", "--steps", "3", "--num-samples", "6",
+           "--shard-size", "2", "--batch-size", "2", "--no-progress"]
+    nll = ["nll", "--checkpoint", setup["model"], "--data", setup["data"], "--steps", "3", "--methods",
+           "ddpm-beta,ddpm-tilde", "--limit", "12", "--batch-size", "2", "--flush-every", "1",
+           "--num-workers", "0", "--no-progress"]
+    for name, module, argv, marker in (("sample", "adpm_dist.sample", smp, "manifest.json"),
+                                       ("nll", "adpm_dist.evaluate", nll, "nll.json")):
+        out = tmp_path / name
+        ranks = launch_ranks(3, module, [*argv, "--out", str(out)], {job.FAIL_RANK_ENV: "0:write"})
+        check_fault(f"{name}: rank 0 final write", ranks, failed=0, status=1)
+        assert not (out / marker).exists()
+        assert [r[0] for r in launch_ranks(3, module, [*argv, "--out", str(out)])] == [0, 0, 0]
+        ref = tmp_path / f"{name}-ref"
+        main = sample.main if name == "sample" else evaluate.main
+        assert main([*argv, "--out", str(ref)]) == 0  # one process, uninterrupted
+        if name == "sample":
+            for shard in sorted(p.name for p in ref.glob("samples-*.tar")):
+                assert (out / shard).read_bytes() == (ref / shard).read_bytes()
+        else:
+            got, want = (json.loads((d / marker).read_text())["results"] for d in (out, ref))
+            for key in want:
+                assert got[key]["bpd"] == pytest.approx(want[key]["bpd"], rel=1e-12)
+                assert got[key]["count"] == want[key]["count"] == 12
+
+
 def test_together_reraises_alone_and_progress_is_silent_off_rank0(capsys):
     with pytest.raises(KeyError):
         job.together(lambda: {}["x"])

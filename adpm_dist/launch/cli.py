@@ -50,13 +50,12 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from adpm_dist.errors import UsageError, run_cli
+from adpm_dist.errors import UsageError, UserArgumentParser, run_cli
 from adpm_dist.launch.local import run_local
 from adpm_dist.launch.slurm import follow_slurm, slurm_reachable, submit_slurm
 from adpm_dist.launch.spec import LaunchSpec
 from adpm_dist.launch.status import EXIT_FAILED, EXIT_OK, LaunchError
 from adpm_dist.launch.task import STAGES, run_stage
-from adpm_dist.train.cli import UserArgumentParser
 
 # Stages that only ever run here (no cluster), forwarded as they are.
 LOCAL_ONLY = {"plan": "adpm_dist.stages.plan"}

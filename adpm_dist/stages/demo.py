@@ -24,9 +24,8 @@ from adpm_dist.diffusion.likelihood import negative_elbo
 from adpm_dist.diffusion.moments import estimate_gamma
 from adpm_dist.diffusion.samplers import make_generators
 from adpm_dist.diffusion.trajectory import make_trajectory
-from adpm_dist.errors import UsageError, run_cli
+from adpm_dist.errors import UsageError, UserArgumentParser, run_cli
 from adpm_dist.models.oracle import two_cluster_mixture
-from adpm_dist.train.cli import UserArgumentParser
 
 ROWS = (("ddpm-tilde", "even"), ("ddpm-beta", "even"), ("analytic-ddpm", "even"),
         ("analytic-ddpm", "optimal"))

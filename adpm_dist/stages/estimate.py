@@ -48,7 +48,7 @@ from adpm_dist.errors import UsageError
 from adpm_dist.gamma import GammaFile, GammaFileError, read_gamma, write_gamma
 from adpm_dist.io import dist, storage
 from adpm_dist.models.loading import PRECISIONS, eps_function, load_checkpoint
-from adpm_dist.stages.job import Parser, ShardedJob, diff, main_wrapper, run_job, together
+from adpm_dist.stages.job import Parser, ShardedJob, diff, job_main
 
 NOISE_BLOCK = 16  # timesteps per noise generator: noise depends on (seed, id, t) only
 
@@ -121,32 +121,23 @@ def _seed_for(seed: int, sample_id: int, block: int) -> int:
 def partial_draw_exact(shape, device) -> bool:
     """Can single rows of a block's 16-row draw be drawn alone, bit for bit?
 
-    True on CPU when a row holds a multiple of 16 numbers: torch's CPU ``randn``
-    takes one float32 uniform per number, in order, then transforms them 16 at a
-    time. So a draw of rows a..b equals those rows of the full draw once the
-    uniforms of rows 0..a−1 are consumed (``uniform_`` on float32 takes the same
-    ones) — skipping them costs no Box–Muller transforms.
+    True on CPU when a row holds a multiple of 16 numbers: torch's CPU ``randn`` takes one
+    float32 uniform per number, in order, then transforms them 16 at a time; so rows a..b
+    drawn after consuming rows 0..a−1's uniforms (float32 ``uniform_``) equal the full draw's.
     """
     return torch.device(device).type == "cpu" and math.prod(shape) % 16 == 0
 
 
 def _runs(offsets: list[int]) -> list[tuple[int, int]]:
     """Sorted offsets → contiguous runs [(first, length), …]."""
-    runs: list[list[int]] = []
-    for o in offsets:
-        if runs and runs[-1][0] + runs[-1][1] == o:
-            runs[-1][1] += 1
-        else:
-            runs.append([o, 1])
-    return [(a, n) for a, n in runs]
+    return [(a, b - a) for a, b in id_ranges(offsets)]
 
 
 def pair_noise(seed: int, sample_id: int, block: int, shape, device, offsets=None) -> torch.Tensor:
     """Rows ``offsets`` (sorted, unique; default all 16) of one sample's noise block.
 
-    The block covers timesteps NOISE_BLOCK·block+1 … NOISE_BLOCK·(block+1); its values
-    never depend on which rows are asked for. Only the asked rows are drawn when that
-    is exact (:func:`partial_draw_exact`); otherwise all 16 are drawn and indexed.
+    The block covers timesteps 16·block+1 … 16·(block+1); its values never depend on which
+    rows are asked for: only those are drawn when exact (:func:`partial_draw_exact`).
     """
     g = torch.Generator(device=device)
     g.manual_seed(_seed_for(seed, sample_id, block))
@@ -393,13 +384,8 @@ class GammaJob(ShardedJob):
                           "evaluations_per_s": round(evaluations / max(wall, 1e-9), 1)}))
 
 
-def run(args) -> int:
-    info = dist.init()
-    return run_job(together(lambda: GammaJob(args, info.rank, info.world_size)))
-
-
 def main(argv: list[str] | None = None) -> int:
-    return main_wrapper(lambda a: run(build_parser().parse_args(a)), argv)
+    return job_main(GammaJob, build_parser, argv)
 
 
 if __name__ == "__main__":

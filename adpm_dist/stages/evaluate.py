@@ -251,7 +251,7 @@ def _features_over(urls, extractor, rank: int, world: int, batch_size: int, num_
                    progress_label: str, show: bool):
     """FeatureStats of every image of ``urls`` (each once across ranks), all-reduced."""
     from adpm_dist.io.data import eval_batches
-    from adpm_dist.stages.fid import FeatureStats
+    from adpm_dist.models.fid import FeatureStats
 
     stream = eval_batches(urls, batch_size=batch_size, rank=rank, world_size=world, num_workers=num_workers)
     stats = FeatureStats.empty()
@@ -298,7 +298,7 @@ def _fid_already_done(out: str | None, samples_sha: str, cache: str, net_digest:
 
 def run_fid(args) -> int:
     from adpm_dist.io.shards import expand_urls
-    from adpm_dist.stages.fid import InceptionFeatures, frechet_distance, load_stats_npz
+    from adpm_dist.models.fid import InceptionFeatures, frechet_distance, load_stats_npz
 
     info = dist.init()
     rank, world = info.rank, info.world_size

@@ -40,9 +40,8 @@ import torch
 
 from adpm_dist.diffusion.analytic import step_variances
 from adpm_dist.diffusion.trajectory import make_trajectory
-from adpm_dist.errors import UsageError, UserError, is_user_error, run_cli
+from adpm_dist.errors import UsageError, UserArgumentParser, UserError, is_user_error, run_cli
 from adpm_dist.io import dist, storage
-from adpm_dist.train.cli import UserArgumentParser
 from adpm_dist.train.progress import progress
 
 FAIL_RANK_ENV = "ADPM_TEST_FAIL_RANK"
@@ -249,7 +248,8 @@ def run_job(job: ShardedJob) -> int:
             bar.update(completed)
             if not more or enough:
                 break
-    gathered = dist.all_gather_object(job.payload())
+    gathered = dist.all_gather_object(together(job.payload))
+
     def write() -> None:
         _injected_fault(job.rank, "write")
         job.write(gathered)
@@ -309,3 +309,17 @@ def main_wrapper(main: Callable[[Sequence[str] | None], int], argv: Sequence[str
         sys.stderr.flush()
         os._exit(status)
     return status
+
+
+def job_main(make_job: Callable, build_parser: Callable, argv: Sequence[str] | None = None) -> int:
+    """The ``main()`` of a sharded stage: parse the flags, join the process group, run the job.
+
+    ``make_job(args, rank, world_size)`` builds the job; its construction is one collective
+    phase (:func:`together`), so a rank that cannot even start ends the others too.
+    """
+    def run(args_argv: Sequence[str] | None) -> int:
+        args = build_parser().parse_args(args_argv)
+        info = dist.init()
+        return run_job(together(lambda: make_job(args, info.rank, info.world_size)))
+
+    return main_wrapper(run, argv)

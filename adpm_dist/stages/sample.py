@@ -47,11 +47,9 @@ from adpm_dist.models.loading import PRECISIONS, CheckpointError, LoadedModel, e
 from adpm_dist.stages.job import (
     Parser,
     ShardedJob,
-    main_wrapper,
+    job_main,
     resolve_trajectory,
     resolve_variances,
-    run_job,
-    together,
 )
 
 SPLIT = "samples"
@@ -313,13 +311,8 @@ class SampleJob(ShardedJob):
                           "images_per_s": round(drawn / max(self.wall, 1e-9), 2)}))
 
 
-def run(args) -> int:
-    info = dist.init()
-    return run_job(together(lambda: SampleJob(args, info.rank, info.world_size)))
-
-
 def main(argv: list[str] | None = None) -> int:
-    return main_wrapper(lambda a: run(build_parser().parse_args(a)), argv)
+    return job_main(SampleJob, build_parser, argv)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,8 @@ import time
 
 import torch
 
-from adpm_dist.errors import run_cli
+from adpm_dist.errors import UserArgumentParser, run_cli
 from adpm_dist.io import dist, preempt, storage
-from adpm_dist.train.cli import UserArgumentParser
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

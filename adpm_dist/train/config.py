@@ -182,8 +182,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise bad
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
+    if tp in (bool, str):  # taken as they are: no YAML coercion between these and numbers
+        if not isinstance(value, tp):
             raise bad
         return value
     if tp is int:
@@ -200,10 +200,6 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
     return value
 
 

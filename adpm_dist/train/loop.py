@@ -44,11 +44,10 @@ from typing import Any
 import torch
 
 from adpm_dist.diffusion.schedule import make_schedule
-from adpm_dist.errors import run_cli
+from adpm_dist.errors import UserArgumentParser, run_cli
 from adpm_dist.io import dist, preempt, storage
 from adpm_dist.train import checkpoint
 from adpm_dist.train.batches import batches_from, make_stream
-from adpm_dist.train.cli import UserArgumentParser
 from adpm_dist.train.config import Config, ConfigError, build_config, config_to_yaml
 from adpm_dist.train.ema import EMA
 from adpm_dist.train.engine import (
