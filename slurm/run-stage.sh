@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The body of the sbatch templates (train/estimate/sample/selftest.sbatch):
 # srun starts one torchrun per node, torchrun one process per GPU (or
-# ADPM_NPROC_PER_NODE processes on CPU), each running `python -m adpm_dist.STAGE ARGS`.
+# ADPM_NPROC_PER_NODE processes on CPU), each running `python -m adpm_dist.STAGE ARGS` (selftest: adpm_dist.stages.selftest).
 #
 #   exec bash "$SLURM_SUBMIT_DIR/slurm/run-stage.sh" STAGE [ARGS...]    (from a batch script)
 #
@@ -27,6 +27,11 @@ MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export MASTER_ADDR MASTER_PORT PYTHONUNBUFFERED=1
 cd "$REPO"
+# train/estimate/sample/evaluate are entry points of their own; selftest lives with the stages.
+case "$STAGE" in
+    selftest) MODULE=adpm_dist.stages.selftest ;;
+    *) MODULE="adpm_dist.$STAGE" ;;
+esac
 
 preempted=0
 on_time_limit() {
@@ -43,7 +48,7 @@ echo "[run-stage] $STAGE on $SLURM_JOB_NUM_NODES node(s) × $NPROC, master $MAST
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
     exec "$0" -m torch.distributed.run --nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" \
         --nproc-per-node "$1" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-        -m "adpm_dist.$2" "${@:3}"' "$PYTHON" "$NPROC" "$STAGE" "$@" &
+        -m "$2" "${@:3}"' "$PYTHON" "$NPROC" "$MODULE" "$@" &
 step=$!
 # `wait` returns early when the trap runs; keep waiting while srun lives.
 while true; do
