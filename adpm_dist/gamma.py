@@ -32,11 +32,6 @@ class GammaFileError(UserError, ValueError):
     """A Γ file is malformed or does not fit the schedule/model it is used with."""
 
 
-def _stats(sum_: np.ndarray, sum_sq: np.ndarray, count: np.ndarray):
-    """Γ = mean and its standard error (sample std / √count); 0 where count is 0."""
-    return mean_stderr(sum_, sum_sq, count)
-
-
 @dataclass
 class GammaFile:
     schedule: dict
@@ -69,11 +64,11 @@ class GammaFile:
     @property
     def gamma(self) -> np.ndarray:
         """Γ_n for n = 1..N (length N)."""
-        return _stats(self.sum, self.sum_sq, self.count)[0]
+        return mean_stderr(self.sum, self.sum_sq, self.count)[0]
 
     @property
     def stderr(self) -> np.ndarray:
-        return _stats(self.sum, self.sum_sq, self.count)[1]
+        return mean_stderr(self.sum, self.sum_sq, self.count)[1]
 
     def gamma_vector(self) -> np.ndarray:
         """Γ as length N+1 (index 0 unused, NaN), the layout the diffusion maths uses.
@@ -116,7 +111,7 @@ class GammaFile:
         return self
 
     def to_dict(self) -> dict:
-        mean, stderr = _stats(self.sum, self.sum_sq, self.count)
+        mean, stderr = mean_stderr(self.sum, self.sum_sq, self.count)
         out = {
             "format": FORMAT,
             "schedule": self.schedule,
@@ -232,14 +227,22 @@ def loads(text: str, source: str = "<Γ file>", require_complete: bool = True) -
     return from_dict(obj, source, require_complete)
 
 
-def read_gamma(url: str, require_complete: bool = True) -> GammaFile:
+def _read_raw(url: str) -> tuple[bytes, str]:
+    """The bytes of the Γ file at ``url`` and their text; a missing or non-text file is named."""
     from adpm_dist.io import storage
 
     try:
-        text = storage.read_text(url)
+        raw = storage.read_bytes(url)
     except FileNotFoundError:
         raise GammaFileError(f"{url}: no such Γ file") from None
-    return loads(text, url, require_complete)
+    try:
+        return raw, raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise GammaFileError(f"{url}: not UTF-8 text (not a Γ file)") from None
+
+
+def read_gamma(url: str, require_complete: bool = True) -> GammaFile:
+    return loads(_read_raw(url)[1], url, require_complete)
 
 
 def write_gamma(gamma_file: GammaFile, url: str) -> None:
@@ -301,16 +304,8 @@ def load_for(model, url: str, schedule=None) -> GammaRef:
     and variance code refuses the timesteps they lack.
     """
     from adpm_dist.diffusion.schedule import schedule_from_description
-    from adpm_dist.io import storage
 
-    try:
-        raw = storage.read_bytes(url)
-    except FileNotFoundError:
-        raise GammaFileError(f"{url}: no such Γ file") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise GammaFileError(f"{url}: not UTF-8 text (not a Γ file)") from None
+    raw, text = _read_raw(url)
     gf = loads(text, url, require_complete=False)
     source = f"Γ file {url}"
     sched = model.schedule if model is not None else schedule

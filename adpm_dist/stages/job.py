@@ -203,15 +203,13 @@ def _resume(job: ShardedJob) -> None:
     try:
         state = json.loads(storage.read_text(url))
         got = state["fingerprint"]
+        if got == want:
+            job.load_state(state, url)
     except (KeyError, TypeError, ValueError) as exc:
         raise PartialStateError(f"{url}: unreadable partial state ({exc}); delete it to start over") from None
     if got != want:
         raise PartialStateError(f"{url} was written by a different command ({diff(got, want)}); "
                                 "rerun it unchanged or delete it")
-    try:
-        job.load_state(state, url)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PartialStateError(f"{url}: unreadable partial state ({exc}); delete it to start over") from None
 
 
 def _round(job: ShardedJob, index: int) -> bool:
