@@ -16,6 +16,7 @@ subclasses also derive from the builtin they used to be (ValueError, ...), so
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -59,3 +60,52 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         return main(argv)
     except USER_ERRORS as exc:
         return report_user_error(exc)
+
+
+# ----------------------------------------------------------------------------- flag types
+# argparse ``type=`` callables: a value outside the range becomes argparse's
+# "argument --flag: …" error, which UserArgumentParser turns into one line, exit 2.
+
+
+def _number(kind: type, text: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number")
+    return value
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An integer flag that must be >= ``low`` (``int_at_least(1)``: a positive count)."""
+    def parse(text: str) -> int:
+        value = _number(int, text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: must be >= {low}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def float_in(low: float | None = None, high: float | None = None, *, low_open: bool = False
+             ) -> Callable[[str], float]:
+    """A finite float flag in [low, high] (``low_open``: (low, high]); None = unbounded."""
+    def parse(text: str) -> float:
+        value = _number(float, text)
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"{value:g}: must be {'>' if low_open else '>='} {low:g}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{value:g}: must be <= {high:g}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+finite_float = float_in()
+nonnegative_float = float_in(0.0)
+positive_float = float_in(0.0, low_open=True)
+fraction = float_in(0.0, 1.0)

@@ -149,6 +149,16 @@ def to_url(like: str, path: str) -> str:
     return path
 
 
+def canonical(url: str) -> str:
+    """One spelling per location, for comparing what determines a job's result: local paths
+    (plain or file://) become absolute and normalised; s3 URLs lose doubled and trailing
+    slashes. Credentials, if any were embedded, are not part of it (see :func:`redact`)."""
+    if is_remote(url):
+        head, key = str(url).split("://", 1)
+        return f"{head}://" + "/".join(part for part in key.split("/") if part)
+    return os.path.abspath(local_path(url))
+
+
 def join(url: str, *parts: str) -> str:
     """Join path components onto a path or URL ('s3://b/x', 'y' -> 's3://b/x/y')."""
     if scheme(url) == "":

@@ -38,6 +38,7 @@ from adpm_dist.io.backend import (  # noqa: F401
     StorageNotFound,
     basename,
     call_with_retries,
+    canonical,
     clear_cache,
     configure,
     dirname,
