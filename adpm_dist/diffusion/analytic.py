@@ -23,11 +23,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from adpm_dist.diffusion.residual import (
+    ErrorMoments,
+    ddim_gamma2,
+    ddpm_family_sigma2,
+    kl_optimal_variance,
+    mean_error,
+    step_coefficients,
+)
 from adpm_dist.diffusion.schedule import Schedule
 
 METHODS = ("ddpm-beta", "ddpm-tilde", "ddim", "analytic-ddpm", "analytic-ddim")
 ANALYTIC_METHODS = ("analytic-ddpm", "analytic-ddim")
 DDPM_FAMILY = ("ddpm-beta", "ddpm-tilde", "analytic-ddpm")
+# The KL-optimal variance of the model at hand (diffusion/residual.py): they need the
+# model-error moments of a Γ file, which the stages do not offer yet.
+RESIDUAL_METHODS = ("residual-ddpm", "residual-ddim")
 
 
 @dataclass(frozen=True)
@@ -132,6 +143,8 @@ def step_variances(
     data_range=(-1.0, 1.0),
     clip_pixel: float | None = None,
     monotone: bool = True,
+    moments: ErrorMoments | None = None,
+    direction: str = "x0",
 ) -> StepVariances:
     """σ² for every step s → t of ``trajectory`` (ascending τ_1 = 1 < … < τ_K = N).
 
@@ -140,44 +153,58 @@ def step_variances(
     the noise added there reaches the output. It applies to every method, as in the
     paper's Table 2 (App. F.2 clips p(x_1|x_2) for the baselines too); for DDIM
     (σ² = 0) it changes nothing.
-    ``monotone``: see :func:`covariance_estimate`.
+    ``monotone``: see :func:`covariance_estimate`. ``moments`` (residual methods) and
+    ``direction`` (residual-ddim's DDIM direction): see :mod:`residual`.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method '{method}'; choose one of {list(METHODS)}")
+    if method not in METHODS + RESIDUAL_METHODS:
+        raise ValueError(f"unknown method '{method}'; choose one of {list(METHODS + RESIDUAL_METHODS)}")
     tau = np.asarray(trajectory, dtype=np.int64)
     n = schedule.num_timesteps
     if tau.ndim != 1 or tau.shape[0] < 2 or tau[0] != 1 or tau[-1] != n or np.any(np.diff(tau) <= 0):
         raise ValueError(f"trajectory must increase strictly from 1 to N={n}; got {tau.tolist()[:8]}…")
     if method in ANALYTIC_METHODS and gamma is None:
         raise ValueError(f"method '{method}' needs Γ (a Γ file)")
+    if method in RESIDUAL_METHODS and moments is None:
+        raise ValueError(f"method '{method}' needs the model-error moments (a Γ file of format 3)")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
 
     s, t = tau[:-1][::-1], tau[1:][::-1]
-    abar, bbar = schedule.alphas_cumprod, schedule.bar_betas
-    beta_ts = 1.0 - abar[t] / abar[s]  # β_{t|s}
-    tilde = bbar[s] * beta_ts / bbar[t]  # β̃_{s|t}
-
-    if method in DDPM_FAMILY:
-        lam2 = tilde
-        gam2 = abar[s] * beta_ts**2 / bbar[t] ** 2
-    else:
-        lam2 = eta**2 * tilde
-        gam2 = (np.sqrt(abar[s]) - np.sqrt((bbar[s] - lam2) * abar[t] / bbar[t])) ** 2
-
-    if method == "ddpm-beta":
-        sigma2 = beta_ts.copy()
-    elif method in ("ddpm-tilde", "ddim"):
+    ddpm = method in DDPM_FAMILY or method == "residual-ddpm"
+    tilde = step_coefficients(schedule, s, t)["tilde"]  # β̃_{s|t}
+    coef = step_coefficients(schedule, s, t, tilde if ddpm else eta**2 * tilde)
+    lam2 = coef["lam2"]
+    if method in RESIDUAL_METHODS:
+        needs_bc = method == "residual-ddim" and direction == "network"
+        moments.require(t, "this trajectory's steps", "abc" if needs_bc else "a")
+    if ddpm:
+        cov = None
+        if method == "analytic-ddpm":
+            cov = _covariance_on_steps(schedule, gamma, t, data_range, monotone)
+        a_t = None if moments is None else moments.a[t]
+        sigma2 = ddpm_family_sigma2(method, coef, cov, a_t, data_range)
+    elif method == "ddim":
         sigma2 = lam2.copy()
-    else:
-        cov = covariance_estimate(schedule, gamma, data_range, monotone)
-        missing = np.unique(t[~np.isfinite(cov[t])])
-        if missing.size:
-            raise ValueError(
-                f"Γ is missing at timesteps {_describe_timesteps(missing)} that this trajectory "
-                "steps from; run the Γ job with --timesteps covering them (or 'all')")
-        sigma2 = lam2 + gam2 * cov[t]
+    elif method == "analytic-ddim":
+        cov = _covariance_on_steps(schedule, gamma, t, data_range, monotone)
+        sigma2 = lam2 + ddim_gamma2(schedule, s, t, lam2) * cov
+    else:  # residual-ddim: Theorem 2's cap applies to the x̂₀ direction, whose γ² it bounds
+        upper = None if direction == "network" else (
+            lam2 + ddim_gamma2(schedule, s, t, lam2) * ((data_range[1] - data_range[0]) / 2.0) ** 2)
+        excess = mean_error(schedule, s, t, moments, "ddim", lam2, direction)
+        sigma2 = kl_optimal_variance(lam2, excess, upper)
     if clip_pixel is not None:
         last = s == tau[0]
         sigma2[last] = np.minimum(sigma2[last], pixel_clip_bound(clip_pixel))
     return StepVariances(method, s, t, lam2, sigma2)
+
+
+def _covariance_on_steps(schedule, gamma, t, data_range, monotone) -> np.ndarray:
+    """:func:`covariance_estimate` at the steps' sources t; ValueError naming missing Γ_t."""
+    cov = covariance_estimate(schedule, gamma, data_range, monotone)
+    missing = np.unique(t[~np.isfinite(cov[t])])
+    if missing.size:
+        raise ValueError(
+            f"Γ is missing at timesteps {_describe_timesteps(missing)} that this trajectory "
+            "steps from; run the Γ job with --timesteps covering them (or 'all')")
+    return cov[t]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from adpm_dist.diffusion.analytic import covariance_estimate
+from adpm_dist.diffusion.residual import ErrorMoments, expected_cost_matrix
 from adpm_dist.diffusion.schedule import Schedule
 
 TRAJECTORIES = ("even", "quadratic", "optimal")
@@ -75,7 +76,7 @@ def make_trajectory(kind: str, schedule: Schedule, num_steps: int, gamma=None, *
     if kind == "quadratic":
         return quadratic_trajectory(n, num_steps)
     if kind == "optimal":
-        if gamma is None:
+        if gamma is None and kw.get("cost", "paper") == "paper":
             raise ValueError("the optimal trajectory needs a Γ vector (from a Γ file)")
         return optimal_trajectory(schedule, gamma, num_steps, **kw)
     raise ValueError(f"unknown trajectory '{kind}'; choose one of {list(TRAJECTORIES)}")
@@ -111,12 +112,33 @@ def path_cost(cost: np.ndarray, trajectory) -> float:
     return float(np.sum(cost[tau[:-1], tau[1:]]))
 
 
+DP_COSTS = ("paper", "expected")
+
+
 def optimal_trajectory(
-    schedule: Schedule, gamma, num_steps: int, data_range=(-1.0, 1.0), monotone: bool = True
+    schedule: Schedule, gamma, num_steps: int, data_range=(-1.0, 1.0), monotone: bool = True,
+    cost: str = "paper", method: str = "analytic-ddpm", moments: ErrorMoments | None = None,
 ) -> np.ndarray:
-    """Least-cost τ_1 = 1 < … < τ_K = N under J, for any 2 ≤ K ≤ N."""
+    """Least-cost τ_1 = 1 < … < τ_K = N for any 2 ≤ K ≤ N.
+
+    ``cost='paper'``: the paper's J(s, t) (Analytic-DPM's variance, perfect-model KL);
+    ``cost='expected'``: ``method``'s actual expected step KL from the model-error
+    ``moments`` (:func:`~adpm_dist.diffusion.residual.expected_cost_matrix`; Γ only for
+    analytic-ddpm).
+    """
     _check_k(schedule.num_timesteps, num_steps)
-    return least_cost_path(step_cost_matrix(schedule, gamma, data_range, monotone), num_steps)
+    if cost == "paper":
+        return least_cost_path(step_cost_matrix(schedule, gamma, data_range, monotone), num_steps)
+    if cost != "expected":
+        raise ValueError(f"unknown DP cost {cost!r}; choose one of {list(DP_COSTS)}")
+    if moments is None:
+        raise ValueError("the expected-cost DP needs the model-error moments (a Γ file of format 3)")
+    cov = None
+    if method == "analytic-ddpm":
+        if gamma is None:
+            raise ValueError("the expected-cost DP for analytic-ddpm needs Γ")
+        cov = covariance_estimate(schedule, gamma, data_range, monotone)
+    return least_cost_path(expected_cost_matrix(schedule, method, moments, cov, data_range), num_steps)
 
 
 def least_cost_path(cost: np.ndarray, num_steps: int) -> np.ndarray:
