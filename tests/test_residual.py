@@ -191,3 +191,18 @@ def test_optimal_trajectory_switches_cost():
         make_trajectory("optimal", sched, 6, gamma=gamma, cost="expected")
     with pytest.raises(ValueError, match="DP cost"):
         make_trajectory("optimal", sched, 6, gamma=gamma, cost="nope")
+
+
+def test_even_trajectory_official_rounding():
+    """The official code's accumulate-and-round-half-even nodes, by an independent loop in
+    exact rational arithmetic (half-even on exact halves). The strides chosen are exact in
+    binary, so the float sum lands on the same halves and both must agree."""
+    from fractions import Fraction
+
+    from adpm_dist.diffusion.trajectory import even_trajectory
+
+    for n, k in [(1000, 25), (1000, 10), (4000, 7), (1001, 17), (1001, 9)]:  # strides exact in binary
+        stride = Fraction(n - 1, k - 1)
+        want = [round(1 + j * stride) for j in range(k)]  # Fraction.__round__ is half-even
+        np.testing.assert_array_equal(even_trajectory(n, k, "official"), want)
+    assert even_trajectory(1000, 25)[12] == 501 and even_trajectory(1000, 25, "official")[12] == 500

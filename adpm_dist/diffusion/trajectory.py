@@ -42,9 +42,23 @@ def _check_k(num_timesteps: int, num_steps: int) -> None:
         raise ValueError(f"number of steps K must satisfy 2 <= K <= N={num_timesteps}, got K={num_steps}")
 
 
-def even_trajectory(num_timesteps: int, num_steps: int) -> np.ndarray:
-    """τ_k = round(1 + (N−1)(k−1)/(K−1)), k = 1..K (rounding half up)."""
+def even_trajectory(num_timesteps: int, num_steps: int, rounding: str = "half-up") -> np.ndarray:
+    """τ_k = round(1 + (N−1)(k−1)/(K−1)), k = 1..K.
+
+    ``rounding='half-up'`` (default) computes each node exactly and rounds halves up;
+    ``'official'`` reproduces the official Analytic-DPM code: the stride (N−1)/(K−1) is
+    accumulated in floating point and each node rounded half to even (Python's round),
+    which moves single nodes where the exact value is a half (N = 1000, K = 25: 500 vs 501).
+    """
     _check_k(num_timesteps, num_steps)
+    if rounding == "official":
+        stride, position, nodes = (num_timesteps - 1) / (num_steps - 1), 1.0, []
+        for _ in range(num_steps):
+            nodes.append(round(position))  # float accumulation and banker's rounding, on purpose
+            position += stride
+        return np.asarray(nodes, dtype=np.int64)
+    if rounding != "half-up":
+        raise ValueError(f"unknown rounding {rounding!r}; choose 'half-up' or 'official'")
     k = np.arange(num_steps, dtype=np.float64)
     tau = np.floor(1.0 + (num_timesteps - 1) * k / (num_steps - 1) + 0.5).astype(np.int64)
     return tau
@@ -68,11 +82,12 @@ def quadratic_trajectory(num_timesteps: int, num_steps: int) -> np.ndarray:
     return tau
 
 
-def make_trajectory(kind: str, schedule: Schedule, num_steps: int, gamma=None, **kw) -> np.ndarray:
+def make_trajectory(kind: str, schedule: Schedule, num_steps: int, gamma=None, rounding: str = "half-up",
+                    **kw) -> np.ndarray:
     """τ_1 = 1 < … < τ_K = N by name: 'even', 'quadratic' or 'optimal' (needs Γ)."""
     n = schedule.num_timesteps
     if kind == "even":
-        return even_trajectory(n, num_steps)
+        return even_trajectory(n, num_steps, rounding)
     if kind == "quadratic":
         return quadratic_trajectory(n, num_steps)
     if kind == "optimal":
