@@ -206,3 +206,37 @@ def test_even_trajectory_official_rounding():
         want = [round(1 + j * stride) for j in range(k)]  # Fraction.__round__ is half-even
         np.testing.assert_array_equal(even_trajectory(n, k, "official"), want)
     assert even_trajectory(1000, 25)[12] == 501 and even_trajectory(1000, 25, "official")[12] == 500
+
+
+def test_weighted_isotonic_matches_scikit_learn():
+    from sklearn.isotonic import IsotonicRegression
+
+    from adpm_dist.diffusion.analytic import isotonic_increasing
+
+    rng = np.random.default_rng(3)
+    for size in (1, 5, 300):
+        y, w = rng.normal(size=size).cumsum(), rng.uniform(0.01, 100, size)
+        want = IsotonicRegression().fit_transform(np.arange(size), y, sample_weight=w)
+        np.testing.assert_allclose(isotonic_increasing(y, w), want, rtol=1e-10, atol=1e-12)
+
+
+def test_weighted_fit_keeps_an_exact_region_put():
+    """Noise in Γ at t > 900 only: the default fit leaves σ² at t < 800 as the exact Γ gives
+    it (to 1e-6); the unweighted global fit moves it (the fault this fit fixes)."""
+    from adpm_dist.diffusion.analytic import covariance_estimate
+
+    sched = make_schedule("linear", 1000)
+    gamma, _ = _gaussian_truth(sched, 0.55)
+    noisy = gamma.copy()
+    rng = np.random.default_rng(0)
+    noisy[901:] += 3e-4 + rng.normal(0, 1e-4, 100)  # Γ > 1 there: a few s.e. of a 10k-draw Γ, ×10⁴ by β̄/ᾱ
+    exact = covariance_estimate(sched, gamma, fit="clip")
+    tau = even_trajectory(1000, 100)
+    for fit in ("weighted", "isotonic"):
+        np.testing.assert_allclose(covariance_estimate(sched, gamma, fit=fit), exact, rtol=1e-12)
+    ref = step_variances(sched, tau, "analytic-ddpm", gamma=gamma, fit="clip").sigma2
+    below = step_variances(sched, tau, "analytic-ddpm", gamma=gamma).t < 800
+    weighted = step_variances(sched, tau, "analytic-ddpm", gamma=noisy, fit="weighted").sigma2
+    np.testing.assert_allclose(weighted[below], ref[below], rtol=1e-6)
+    global_fit = step_variances(sched, tau, "analytic-ddpm", gamma=noisy, fit="isotonic").sigma2
+    assert np.max(np.abs(global_fit[below] / ref[below] - 1)) > 3e-4  # > 1000× the weighted fit's

@@ -97,7 +97,7 @@ def test_cosine_betas_match_mpmath():
 @pytest.mark.parametrize("tau", [[1, 5, 10, 15, 20], [1, 2, 3, 7, 18, 19, 20], list(range(1, 21))])
 def test_f_sigma2_table_matches_independent_derivation(fixed, method, eta, clip_pixel, tau):
     sched = make_schedule("cosine", 20)
-    got = step_variances(sched, tau, method, gamma=fixed, eta=eta, clip_pixel=clip_pixel, monotone=False)
+    got = step_variances(sched, tau, method, gamma=fixed, eta=eta, clip_pixel=clip_pixel, fit="clip")
     want = truth_table(fixed, tau, method, eta, clip_pixel)
     assert [(int(s), int(t)) for s, t in zip(got.s, got.t)] == [(s, t) for s, t, _ in want]
     np.testing.assert_allclose(got.sigma2, [float(v) for _, _, v in want], rtol=1e-11, atol=0)
@@ -125,6 +125,6 @@ def test_monotone_projection_is_a_no_op_for_a_feasible_gamma():
     cov = 0.3 * bbar / (0.3 * abar + bbar)  # a single Gaussian's, increasing in t
     gamma = 1 - cov * abar / bbar
     tau = [1, 20, 50, 120, 200]
-    a = step_variances(sched, tau, "analytic-ddpm", gamma=gamma, monotone=True).sigma2
-    b = step_variances(sched, tau, "analytic-ddpm", gamma=gamma, monotone=False).sigma2
+    a = step_variances(sched, tau, "analytic-ddpm", gamma=gamma, fit="isotonic").sigma2
+    b = step_variances(sched, tau, "analytic-ddpm", gamma=gamma, fit="clip").sigma2
     np.testing.assert_allclose(a, b, rtol=1e-12)

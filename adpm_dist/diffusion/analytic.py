@@ -84,36 +84,55 @@ def _describe_timesteps(ts) -> str:
     return ",".join(map(str, ts[:12])) + (f",… ({len(ts)} in all)" if len(ts) > 12 else "")
 
 
-def isotonic_increasing(values: np.ndarray) -> np.ndarray:
-    """Least-squares non-decreasing fit (pool-adjacent-violators), O(n)."""
+def isotonic_increasing(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Weighted least-squares non-decreasing fit (pool-adjacent-violators), O(n)."""
+    values = np.asarray(values, dtype=np.float64)
+    weights = np.ones_like(values) if weights is None else np.asarray(weights, dtype=np.float64)
     means: list[float] = []
+    mass: list[float] = []
     sizes: list[int] = []
-    for v in np.asarray(values, dtype=np.float64):
+    for v, w in zip(values, weights):
         means.append(float(v))
+        mass.append(float(w))
         sizes.append(1)
         while len(means) > 1 and means[-2] > means[-1]:
-            m2, n2 = means.pop(), sizes.pop()
-            m1, n1 = means.pop(), sizes.pop()
-            means.append((m1 * n1 + m2 * n2) / (n1 + n2))
+            m2, w2, n2 = means.pop(), mass.pop(), sizes.pop()
+            m1, w1, n1 = means.pop(), mass.pop(), sizes.pop()
+            means.append((m1 * w1 + m2 * w2) / (w1 + w2))
+            mass.append(w1 + w2)
             sizes.append(n1 + n2)
     return np.repeat(means, sizes)
 
 
+COVARIANCE_FITS = ("weighted", "isotonic", "clip")
+
+
 def covariance_estimate(
-    schedule: Schedule, gamma, data_range=(-1.0, 1.0), monotone: bool = True
+    schedule: Schedule, gamma, data_range=(-1.0, 1.0), fit: str = "weighted", gamma_stderr=None
 ) -> np.ndarray:
     """E tr Cov[x₀|x_t]/d ≈ (β̄_t/ᾱ_t)(1 − Γ_t) for t = 0..N (index 0: 0), made feasible.
 
     Theorem 2 bounds it to [0, ((b−a)/2)²]; Γ_t ≥ 0 adds the bound β̄_t/ᾱ_t.
-    With ``monotone`` (default) the estimate is first projected onto
-    non-decreasing sequences in t (isotonic least squares): the true quantity is
-    non-decreasing because x₀ → x_s → x_t is a Markov chain, so x_t never says
-    more about x₀ than x_s does. This matters where Monte-Carlo error in Γ_t is
-    amplified by β̄_t/ᾱ_t (large t): there the raw estimate jumps between the
-    two clips, and a 0 would claim x₀ is known exactly from very noisy x_t.
-    For an exact Γ the projection changes nothing. Order: clip to the box,
-    isotonic fit, clip again (the box's upper edge is itself non-decreasing).
+    ``fit``:
+
+    - ``'clip'``: the paper's (and the official code's) plain clip to those bounds.
+    - ``'isotonic'``: the clipped estimate projected onto non-decreasing sequences in t
+      (least squares, every t weighted alike). The true quantity is non-decreasing
+      (x₀ → x_s → x_t is a Markov chain, so x_t never says more about x₀ than x_s), and
+      Monte-Carlo error in Γ_t is amplified by β̄_t/ᾱ_t at large t, where the raw
+      estimate jumps between the clips. But the fit is global: noise at t > 900 can
+      pool a flat plateau far back and move σ² where Γ is exact.
+    - ``'weighted'`` (default): the same projection weighted by 1/s.e.(estimate)², with
+      s.e. = (β̄_t/ᾱ_t)·s.e.(Γ_t) (``gamma_stderr``; a constant when not given, as Γ has
+      the same number of draws at every t). A noisy large-t value then gives way to
+      precise ones instead of dragging them: a region where the estimate is feasible
+      and precise stays put.
+
+    For an exact, feasible Γ every fit changes nothing. Order: clip to the box, fit,
+    clip again (the box's upper edge is itself non-decreasing).
     """
+    if fit not in COVARIANCE_FITS:
+        raise ValueError(f"unknown covariance fit {fit!r}; choose one of {list(COVARIANCE_FITS)}")
     a, b = data_range
     n = schedule.num_timesteps
     g = as_gamma_vector(gamma, n, allow_missing=True)
@@ -121,9 +140,14 @@ def covariance_estimate(
     abar, bbar = schedule.alphas_cumprod[1:][known], schedule.bar_betas[1:][known]
     upper = np.minimum(((b - a) / 2.0) ** 2, bbar / abar)
     cov_known = np.clip((bbar / abar) * (1.0 - g[1:][known]), 0.0, upper)
-    if monotone:
+    if fit != "clip":
+        weights = None
+        if fit == "weighted":
+            se_gamma = np.ones(n) if gamma_stderr is None else as_gamma_vector(gamma_stderr, n, True)[1:]
+            se = (bbar / abar) * np.maximum(se_gamma[known], 1e-300)
+            weights = 1.0 / se**2
         # Clip first so that wild estimates at large t cannot drag the fit down.
-        cov_known = np.clip(isotonic_increasing(cov_known), 0.0, upper)
+        cov_known = np.clip(isotonic_increasing(cov_known, weights), 0.0, upper)
     cov = np.full(n, np.nan)
     cov[known] = cov_known
     return np.concatenate([[0.0], cov])
@@ -142,7 +166,7 @@ def step_variances(
     eta: float = 0.0,
     data_range=(-1.0, 1.0),
     clip_pixel: float | None = None,
-    monotone: bool = True,
+    fit: str = "weighted",
     moments: ErrorMoments | None = None,
     direction: str = "x0",
 ) -> StepVariances:
@@ -153,7 +177,7 @@ def step_variances(
     the noise added there reaches the output. It applies to every method, as in the
     paper's Table 2 (App. F.2 clips p(x_1|x_2) for the baselines too); for DDIM
     (σ² = 0) it changes nothing.
-    ``monotone``: see :func:`covariance_estimate`. ``moments`` (residual methods) and
+    ``fit``: see :func:`covariance_estimate`. ``moments`` (residual methods) and
     ``direction`` (residual-ddim's DDIM direction): see :mod:`residual`.
     """
     if method not in METHODS + RESIDUAL_METHODS:
@@ -180,13 +204,13 @@ def step_variances(
     if ddpm:
         cov = None
         if method == "analytic-ddpm":
-            cov = _covariance_on_steps(schedule, gamma, t, data_range, monotone)
+            cov = _covariance_on_steps(schedule, gamma, t, data_range, fit)
         a_t = None if moments is None else moments.a[t]
         sigma2 = ddpm_family_sigma2(method, coef, cov, a_t, data_range)
     elif method == "ddim":
         sigma2 = lam2.copy()
     elif method == "analytic-ddim":
-        cov = _covariance_on_steps(schedule, gamma, t, data_range, monotone)
+        cov = _covariance_on_steps(schedule, gamma, t, data_range, fit)
         sigma2 = lam2 + ddim_gamma2(schedule, s, t, lam2) * cov
     else:  # residual-ddim: Theorem 2's cap applies to the x̂₀ direction, whose γ² it bounds
         upper = None if direction == "network" else (
@@ -199,9 +223,9 @@ def step_variances(
     return StepVariances(method, s, t, lam2, sigma2)
 
 
-def _covariance_on_steps(schedule, gamma, t, data_range, monotone) -> np.ndarray:
+def _covariance_on_steps(schedule, gamma, t, data_range, fit) -> np.ndarray:
     """:func:`covariance_estimate` at the steps' sources t; ValueError naming missing Γ_t."""
-    cov = covariance_estimate(schedule, gamma, data_range, monotone)
+    cov = covariance_estimate(schedule, gamma, data_range, fit)
     missing = np.unique(t[~np.isfinite(cov[t])])
     if missing.size:
         raise ValueError(

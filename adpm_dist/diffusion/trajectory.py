@@ -98,11 +98,11 @@ def make_trajectory(kind: str, schedule: Schedule, num_steps: int, gamma=None, r
 
 
 def step_cost_matrix(
-    schedule: Schedule, gamma, data_range=(-1.0, 1.0), monotone: bool = True
+    schedule: Schedule, gamma, data_range=(-1.0, 1.0), fit: str = "weighted"
 ) -> np.ndarray:
     """C[s, t] = J(s, t) for 1 ≤ s < t ≤ N, +inf elsewhere; shape (N+1, N+1)."""
     n = schedule.num_timesteps
-    cov = covariance_estimate(schedule, gamma, data_range, monotone)
+    cov = covariance_estimate(schedule, gamma, data_range, fit)
     missing = np.flatnonzero(~np.isfinite(cov[2:])) + 2  # Γ_1 is never used by a step
     if missing.size:
         raise ValueError(
@@ -131,7 +131,7 @@ DP_COSTS = ("paper", "expected")
 
 
 def optimal_trajectory(
-    schedule: Schedule, gamma, num_steps: int, data_range=(-1.0, 1.0), monotone: bool = True,
+    schedule: Schedule, gamma, num_steps: int, data_range=(-1.0, 1.0), fit: str = "weighted",
     cost: str = "paper", method: str = "analytic-ddpm", moments: ErrorMoments | None = None,
 ) -> np.ndarray:
     """Least-cost τ_1 = 1 < … < τ_K = N for any 2 ≤ K ≤ N.
@@ -143,7 +143,7 @@ def optimal_trajectory(
     """
     _check_k(schedule.num_timesteps, num_steps)
     if cost == "paper":
-        return least_cost_path(step_cost_matrix(schedule, gamma, data_range, monotone), num_steps)
+        return least_cost_path(step_cost_matrix(schedule, gamma, data_range, fit), num_steps)
     if cost != "expected":
         raise ValueError(f"unknown DP cost {cost!r}; choose one of {list(DP_COSTS)}")
     if moments is None:
@@ -152,7 +152,7 @@ def optimal_trajectory(
     if method == "analytic-ddpm":
         if gamma is None:
             raise ValueError("the expected-cost DP for analytic-ddpm needs Γ")
-        cov = covariance_estimate(schedule, gamma, data_range, monotone)
+        cov = covariance_estimate(schedule, gamma, data_range, fit)
     return least_cost_path(expected_cost_matrix(schedule, method, moments, cov, data_range), num_steps)
 
 
