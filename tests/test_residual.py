@@ -240,3 +240,40 @@ def test_weighted_fit_keeps_an_exact_region_put():
     np.testing.assert_allclose(weighted[below], ref[below], rtol=1e-6)
     global_fit = step_variances(sched, tau, "analytic-ddpm", gamma=noisy, fit="isotonic").sigma2
     assert np.max(np.abs(global_fit[below] / ref[below] - 1)) > 3e-4  # > 1000× the weighted fit's
+
+
+def _toy_eps(x_t, n):  # a deliberately poor model, so that clipping x̂₀ matters
+    return 0.6 * x_t + 0.3 * torch.sin(3 * x_t) + 0.01 * n.reshape(-1, 1).to(x_t.dtype)
+
+
+def test_ddim_network_direction_is_the_official_step():
+    from adpm_dist.diffusion.samplers import sample
+
+    sched = make_schedule("linear", 30)
+    tau = np.array([1, 12, 30])
+    gens = lambda: make_generators(range(5))  # noqa: E731
+    got = sample(_toy_eps, sched, tau, "ddim", gens(), (3,), eta=0.0, dtype=torch.float64,
+                 direction="network")
+    # by hand: x_30 → x_12 → x_1 → x̂₀, each step √ᾱ_s clip(x̂₀) + √β̄_s ε̂ with the raw ε̂
+    x = torch.stack([torch.randn(3, generator=g, dtype=torch.float64) for g in gens()])
+    for s, t in [(12, 30), (1, 12)]:
+        eps = _toy_eps(x, torch.full((5,), t))
+        x0 = predict_x0(sched, x, eps, t).clamp(-1, 1)
+        x = math.sqrt(sched.alphas_cumprod[s]) * x0 + math.sqrt(sched.bar_betas[s]) * eps
+    want = predict_x0(sched, x, _toy_eps(x, torch.full((5,), 1)), 1).clamp(-1, 1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    rederived = sample(_toy_eps, sched, tau, "ddim", gens(), (3,), dtype=torch.float64)
+    assert not torch.allclose(got, rederived)  # the clip makes the two directions differ here
+    unclipped = [sample(_toy_eps, sched, tau, "ddim", gens(), (3,), dtype=torch.float64, clip_x0=False,
+                        direction=d) for d in ("network", "x0")]
+    torch.testing.assert_close(*unclipped, rtol=1e-10, atol=1e-10)  # without a clip they are one
+
+
+def test_ddpm_family_ignores_the_direction():
+    from adpm_dist.diffusion.samplers import sample
+
+    sched = make_schedule("linear", 30)
+    tau = np.array([1, 12, 30])
+    a, b = (sample(_toy_eps, sched, tau, "ddpm-tilde", make_generators(range(4)), (3,), dtype=torch.float64,
+                   direction=d) for d in ("network", "x0"))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

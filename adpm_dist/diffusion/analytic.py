@@ -41,6 +41,11 @@ DDPM_FAMILY = ("ddpm-beta", "ddpm-tilde", "analytic-ddpm")
 RESIDUAL_METHODS = ("residual-ddpm", "residual-ddim")
 
 
+def is_ddpm_family(method: str) -> bool:
+    """True where the mean is the posterior mean μ̃(x_t, x̂₀) (λ² = β̃), False for DDIM-style steps."""
+    return method in DDPM_FAMILY or method == "residual-ddpm"
+
+
 @dataclass(frozen=True)
 class StepVariances:
     """Per-step coefficients, ordered as sampling runs: from t = τ_K = N down to t = τ_2.
@@ -194,7 +199,7 @@ def step_variances(
         raise ValueError(f"eta must be >= 0, got {eta}")
 
     s, t = tau[:-1][::-1], tau[1:][::-1]
-    ddpm = method in DDPM_FAMILY or method == "residual-ddpm"
+    ddpm = is_ddpm_family(method)
     tilde = step_coefficients(schedule, s, t)["tilde"]  # β̃_{s|t}
     coef = step_coefficients(schedule, s, t, tilde if ddpm else eta**2 * tilde)
     lam2 = coef["lam2"]

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from adpm_dist.diffusion.analytic import StepVariances, step_variances
+from adpm_dist.diffusion.analytic import StepVariances, is_ddpm_family, step_variances
+from adpm_dist.diffusion.residual import ErrorMoments
 from adpm_dist.diffusion.schedule import Schedule
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -43,11 +44,17 @@ def predict_x0(schedule: Schedule, x_t: torch.Tensor, eps: torch.Tensor, t: int)
 
 
 def reverse_mean(
-    schedule: Schedule, x_t: torch.Tensor, x0_hat: torch.Tensor, s: int, t: int, lambda2: float
+    schedule: Schedule, x_t: torch.Tensor, x0_hat: torch.Tensor, s: int, t: int, lambda2: float,
+    eps_hat: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """μ = √ᾱ_s x̂₀ + √(β̄_s − λ²)·(x_t − √ᾱ_t x̂₀)/√β̄_t (paper Eq. 9; = μ̃ for λ² = β̃)."""
+    """μ = √ᾱ_s x̂₀ + √(β̄_s − λ²)·ε̂ (paper Eq. 9; = μ̃ for λ² = β̃).
+
+    ε̂ None: the direction re-derived from x̂₀, (x_t − √ᾱ_t x̂₀)/√β̄_t; otherwise the given
+    one (the network's output: the official code's DDIM step, where x̂₀ is clipped and ε̂ not).
+    """
     abar_s, abar_t = float(schedule.alphas_cumprod[s]), float(schedule.alphas_cumprod[t])
-    eps_hat = (x_t - math.sqrt(abar_t) * x0_hat) / math.sqrt(1.0 - abar_t)
+    if eps_hat is None:
+        eps_hat = (x_t - math.sqrt(abar_t) * x0_hat) / math.sqrt(1.0 - abar_t)
     return math.sqrt(abar_s) * x0_hat + math.sqrt(max(1.0 - abar_s - lambda2, 0.0)) * eps_hat
 
 
@@ -62,29 +69,36 @@ def run_reverse(
     device="cpu",
     clip_range: tuple[float, float] | None = (-1.0, 1.0),
     progress: Callable[[], None] | None = None,
+    direction: str = "x0",
 ) -> torch.Tensor:
     """Sample x_N ~ N(0, I) and run every step of ``steps``; the last step returns x̂₀.
 
     ``clip_range`` clips x̂₀ to the data range before it forms the mean (None: off).
-    ``progress`` is called once per network evaluation.
+    ``progress`` is called once per network evaluation. ``direction``: the mean's noise
+    direction, re-derived from the clipped x̂₀ (``'x0'``) or the network's ε̂
+    (``'network'``, the official code and diffusers' ``use_clipped_model_output=False``);
+    DDPM-family steps always use the posterior mean μ̃(x_t, x̂₀), i.e. ``'x0'``.
     """
     x = per_image_normal(generators, shape, dtype, device)
     batch = x.shape[0]
 
-    def x0_at(x_t: torch.Tensor, t: int) -> torch.Tensor:
+    def predict(x_t: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = torch.full((batch,), t, dtype=torch.long, device=device)
-        x0 = predict_x0(schedule, x_t, eps_fn(x_t, n).to(x_t.dtype), t)
+        eps = eps_fn(x_t, n).to(x_t.dtype)
+        x0 = predict_x0(schedule, x_t, eps, t)
         if progress is not None:
             progress()
-        return x0.clamp(*clip_range) if clip_range is not None else x0
+        return (x0.clamp(*clip_range) if clip_range is not None else x0), eps
 
+    network_direction = direction == "network" and not is_ddpm_family(steps.method)
     for s, t, lam2, sig2 in zip(steps.s, steps.t, steps.lambda2, steps.sigma2):
-        mean = reverse_mean(schedule, x, x0_at(x, int(t)), int(s), int(t), float(lam2))
+        x0, eps = predict(x, int(t))
+        mean = reverse_mean(schedule, x, x0, int(s), int(t), float(lam2), eps if network_direction else None)
         if sig2 > 0:
             mean = mean + math.sqrt(float(sig2)) * per_image_normal(generators, shape, dtype, device)
         x = mean
     # Last step τ_1 → 0: p(x₀|x_{τ_1}) has mean x̂₀(x_{τ_1}); we return the mean, as is usual.
-    return x0_at(x, int(steps.s[-1]))
+    return predict(x, int(steps.s[-1]))[0]
 
 
 def sample(
@@ -103,13 +117,15 @@ def sample(
     dtype=torch.float32,
     device="cpu",
     progress: Callable[[], None] | None = None,
+    moments: ErrorMoments | None = None,
+    direction: str = "x0",
 ) -> torch.Tensor:
     """Draw ``len(generators)`` samples of ``shape`` with any method on any trajectory."""
     steps = step_variances(
         schedule, trajectory, method, gamma=gamma, eta=eta, data_range=data_range,
-        clip_pixel=clip_pixel,
+        clip_pixel=clip_pixel, moments=moments, direction=direction,
     )
     return run_reverse(
         eps_fn, schedule, steps, generators, shape, dtype=dtype, device=device,
-        clip_range=data_range if clip_x0 else None, progress=progress,
+        clip_range=data_range if clip_x0 else None, progress=progress, direction=direction,
     )
