@@ -140,14 +140,15 @@ def test_predicted_nelbo_agrees_with_monte_carlo():
     count, d = 20000, 4
     x0 = scale * torch.randn(count, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     tau = even_trajectory(100, 10)
-    methods = ("ddpm-beta", "ddpm-tilde", "analytic-ddpm")
-    terms = negative_elbos(eps_fn, sched, tau, methods, x0, make_generators(range(count)), gamma=gamma)
+    methods = ("ddpm-beta", "ddpm-tilde", "analytic-ddpm", "residual-ddpm")
+    terms = negative_elbos(eps_fn, sched, tau, methods, x0, make_generators(range(count)), gamma=gamma,
+                           moments=mom)
     for method in methods:
         nats = (terms[method]["total"] - terms[method]["decoder"]) / d  # the decoder is data-specific
         dec = terms[method]["decoder"] / d
         mom_m = ErrorMoments(mom.a, mom.b, mom.c, x0_sq=float((x0**2).mean()), decoder_nll=float(dec.mean()),
                              decoder_nll_stderr=float(dec.std() / math.sqrt(count)))
-        v = step_variances(sched, tau, method, gamma=gamma)
+        v = step_variances(sched, tau, method, gamma=gamma, moments=mom)
         bits, se = predicted_nelbo(sched, v.s, v.t, v.lambda2, v.sigma2, mom_m)
         mc_bits = float((nats + dec).mean()) / math.log(2)
         mc_se = float(nats.std()) / math.sqrt(count) / math.log(2)

@@ -22,8 +22,9 @@ from collections.abc import Sequence
 
 import torch
 
-from adpm_dist.diffusion.analytic import DDPM_FAMILY, step_variances
+from adpm_dist.diffusion.analytic import DDPM_FAMILY, is_ddpm_family, step_variances
 from adpm_dist.diffusion.forward import q_sample
+from adpm_dist.diffusion.residual import ErrorMoments
 from adpm_dist.diffusion.samplers import EpsFn, per_image_normal, predict_x0, reverse_mean
 from adpm_dist.diffusion.schedule import Schedule
 
@@ -68,6 +69,7 @@ def negative_elbo(
     gamma=None,
     data_range: tuple[float, float] = (-1.0, 1.0),
     clip_x0: bool = False,
+    moments: ErrorMoments | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-image terms of −ELBO in nats (float64) and the total in bits/dim.
 
@@ -75,7 +77,7 @@ def negative_elbo(
     ``decoder`` (B,), ``total`` (B,) and ``bpd`` (B,).
     """
     return negative_elbos(eps_fn, schedule, trajectory, [method], x0, generators, gamma=gamma,
-                          data_range=data_range, clip_x0=clip_x0)[method]
+                          data_range=data_range, clip_x0=clip_x0, moments=moments)[method]
 
 
 def negative_elbos(
@@ -89,6 +91,7 @@ def negative_elbos(
     gamma=None,
     data_range: tuple[float, float] = (-1.0, 1.0),
     clip_x0: bool = False,
+    moments: ErrorMoments | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """:func:`negative_elbo` for several DDPM-family methods from ONE set of ε evaluations.
 
@@ -99,13 +102,14 @@ def negative_elbos(
     :func:`negative_elbo` alone gives with the same generators.
     """
     for method in methods:
-        if method not in DDPM_FAMILY:
-            raise ValueError(f"the ELBO is defined for the DDPM family {list(DDPM_FAMILY)}, not '{method}'")
+        if not is_ddpm_family(method):
+            family = [*DDPM_FAMILY, "residual-ddpm"]
+            raise ValueError(f"the ELBO is defined for the DDPM family {family}, not '{method}'")
     x0 = x0.to(torch.float64)
     batch = x0.shape[0]
     abar, bbar = schedule.alphas_cumprod, schedule.bar_betas
-    variances = {m: step_variances(schedule, trajectory, m, gamma=gamma, data_range=data_range)
-                 for m in methods}
+    variances = {m: step_variances(schedule, trajectory, m, gamma=gamma, data_range=data_range,
+                                   moments=moments) for m in methods}
     steps = variances[methods[0]]  # s, t and λ² are the same for every method of the family
     clip = data_range if clip_x0 else None
 
