@@ -28,7 +28,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from adpm_dist.diffusion.analytic import DDPM_FAMILY, METHODS, step_variances
+from adpm_dist.diffusion.analytic import DDPM_FAMILY, METHODS, is_ddpm_family, step_variances
+from adpm_dist.diffusion.residual import DIRECTIONS
 from adpm_dist.diffusion.samplers import per_image_normal, predict_x0, reverse_mean
 from adpm_dist.diffusion.trajectory import TRAJECTORIES, make_trajectory
 from adpm_dist.models.diffusers_adapter import schedule_from_diffusers
@@ -61,11 +62,14 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         clip_sample: bool = True,
         clip_pixel: float | None = None,
         prediction_type: str = "epsilon",
+        ddim_direction: str = "x0",
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method '{method}'; choose one of {list(METHODS)}")
         if trajectory not in TRAJECTORIES:
             raise ValueError(f"unknown trajectory '{trajectory}'; choose one of {list(TRAJECTORIES)}")
+        if ddim_direction not in DIRECTIONS:
+            raise ValueError(f"unknown ddim_direction '{ddim_direction}'; choose one of {list(DIRECTIONS)}")
         if prediction_type != "epsilon":
             raise ValueError(f"prediction_type '{prediction_type}' is not supported by "
                              "AnalyticDPMScheduler; only 'epsilon'")
@@ -125,13 +129,16 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         return sample
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float | None = None,
-             use_clipped_model_output: bool = False, generator=None, variance_noise=None,
+             use_clipped_model_output: bool | None = None, generator=None, variance_noise=None,
              return_dict: bool = True):
         """One reverse step from diffusers timestep ``timestep`` (our t = timestep + 1).
 
         ``eta`` (DDIMPipeline passes it): for the DDIM family it replaces the
-        configured η; the DDPM family ignores it. ``use_clipped_model_output`` is
-        accepted and ignored: the mean is formed from the clipped x̂₀ either way.
+        configured η; the DDPM family ignores it. ``use_clipped_model_output`` (DDIM
+        family) as in diffusers' DDIMScheduler: True re-derives ε̂ from the clipped x̂₀
+        (``ddim_direction='x0'``), False uses the network's output (``'network'``, the
+        official Analytic-DPM code and DDIMScheduler's behaviour); None (what DDIMPipeline
+        passes unless told) follows the configured ``ddim_direction``.
         """
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(K) before step()")
@@ -147,7 +154,11 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             if t not in self._steps:
                 raise ValueError(f"timestep {timestep} is not on the trajectory set by set_timesteps")
             s, lam2, sig2 = self._steps[t]
-            prev = reverse_mean(self.schedule, sample, x0, s, t, lam2)
+            direction = self.config.ddim_direction if use_clipped_model_output is None else (
+                "x0" if use_clipped_model_output else "network")
+            raw = direction == "network" and not is_ddpm_family(self.config.method)
+            eps = model_output.to(sample.dtype) if raw else None  # None: re-derived from x̂₀
+            prev = reverse_mean(self.schedule, sample, x0, s, t, lam2, eps)
             if sig2 > 0:
                 if variance_noise is None:
                     if isinstance(generator, list):
