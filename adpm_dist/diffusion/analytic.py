@@ -185,19 +185,7 @@ def step_variances(
     ``fit``: see :func:`covariance_estimate`. ``moments`` (residual methods) and
     ``direction`` (residual-ddim's DDIM direction): see :mod:`residual`.
     """
-    if method not in METHODS + RESIDUAL_METHODS:
-        raise ValueError(f"unknown method '{method}'; choose one of {list(METHODS + RESIDUAL_METHODS)}")
-    tau = np.asarray(trajectory, dtype=np.int64)
-    n = schedule.num_timesteps
-    if tau.ndim != 1 or tau.shape[0] < 2 or tau[0] != 1 or tau[-1] != n or np.any(np.diff(tau) <= 0):
-        raise ValueError(f"trajectory must increase strictly from 1 to N={n}; got {tau.tolist()[:8]}…")
-    if method in ANALYTIC_METHODS and gamma is None:
-        raise ValueError(f"method '{method}' needs Γ (a Γ file)")
-    if method in RESIDUAL_METHODS and moments is None:
-        raise ValueError(f"method '{method}' needs the model-error moments (a Γ file of format 3)")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-
+    tau = _checked_trajectory(schedule, trajectory, method, gamma, moments, eta)
     s, t = tau[:-1][::-1], tau[1:][::-1]
     ddpm = is_ddpm_family(method)
     tilde = step_coefficients(schedule, s, t)["tilde"]  # β̃_{s|t}
@@ -217,15 +205,38 @@ def step_variances(
     elif method == "analytic-ddim":
         cov = _covariance_on_steps(schedule, gamma, t, data_range, fit)
         sigma2 = lam2 + ddim_gamma2(schedule, s, t, lam2) * cov
-    else:  # residual-ddim: Theorem 2's cap applies to the x̂₀ direction, whose γ² it bounds
-        upper = None if direction == "network" else (
-            lam2 + ddim_gamma2(schedule, s, t, lam2) * ((data_range[1] - data_range[0]) / 2.0) ** 2)
-        excess = mean_error(schedule, s, t, moments, "ddim", lam2, direction)
-        sigma2 = kl_optimal_variance(lam2, excess, upper)
+    else:
+        sigma2 = _residual_ddim_sigma2(schedule, s, t, lam2, moments, direction, data_range)
     if clip_pixel is not None:
         last = s == tau[0]
         sigma2[last] = np.minimum(sigma2[last], pixel_clip_bound(clip_pixel))
     return StepVariances(method, s, t, lam2, sigma2)
+
+
+def _checked_trajectory(schedule, trajectory, method, gamma, moments, eta) -> np.ndarray:
+    """τ as int64 after every argument check of :func:`step_variances` (ValueError naming it)."""
+    if method not in METHODS + RESIDUAL_METHODS:
+        raise ValueError(f"unknown method '{method}'; choose one of {list(METHODS + RESIDUAL_METHODS)}")
+    tau = np.asarray(trajectory, dtype=np.int64)
+    n = schedule.num_timesteps
+    if tau.ndim != 1 or tau.shape[0] < 2 or tau[0] != 1 or tau[-1] != n or np.any(np.diff(tau) <= 0):
+        raise ValueError(f"trajectory must increase strictly from 1 to N={n}; got {tau.tolist()[:8]}…")
+    if method in ANALYTIC_METHODS and gamma is None:
+        raise ValueError(f"method '{method}' needs Γ (a Γ file)")
+    if method in RESIDUAL_METHODS and moments is None:
+        raise ValueError(f"method '{method}' needs the model-error moments (a Γ file of format 3)")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    return tau
+
+
+def _residual_ddim_sigma2(schedule, s, t, lam2, moments, direction, data_range) -> np.ndarray:
+    """λ² + E‖μ̃ − μ_θ‖²/d for DDIM steps; Theorem 2's cap applies to the x̂₀ direction,
+    whose γ² it bounds (the network direction's error has no such bound)."""
+    upper = None
+    if direction != "network":
+        upper = lam2 + ddim_gamma2(schedule, s, t, lam2) * ((data_range[1] - data_range[0]) / 2.0) ** 2
+    return kl_optimal_variance(lam2, mean_error(schedule, s, t, moments, "ddim", lam2, direction), upper)
 
 
 def _covariance_on_steps(schedule, gamma, t, data_range, fit) -> np.ndarray:

@@ -101,10 +101,9 @@ def negative_elbos(
     for any number of methods, and each method's result is exactly what
     :func:`negative_elbo` alone gives with the same generators.
     """
-    for method in methods:
-        if not is_ddpm_family(method):
-            family = [*DDPM_FAMILY, "residual-ddpm"]
-            raise ValueError(f"the ELBO is defined for the DDPM family {family}, not '{method}'")
+    for method in [m for m in methods if not is_ddpm_family(m)]:
+        raise ValueError(f"the ELBO is defined for the DDPM family {[*DDPM_FAMILY, 'residual-ddpm']}, "
+                         f"not '{method}'")
     x0 = x0.to(torch.float64)
     batch = x0.shape[0]
     abar, bbar = schedule.alphas_cumprod, schedule.bar_betas
