@@ -124,3 +124,78 @@ def test_main_returns_2_and_names_the_bad_key(capsys):
     assert rc == train.CONFIG_ERROR_EXIT_CODE
     err = capsys.readouterr().err
     assert "optim.weight_decy" in err and "weight_decay" in err
+
+
+@pytest.mark.parametrize("override, key, shown", [
+    ("data.batch_size=0", "data.batch_size", "=0 "),
+    ("optim.lr=0", "optim.lr", "=0.0 "),
+    ("optim.lr=-0.5", "optim.lr", "=-0.5 "),
+    ("optim.lr=.inf", "optim.lr", "=inf "),
+    ("optim.lr=.nan", "optim.lr", "=nan "),
+    ("train.total_steps=-1", "train.total_steps", "=-1 "),
+    ("data.num_workers=-1", "data.num_workers", "=-1 "),
+    ("data.shuffle_buffer=0", "data.shuffle_buffer", "=0 "),
+    ("data.resolution=0", "data.resolution", "=0 "),
+    ("data.channels=2", "data.channels", "=2 "),
+    ("data.max_bad_fraction=-0.1", "data.max_bad_fraction", "=-0.1 "),
+    ("optim.eps=0", "optim.eps", "=0.0 "),
+    ("optim.betas=[0.9,1.5]", "optim.betas", "=[0.9, 1.5] "),
+    ("optim.weight_decay=.inf", "optim.weight_decay", "=inf "),
+    ("optim.grad_clip=.nan", "optim.grad_clip", "=nan "),
+    ("train.ema_decay=.nan", "train.ema_decay", "=nan "),
+    ("train.sample_every=-1", "train.sample_every", "=-1 "),
+    ("train.sample_count=0", "train.sample_count", "=0 "),
+    ("train.sample_steps=0", "train.sample_steps", "=0 "),
+    ("train.seed=-1", "train.seed", "=-1 "),
+    ("diffusion.num_timesteps=0", "diffusion.num_timesteps", "=0 "),
+    ("diffusion.num_timesteps=5000", "diffusion.num_timesteps", "=5000 "),
+    ("diffusion.schedule=quadratic", "diffusion.schedule", "='quadratic' "),
+    ("train.run_dir=", "train.run_dir", "='' "),
+])
+def test_bad_numbers_and_names_are_refused_naming_the_key(override, key, shown):
+    with pytest.raises(C.ConfigError) as err:
+        C.build_config(preset="tiny", overrides=[override])
+    msg = str(err.value)
+    assert f"config key '{key}'{shown}" in msg and "\n" not in msg, msg  # key and the value got
+
+
+def test_every_preset_passes_the_value_checks():
+    for name in C.PRESETS:
+        C.build_config(preset=name).validate()
+
+
+@pytest.mark.parametrize("override", ["data.batch_size=0", "optim.lr=-1", "train.total_steps=-5"])
+def test_main_reports_a_bad_value_as_one_line_exit_2(override, capsys):
+    from adpm_dist.train import loop as train
+
+    assert train.main(["--preset", "tiny", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and override.split("=")[0] in err[0]
+
+
+def test_help_says_what_each_flag_and_key_does_with_defaults():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, "-m", "adpm_dist.train", "--help"], cwd=str(root),
+                         env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split())
+    for flag in ("--config", "--preset", "section.key=value"):
+        assert flag in text
+    for preset in C.PRESETS:
+        assert preset in text
+    # Every config key, with its built-in default.
+    for section, values in C.Config().to_dict().items():
+        for key in values:
+            assert f"{section}.{key}=" in text, f"{section}.{key}"
+    for shown in ("data.batch_size=128", "optim.lr=0.0002", "train.total_steps=1000",
+                  "train.run_dir=runs/default", "data.urls=[]"):
+        assert shown in text, shown
+    for status in ("75", "3", "2"):
+        assert f"{status} " in text
+    assert "docs/train.md" in text and "make_shards.py" in text

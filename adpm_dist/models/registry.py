@@ -19,12 +19,18 @@ celeba64   78,700,803  DDIM/Analytic-DPM: 64×64×3, ch 128, mult (1,2,2,2,4), a
 imagenet64 121,060,483 Improved DDPM: 64×64×3, ch 128, mult (1,2,3,4), 3 blocks,
                        attn 16 and 8, 4 heads, scale-shift norm, dropout 0
 ==========  =========  ==========================================================
+
+Names (:func:`model_name`; what Γ files, sample metadata and errors show): the dimensions
+``unet-ch32-res28-c1`` (base width, resolution, channels), prefixed by the preset the config
+is (``mnist:unet-ch32-res28-c1``) or by the nearest preset and what differs from it
+(``tiny+ch=8:unet-ch8-res8-c1``); a trained checkpoint adds its step (``…@step240``).
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -72,6 +78,39 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dropout": 0.0, "pad_to": None, "num_heads": 4, "scale_shift_norm": True,
     },
 }
+
+
+MAX_NAMED_CHANGES = 3  # beyond this many keys from the nearest preset, a name shows dims only
+
+
+def _value(v: Any) -> str:
+    return json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else str(v)
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if k != "type" and old.get(k) != new.get(k))
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What sets two model configs apart: ``"ch 16 → 8, dropout 0.0 → 0.1"`` ("" if equal)."""
+    return ", ".join(f"{k} {_value(old.get(k))} → {_value(new.get(k))}"
+                     for k in _changed_keys(old, new))
+
+
+def model_name(config: dict[str, Any], step: int | None = None) -> str:
+    """A name a person can tell models apart by (see the module docstring)."""
+    kind = str(config.get("type", "model"))
+    name = kind
+    if kind == UNET_TYPE:
+        name = f"unet-ch{config.get('ch')}-res{config.get('resolution')}-c{config.get('in_channels')}"
+    near = [(len(_changed_keys(p, config)), preset) for preset, p in PRESETS.items()
+            if p.get("type") == kind]
+    if near:
+        count, preset = min(near, key=lambda t: t[0])  # ties: the first preset listed
+        changes = _changed_keys(PRESETS[preset], config)
+        if count <= MAX_NAMED_CHANGES:
+            name = "+".join([preset, *(f"{k}={_value(config.get(k))}" for k in changes)]) + f":{name}"
+    return name if step is None else f"{name}@step{int(step)}"
 
 
 def register_model_type(name: str, ctor: Callable[..., nn.Module]) -> None:

@@ -102,9 +102,12 @@ def resume(t: Trainer) -> bool:
             f"{t.schedule_info} (config keys 'diffusion.*'); use a new train.run_dir"
         )
     if latest["model"] != t.model_config:
+        from adpm_dist.models.registry import config_differences, model_name
+
         raise ConfigError(
-            f"{where}: run was trained with model {latest['model']}, config builds "
-            f"{t.model_config} (config keys 'model.*'); use a new train.run_dir"
+            f"{where}: run was trained with model {model_name(latest['model'])!r}, config "
+            f"builds {model_name(t.model_config)!r} ({config_differences(latest['model'], t.model_config)};"
+            " config keys 'model.*'); use a new train.run_dir"
         )
     tag = os.path.basename(latest["deepspeed"].rstrip("/"))
     local = os.path.join(t.run.stage_ckpt(), tag)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -26,12 +27,14 @@ from typing import Any
 
 import yaml
 
+from adpm_dist.diffusion.schedule import MAX_STEPS, MIN_STEPS
 from adpm_dist.errors import UserError
 
 # The presets ship inside the package (adpm_dist/configs/*.yaml, package data), so a wheel
 # install finds them as well as a checkout does; the top-level configs/ is a link to them.
 CONFIG_DIR = Path(str(resources.files("adpm_dist").joinpath("configs")))
 PRESETS = ("tiny", "mnist", "cifar10", "celeba64", "imagenet64")
+SCHEDULES = ("linear", "cosine")  # the named schedules of diffusion.schedule.make_schedule
 
 
 class ConfigError(UserError, ValueError):
@@ -119,30 +122,68 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        """Value checks that types alone cannot express."""
-        checks = [
-            (self.train.loss in ("mse", "l1"), "train.loss", "must be 'mse' or 'l1'"),
-            (self.train.precision in ("auto", "fp32", "bf16"), "train.precision",
-             "must be 'auto', 'fp32' or 'bf16'"),
-            (self.train.zero_stage in (0, 1, 2, 3), "train.zero_stage", "must be 0, 1, 2 or 3"),
-            (self.train.total_steps >= 0, "train.total_steps", "must be >= 0"),
-            (self.train.ckpt_every > 0, "train.ckpt_every", "must be > 0"),
-            (self.train.keep_ckpts >= 0, "train.keep_ckpts", "must be >= 0"),
-            (self.train.log_every > 0, "train.log_every", "must be > 0"),
-            (self.train.max_bad_steps > 0, "train.max_bad_steps", "must be > 0"),
-            (0.0 <= self.train.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)"),
-            (self.data.batch_size > 0, "data.batch_size", "must be > 0"),
-            (self.data.batches_per_epoch >= 0, "data.batches_per_epoch", "must be >= 0"),
-            (0.0 <= self.data.max_bad_fraction < 1.0, "data.max_bad_fraction", "must be in [0, 1)"),
-            (len(self.optim.betas) == 2, "optim.betas", "must have two entries"),
-            (self.optim.lr > 0, "optim.lr", "must be > 0"),
-            (self.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
-            (self.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
-            (self.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0"),
-        ]
-        for ok, key, why in checks:
-            if not ok:
-                raise ConfigError(f"config key '{key}' {why}")
+        """Value checks that types alone cannot express: ConfigError naming key and value."""
+        for key, ok, why in _VALUE_CHECKS:
+            value = self.get(key)
+            if not ok(value):
+                raise ConfigError(f"config key '{key}'={value!r} {why}")
+
+    def get(self, key: str) -> Any:
+        """The value at a dotted key, e.g. ``cfg.get("optim.lr")``."""
+        section, name = key.split(".")
+        return getattr(getattr(self, section), name)
+
+
+def _number(low: float | None = None, high: float | None = None, *, above: bool = False,
+            below: bool = False) -> Any:
+    """A check for a finite number in [low, high] (``above``/``below``: open at that end)."""
+    def ok(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return ((low is None or (v > low if above else v >= low))
+                and (high is None or (v < high if below else v <= high)))
+    return ok
+
+
+def _optional(check: Any) -> Any:
+    return lambda v: v is None or check(v)
+
+
+# (key, check, why). NaN and ±inf fail every number check.
+_VALUE_CHECKS: list[tuple[str, Any, str]] = [
+    ("model.preset", lambda v: bool(v), "must name a model preset"),
+    ("diffusion.schedule", lambda v: v in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}"),
+    ("diffusion.num_timesteps", _number(MIN_STEPS, MAX_STEPS),
+     f"must be in [{MIN_STEPS}, {MAX_STEPS}]"),
+    ("data.batch_size", _number(1), "must be >= 1 (the global batch)"),
+    ("data.batches_per_epoch", _number(0), "must be >= 0 (0 = from the manifests)"),
+    ("data.num_workers", _number(0), "must be >= 0 (0 = read in the training process)"),
+    ("data.resolution", _optional(_number(1)), "must be >= 1, or null (= the model's)"),
+    ("data.channels", lambda v: v in (None, 1, 3), "must be 1, 3 or null (= the model's)"),
+    ("data.shuffle_buffer", _number(1), "must be >= 1"),
+    ("data.max_bad_fraction", _number(0.0, 1.0, below=True), "must be in [0, 1)"),
+    ("optim.lr", _number(0.0, above=True), "must be a finite number > 0"),
+    ("optim.weight_decay", _number(0.0), "must be a finite number >= 0"),
+    ("optim.betas", lambda v: len(v) == 2 and all(_number(0.0, 1.0, below=True)(b) for b in v),
+     "must be two numbers in [0, 1)"),
+    ("optim.eps", _number(0.0, above=True), "must be a finite number > 0"),
+    ("optim.warmup_steps", _number(0), "must be >= 0"),
+    ("optim.grad_clip", _number(0.0), "must be a finite number >= 0 (0 = no clipping)"),
+    ("train.run_dir", lambda v: bool(v.strip()), "must name a folder or s3:// URL"),
+    ("train.seed", _number(0), "must be >= 0"),
+    ("train.total_steps", _number(0), "must be >= 0"),
+    ("train.ckpt_every", _number(1), "must be >= 1"),
+    ("train.keep_ckpts", _number(0), "must be >= 0 (0 = keep all)"),
+    ("train.log_every", _number(1), "must be >= 1"),
+    ("train.loss", lambda v: v in ("mse", "l1"), "must be 'mse' or 'l1'"),
+    ("train.ema_decay", _number(0.0, 1.0, below=True), "must be in [0, 1)"),
+    ("train.zero_stage", lambda v: v in (0, 1, 2, 3), "must be 0, 1, 2 or 3"),
+    ("train.precision", lambda v: v in ("auto", "fp32", "bf16"), "must be 'auto', 'fp32' or 'bf16'"),
+    ("train.max_bad_steps", _number(1), "must be >= 1"),
+    ("train.sample_every", _number(0), "must be >= 0 (0 = no sample grids)"),
+    ("train.sample_count", _number(1), "must be >= 1"),
+    ("train.sample_steps", _number(1), "must be >= 1"),
+]
 
 
 # ---------------------------------------------------------------- type checking

@@ -37,7 +37,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,8 +46,9 @@ import torch
 from adpm_dist.diffusion.schedule import make_schedule
 from adpm_dist.errors import UserArgumentParser, run_cli
 from adpm_dist.io import dist, preempt, storage
+from adpm_dist.io.quality import BadDataError
 from adpm_dist.train import checkpoint
-from adpm_dist.train.batches import batches_from, make_stream
+from adpm_dist.train.batches import batches_from, check_data, make_stream
 from adpm_dist.train.config import Config, ConfigError, build_config, config_to_yaml
 from adpm_dist.train.ema import EMA
 from adpm_dist.train.engine import (
@@ -55,12 +56,13 @@ from adpm_dist.train.engine import (
     forget_deepspeed_groups,
     full_parameters,
     grad_norm_zero0,
+    per_rank_batch,
     prepare_deepspeed,
 )
 from adpm_dist.train.grid import sample_grid_png
 from adpm_dist.train.objective import training_loss
 from adpm_dist.train.progress import progress
-from adpm_dist.train.run_dir import Metrics, RunDir, checkpoint_tag
+from adpm_dist.train.run_dir import Metrics, RunDir, checkpoint_tag, read_latest
 
 __all__ = ["Trainer", "batches_from", "main", "make_schedule", "make_stream", "train"]
 
@@ -100,6 +102,9 @@ class Trainer:
         except ValueError as exc:
             raise ConfigError(f"config key 'model': {exc}") from None
         self.model_config = dict(model.config)
+        latest = read_latest(self.run)
+        if latest is None or int(latest["step"]) < cfg.train.total_steps:
+            check_data(cfg, self.model_config)  # before the engine: a mismatch costs nothing
         self.ema = EMA(model, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
         self.engine = build_engine(cfg, model, info.world_size)
         self.state = State()
@@ -128,8 +133,9 @@ class Trainer:
             self.run.join("samples", f"{checkpoint_tag(self.state.step)}.png"), png
         )
 
-    def step(self, x0: torch.Tensor) -> dict[str, Any]:
-        """Forward, agree across ranks, backward + update unless the loss is not finite."""
+    def step(self, x0: torch.Tensor, bad_data: bool = False) -> dict[str, Any]:
+        """Forward, agree across ranks, backward + update unless the loss is not finite or a
+        rank has no real batch (``bad_data``: then every rank returns ``bad_data`` True)."""
         cfg, engine = self.cfg, self.engine
         x0 = x0.to(self.device, non_blocking=True)
         loss = training_loss(
@@ -137,14 +143,19 @@ class Trainer:
             rank=self.info.rank, kind=cfg.train.loss,
         )
         # One all-reduce per step: the mean loss (NaN/inf on any rank poisons the sum, so
-        # all ranks skip together) and the preemption flag (any rank ⇒ all ranks stop).
+        # all ranks skip together), the preemption flag (any rank ⇒ all ranks stop) and the
+        # bad-data flag (any rank ⇒ all ranks checkpoint and stop).
         shared = torch.tensor(
-            [loss.detach().float().item(), 1.0 if preempt.requested() else 0.0],
+            [loss.detach().float().item(), 1.0 if preempt.requested() else 0.0,
+             1.0 if bad_data else 0.0],
             dtype=torch.float64,
         )
         dist.all_reduce_sum(shared)
         mean_loss = float(shared[0]) / self.info.world_size
-        out: dict[str, Any] = {"loss": mean_loss, "preempt": bool(shared[1] > 0)}
+        out: dict[str, Any] = {"loss": mean_loss, "preempt": bool(shared[1] > 0),
+                               "bad_data": bool(shared[2] > 0)}
+        if out["bad_data"]:
+            return out
         if not math.isfinite(mean_loss):
             self.state.bad_in_row += 1
             self.state.skipped_total += 1
@@ -194,61 +205,94 @@ class Trainer:
         stream, bpe = make_stream(cfg, self.model_config, info)
         batches = batches_from(stream, state.step, bpe)
         self.engine.train()
-        t_last, step_last = time.perf_counter(), state.step
+        self.rate_mark = (time.perf_counter(), state.step)
         with progress(info.is_main and cfg.train.progress) as bar:
             task = bar.add_task("train", total=cfg.train.total_steps, completed=state.step)
             while state.step < cfg.train.total_steps:
-                out = self.step(next(batches))
+                x0, bad = self.next_batch(batches)
+                out = self.step(x0, bad_data=bad is not None)
+                if out["bad_data"]:
+                    self.save()  # the batches so far were good: keep them (exit 2 follows)
+                    raise stopped_on_bad_data(bad, state.step)
                 state.step += 1
                 bar.update(task, completed=state.step,
                            description=f"train loss {out['loss']:.4f}")
-                if state.step % cfg.train.log_every == 0 or out["skipped"]:
-                    now = time.perf_counter()
-                    rate = (state.step - step_last) * cfg.data.batch_size / max(now - t_last, 1e-9)
-                    t_last, step_last = now, state.step
-                    finite = math.isfinite(out["loss"])
-                    self.metrics.append({
-                        "step": state.step, "loss": out["loss"] if finite else None,
-                        "nonfinite_loss": None if finite else str(out["loss"]),
-                        "lr": out.get("lr", float(self.engine.get_lr()[0])),
-                        "grad_norm": out.get("grad_norm"), "images_per_s": rate,
-                        "skipped": out["skipped"], "time": time.time(),
-                    })
-                if state.bad_in_row >= cfg.train.max_bad_steps:
-                    self.save()
-                    if info.is_main:
-                        log.error("stopping: %d non-finite losses in a row at step %d; last "
-                                  "good state saved", state.bad_in_row, state.step)
-                    return DIVERGED_EXIT_CODE
-                if out["preempt"]:
-                    self.save()
-                    if info.is_main:
-                        log.warning("preempted (%s): checkpointed step %d; exit %d to requeue",
-                                    ",".join(preempt.received()) or "peer", state.step,
-                                    preempt.REQUEUE_EXIT_CODE)
-                    return preempt.REQUEUE_EXIT_CODE
-                if cfg.train.sample_every and state.step % cfg.train.sample_every == 0 \
-                        and info.is_main:
-                    self.sample_grid()
-                if state.step % cfg.train.ckpt_every == 0:
-                    self.save()
+                self.log_step(out)
+                code = self.after_step(out)
+                if code is not None:
+                    return code
         if state.last_saved != state.step:
             self.save()
         return 0
+
+    def next_batch(self, batches: Iterator[torch.Tensor]) -> tuple[torch.Tensor, Exception | None]:
+        """The next batch, or (when the data layer gives up on bad input) a stand-in of the
+        same shape and the error: this step's collectives must still run on every rank."""
+        try:
+            return next(batches), None
+        except BadDataError as exc:
+            c, r = self.model_config["in_channels"], self.model_config["resolution"]
+            return torch.zeros(per_rank_batch(self.cfg, self.info.world_size), c, r, r), exc
+
+    def log_step(self, out: dict[str, Any]) -> None:
+        cfg, state = self.cfg, self.state
+        if state.step % cfg.train.log_every and not out["skipped"]:
+            return
+        now = time.perf_counter()
+        t_last, step_last = self.rate_mark
+        rate = (state.step - step_last) * cfg.data.batch_size / max(now - t_last, 1e-9)
+        self.rate_mark = (now, state.step)
+        finite = math.isfinite(out["loss"])
+        self.metrics.append({
+            "step": state.step, "loss": out["loss"] if finite else None,
+            "nonfinite_loss": None if finite else str(out["loss"]),
+            "lr": out.get("lr", float(self.engine.get_lr()[0])),
+            "grad_norm": out.get("grad_norm"), "images_per_s": rate,
+            "skipped": out["skipped"], "time": time.time(),
+        })
+
+    def after_step(self, out: dict[str, Any]) -> int | None:
+        """Stop (divergence, preemption: the exit status), sample a grid, checkpoint."""
+        cfg, info, state = self.cfg, self.info, self.state
+        if state.bad_in_row >= cfg.train.max_bad_steps:
+            self.save()
+            if info.is_main:
+                log.error("stopping: %d non-finite losses in a row at step %d; last "
+                          "good state saved", state.bad_in_row, state.step)
+            return DIVERGED_EXIT_CODE
+        if out["preempt"]:
+            self.save()
+            if info.is_main:
+                log.warning("preempted (%s): checkpointed step %d; exit %d to requeue",
+                            ",".join(preempt.received()) or "peer", state.step,
+                            preempt.REQUEUE_EXIT_CODE)
+            return preempt.REQUEUE_EXIT_CODE
+        if cfg.train.sample_every and state.step % cfg.train.sample_every == 0 and info.is_main:
+            self.sample_grid()
+        if state.step % cfg.train.ckpt_every == 0:
+            self.save()
+        return None
+
+
+def stopped_on_bad_data(exc: Exception | None, step: int) -> BadDataError:
+    """The one-line error of a run that bad input stopped (on this rank or another one)."""
+    where = f"training stopped at step {step} (checkpointed: rerun to resume from it)"
+    if exc is None:
+        return BadDataError(f"{where}: bad input on another rank (see its error)")
+    # A DataLoader worker's error comes back with its traceback in the message: keep the
+    # error's own last line.
+    lines = [x for x in str(exc).splitlines() if x.strip()]
+    text = lines[-1].split("BadDataError: ", 1)[-1] if lines else type(exc).__name__
+    return BadDataError(f"{where}: {text}")
 
 
 # ---------------------------------------------------------------- entry point
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = UserArgumentParser(
-        prog="python -m adpm_dist.train",
-        description="Train an ε-network with DeepSpeed (single process or under torchrun).",
-    )
-    p.add_argument("--config", help="YAML config (may name 'preset: NAME' as its base)")
-    p.add_argument("--preset", help="a configs/NAME.yaml preset applied first")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    return p.parse_args(argv)
+    from adpm_dist.train.usage import build_parser
+
+    return build_parser(UserArgumentParser).parse_args(argv)
 
 
 def train(cfg: Config) -> int:
