@@ -3,9 +3,14 @@
 Γ_n := E_{x_n~q_n} ‖ε_θ(x_n, n)‖²/d (docs/architecture.md). The file keeps the sufficient
 statistics per n = 1..N — ``sum`` (Σ‖ε‖²/d), ``sum_sq`` (Σ(‖ε‖²/d)²),
 ``count`` — so that separate runs merge exactly; ``gamma`` and ``stderr`` are
-derived from them. ``contributions`` records which (run, rank, sample-id
-range) went in; two contributions with the same ``run_id`` and intersecting
-ranges would double count, and are refused.
+derived from them. ``contributions`` records what went in: per (run, rank) a pair-sample
+id range ``samples`` [start, end) and what determines those draws — ``seed``, ``data``
+(the data set's identity) and ``timesteps`` (half-open ranges). Two contributions hold the
+same draws when seed and data are equal, their sample ranges intersect and their timesteps
+do; :func:`merge` refuses that (it would count them twice). Contributions written before
+these fields existed carry only ``run_id`` (which then stood for seed, data and timesteps):
+two of them overlap when their run ids are equal and their sample ranges intersect, as before;
+an old and a new contribution are never compared.
 
 JSON only — never pickle: a Γ file can come from anyone's bucket.
 """
@@ -48,14 +53,8 @@ class GammaFile:
     @classmethod
     def empty(cls, schedule, model: dict, data: dict | None = None) -> GammaFile:
         n = schedule.num_timesteps
-        return cls(
-            schedule=schedule.describe(),
-            model=dict(model),
-            sum=np.zeros(n),
-            sum_sq=np.zeros(n),
-            count=np.zeros(n, dtype=np.int64),
-            data=dict(data or {}),
-        )
+        return cls(schedule.describe(), dict(model), np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64),
+                   data=dict(data or {}))
 
     @property
     def num_timesteps(self) -> int:
@@ -112,20 +111,10 @@ class GammaFile:
 
     def to_dict(self) -> dict:
         mean, stderr = mean_stderr(self.sum, self.sum_sq, self.count)
-        out = {
-            "format": FORMAT,
-            "schedule": self.schedule,
-            "model": self.model,
-            "data": self.data,
-            "sum": self.sum.tolist(),
-            "sum_sq": self.sum_sq.tolist(),
-            "count": [int(c) for c in self.count],
-            "gamma": mean.tolist(),
-            "stderr": stderr.tolist(),
-            "contributions": self.contributions,
-            "created": self.created or _now(),
-            "adpm_dist_version": self.adpm_dist_version,
-        }
+        out = {"format": FORMAT, "schedule": self.schedule, "model": self.model, "data": self.data,
+               "sum": self.sum.tolist(), "sum_sq": self.sum_sq.tolist(), "count": self.count.tolist(),
+               "gamma": mean.tolist(), "stderr": stderr.tolist(), "contributions": self.contributions,
+               "created": self.created or _now(), "adpm_dist_version": self.adpm_dist_version}
         if self.extra:
             out["extra"] = self.extra
         return out
@@ -165,20 +154,27 @@ def _per_t_arrays(obj: dict, n: int, fail, require_complete: bool) -> dict:
     return arrays
 
 
+def _is_range(r) -> bool:
+    return isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r) and r[0] <= r[1]
+
+
+def _draw_fields_ok(c: dict) -> bool:
+    """seed (int), data (object), timesteps ([[start, end), …]) — all or, in old files, none."""
+    if not {"seed", "data", "timesteps"} & set(c):
+        return True
+    ts = c.get("timesteps")
+    return (isinstance(c.get("seed"), int) and isinstance(c.get("data"), dict) and isinstance(ts, list)
+            and all(_is_range(r) for r in ts))
+
+
 def _contributions(contributions, fail) -> list:
     if not isinstance(contributions, list):
         fail("field 'contributions' must be a list")
     for i, c in enumerate(contributions):
-        ok = (
-            isinstance(c, dict)
-            and isinstance(c.get("run_id"), str)
-            and isinstance(c.get("samples"), list)
-            and len(c["samples"]) == 2
-            and all(isinstance(x, int) for x in c["samples"])
-            and c["samples"][0] <= c["samples"][1]
-        )
-        if not ok:
-            fail(f"contributions[{i}] needs run_id (str), rank, world_size, samples [start, end]")
+        ok = isinstance(c, dict) and isinstance(c.get("run_id"), str) and _is_range(c.get("samples"))
+        if not (ok and _draw_fields_ok(c)):
+            fail(f"contributions[{i}] needs run_id (str), rank, world_size, samples [start, end] and "
+                 "(since draws are identified) seed, data and timesteps [[start, end), …]")
     return list(contributions)
 
 
@@ -205,18 +201,11 @@ def from_dict(obj, source: str = "<Γ file>", require_complete: bool = True) -> 
         fail(f"schedule.num_timesteps must be a positive integer, got {n!r}")
     arrays = _per_t_arrays(obj, n, fail, require_complete)
     contributions = _contributions(obj["contributions"], fail)
-    return GammaFile(
-        schedule=dict(sched),
-        model=dict(obj["model"]),
-        sum=arrays["sum"],
-        sum_sq=arrays["sum_sq"],
-        count=arrays["count"].astype(np.int64),
-        data=dict(obj.get("data") or {}),
-        contributions=list(contributions),
-        created=str(obj.get("created", "")),
-        adpm_dist_version=str(obj.get("adpm_dist_version", "")),
-        extra=dict(obj.get("extra") or {}),
-    )
+    return GammaFile(dict(sched), dict(obj["model"]), arrays["sum"], arrays["sum_sq"],
+                     arrays["count"].astype(np.int64), data=dict(obj.get("data") or {}),
+                     contributions=list(contributions), created=str(obj.get("created", "")),
+                     adpm_dist_version=str(obj.get("adpm_dist_version", "")),
+                     extra=dict(obj.get("extra") or {}))
 
 
 def loads(text: str, source: str = "<Γ file>", require_complete: bool = True) -> GammaFile:
@@ -256,9 +245,7 @@ def check_schedule(gamma_file: GammaFile, schedule, source: str = "Γ file") -> 
     """Refuse a Γ file estimated under another schedule, naming both."""
     want = schedule.describe()
     got = gamma_file.schedule
-    if got.get("betas_sha256") != want["betas_sha256"] or got.get("num_timesteps") != want[
-        "num_timesteps"
-    ]:
+    if (got.get("betas_sha256"), got.get("num_timesteps")) != (want["betas_sha256"], want["num_timesteps"]):
         raise GammaFileError(
             f"{source} was estimated for schedule {got.get('name')!r} "
             f"(N={got.get('num_timesteps')}, betas sha256 {str(got.get('betas_sha256'))[:12]}…) "
@@ -320,22 +307,57 @@ def load_for(model, url: str, schedule=None) -> GammaRef:
     return GammaRef(gf.gamma_vector(), hashlib.sha256(raw).hexdigest(), url, gf, sched)
 
 
-def _overlap(a: dict, b: dict) -> bool:
-    (a0, a1), (b0, b1) = a["samples"], b["samples"]
-    return a["run_id"] == b["run_id"] and max(a0, b0) < min(a1, b1)
+def _draw_key(c: dict) -> tuple:
+    """What besides sample ids and timesteps determines a contribution's draws (module doc)."""
+    if "timesteps" in c:
+        return ("draws", c["seed"], json.dumps(c["data"], sort_keys=True))
+    return ("run", c["run_id"])  # an old file: the run id stood for seed, data and timesteps
 
 
-def find_overlap(contributions: list) -> tuple[dict, dict] | None:
-    """First pair of contributions that share run_id and intersecting sample ranges."""
-    by_run: dict[str, list] = {}
-    for c in contributions:
-        by_run.setdefault(c["run_id"], []).append(c)
-    for group in by_run.values():
-        group = sorted(group, key=lambda c: c["samples"][0])
-        for prev, cur in zip(group, group[1:]):
-            if _overlap(prev, cur):
-                return prev, cur
+def _shared_timesteps(a: dict, b: dict) -> list[int] | None:
+    """Timesteps both contributions drew at (None for old contributions: all of them)."""
+    if "timesteps" not in a:
+        return None
+    sets = [{t for lo, hi in c["timesteps"] for t in range(lo, hi)} for c in (a, b)]
+    return sorted(sets[0] & sets[1])
+
+
+def find_overlap(tagged: list[tuple[str, dict]]) -> tuple | None:
+    """First (source, contribution, source, contribution, shared t) holding the same draws twice."""
+    groups: dict[tuple, list] = {}
+    for src, c in tagged:
+        if c["samples"][0] < c["samples"][1]:
+            groups.setdefault(_draw_key(c), []).append((src, c))
+    for group in groups.values():
+        group.sort(key=lambda sc: sc[1]["samples"][0])
+        for i, (src_a, a) in enumerate(group):
+            for src_b, b in group[i + 1:]:
+                if b["samples"][0] >= a["samples"][1]:
+                    break  # sorted by start: no later one intersects ``a`` either
+                shared = _shared_timesteps(a, b)
+                if shared is None or shared:
+                    return src_a, a, src_b, b, shared
     return None
+
+
+def spans(ts: list[int]) -> str:
+    """Sorted timesteps as '1..3, 7' (at most 8 spans shown)."""
+    runs: list[list[int]] = []
+    for t in ts:
+        if runs and runs[-1][1] == t - 1:
+            runs[-1][1] = t
+        else:
+            runs.append([t, t])
+    text = ", ".join(f"{a}" if a == b else f"{a}..{b}" for a, b in runs[:8])
+    return text + (f" and {len(runs) - 8} more" if len(runs) > 8 else "")
+
+
+def _overlap_error(src_a: str, a: dict, src_b: str, b: dict, shared) -> GammaFileError:
+    where = "(the same run id, timesteps unrecorded)" if shared is None else f"at t = {spans(shared)}"
+    return GammaFileError(
+        f"cannot merge: {src_a} (run {a['run_id']!r}, samples {a['samples']}) and {src_b} (run "
+        f"{b['run_id']!r}, samples {b['samples']}) hold the same draws {where}: merging would count "
+        "them twice (draws are fixed by seed, data, sample ids and timesteps)")
 
 
 def merge(files: list[GammaFile], sources: list[str] | None = None) -> GammaFile:
@@ -357,32 +379,18 @@ def merge(files: list[GammaFile], sources: list[str] | None = None) -> GammaFile
                 f"({str(gf.model.get('digest'))[:12]}…) but {src0} is for "
                 f"{first.model.get('name', '?')!r} ({str(first.model.get('digest'))[:12]}…)"
             )
-    contributions = [c for gf in files for c in gf.contributions]
-    clash = find_overlap(contributions)
+    tagged = [(src, c) for gf, src in zip(files, sources) for c in gf.contributions]
+    clash = find_overlap(tagged)
     if clash:
-        a, b = clash
-        raise GammaFileError(
-            f"cannot merge: run {a['run_id']!r} contributes samples {a['samples']} and "
-            f"{b['samples']} twice (overlapping ranges would double count)"
-        )
-    out = GammaFile(
-        schedule=dict(first.schedule),
-        model=dict(first.model),
-        sum=np.sum([gf.sum for gf in files], axis=0),
-        sum_sq=np.sum([gf.sum_sq for gf in files], axis=0),
-        count=np.sum([gf.count for gf in files], axis=0).astype(np.int64),
-        data={"merged_from": [gf.data for gf in files]},
-        contributions=contributions,
-    )
-    return out
+        raise _overlap_error(*clash)
+    sums = (np.sum([getattr(gf, k) for gf in files], axis=0) for k in ("sum", "sum_sq", "count"))
+    total, total_sq, count = sums
+    return GammaFile(dict(first.schedule), dict(first.model), total, total_sq, count.astype(np.int64),
+                     data={"merged_from": [gf.data for gf in files]}, contributions=[c for _, c in tagged])
 
 
 def summary(gf: GammaFile) -> dict:
     se = gf.stderr
-    return {
-        "num_timesteps": gf.num_timesteps,
-        "samples_per_t_min": int(gf.count.min()),
-        "samples_per_t_max": int(gf.count.max()),
-        "max_stderr": float(se.max()) if se.size else math.nan,
-        "contributions": len(gf.contributions),
-    }
+    return {"num_timesteps": gf.num_timesteps, "samples_per_t_min": int(gf.count.min()),
+            "samples_per_t_max": int(gf.count.max()), "max_stderr": float(se.max()) if se.size else math.nan,
+            "contributions": len(gf.contributions)}

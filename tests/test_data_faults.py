@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -223,7 +224,8 @@ def test_training_config_sets_the_bad_sample_limit(tmp_path: Path):
     cfg.data.urls, cfg.data.batch_size, cfg.data.batches_per_epoch = [f"{folder}/train-*.tar"], 4, 20
     cfg.data.num_workers, cfg.data.shuffle_buffer = 0, 8
     cfg.validate()
-    with pytest.raises(data.BadDataError, match="above the limit of 1.00%"):
+    limit = r"above the limit of 1.00%.*data\.max_bad_fraction=0\.\d+ or more"
+    with pytest.raises(data.BadDataError, match=limit):
         list(train.make_stream(cfg, model_config, dist.DistInfo())[0].epoch(0))
     cfg.data.max_bad_fraction = 0.1
     stream, batches = train.make_stream(cfg, model_config, dist.DistInfo())
@@ -232,3 +234,21 @@ def test_training_config_sets_the_bad_sample_limit(tmp_path: Path):
     cfg.data.max_bad_fraction = 1.0
     with pytest.raises(ValueError, match="data.max_bad_fraction"):
         cfg.validate()
+
+
+def test_bad_data_errors_name_the_setting_that_would_accept_them(tmp_path: Path):
+    """The stage's flag (estimate passes ``--max-bad-fraction``) with a value that accepts what was
+    seen so far; without a setting, the message says to fix the files."""
+    folder = str(tmp_path / "d")
+    _make_shards(folder)
+    _replace_middle_shard_with_bad_samples(folder)
+    urls = f"{folder}/train-*.tar"
+    with pytest.raises(data.BadDataError) as info:
+        _eval_ids(urls, num_workers=0, max_bad_fraction=0.0, setting="--max-bad-fraction")
+    found = re.search(r"--max-bad-fraction=([0-9.]+) or more would skip them", str(info.value))
+    assert found and "train-000001.tar" in str(info.value), str(info.value)
+    assert 0 < float(found.group(1)) < 1
+    with pytest.raises(data.BadDataError, match="fix or replace the files named"):
+        _eval_ids(urls, num_workers=0, max_bad_fraction=0.0)
+    ids, _ = _eval_ids(urls, num_workers=0, max_bad_fraction=0.1, setting="--max-bad-fraction")
+    assert len(ids) == N - 3

@@ -23,6 +23,15 @@ pytestmark = pytest.mark.timeout(600)
 EXIT_TIMES: dict[str, list[float]] = {}
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_here():
+    """In-process jobs on one intra-op thread: on the shared 2-core machine two threads made the
+    small kernels many times slower (see tests/conftest.py, one_thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("job")
@@ -153,3 +162,24 @@ def test_noise_of_some_rows_equals_those_rows_of_the_full_block(shape):
             assert torch.equal(got, full[offsets])
     assert estimate.partial_draw_exact((1, 8, 8), "cpu") and not estimate.partial_draw_exact((2, 2, 2), "cpu")
     assert estimate._runs([0, 1, 5, 7, 8]) == [(0, 2), (5, 1), (7, 2)]
+
+
+def test_a_resumed_nll_job_says_so_through_the_default_hook(setup, tmp_path, monkeypatch, capsys):
+    """The job core prints the resume line for every stage with partial state (here evaluate nll,
+    which does not override ShardedJob.resume_summary)."""
+    from adpm_dist.stages import evaluate
+
+    argv = ["nll", "--checkpoint", setup["model"], "--data", setup["data"], "--steps", "3", "--methods",
+            "ddpm-beta", "--limit", "6", "--batch-size", "2", "--flush-every", "1", "--num-workers", "0",
+            "--no-progress", "--out", str(tmp_path / "nll")]
+    monkeypatch.setenv(job.FAIL_RANK_ENV, "0:write")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        evaluate.main(argv)  # every round done, the final write fails: the partial state stays
+    monkeypatch.delenv(job.FAIL_RANK_ENV)
+    capsys.readouterr()
+    assert evaluate.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {tmp_path / 'nll' / 'nll.partial'}: 6/6 done (NLL (test images))" in out, out
+    assert evaluate.main(argv) == 0  # finished: no resume line, nothing redone
+    out = capsys.readouterr().out
+    assert "already complete" in out and "resumed from" not in out

@@ -1,33 +1,42 @@
 #!/usr/bin/env python
 """Merge Γ files from separate runs exactly: sums and counts add.
 
-    python tools/merge_gamma.py A.json B.json … -o OUT.json
+    python tools/merge_gamma.py A.json B.json … -o OUT.json [--allow-incomplete]
 
-Refuses files from different schedules or models (naming both) and
-overlapping contributions (the same run's samples twice). Prints a summary.
+Refuses files from different schedules or models (naming both) and contributions that
+hold the same draws twice (equal seed and data, intersecting sample ids and timesteps;
+for files from before those were recorded: the same run id and intersecting sample ids),
+naming both files and the timesteps. Prints a summary.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from adpm_dist.errors import run_cli
-from adpm_dist.gamma import GammaFileError, merge, read_gamma, summary, write_gamma
+import numpy as np
+
+from adpm_dist.errors import UserArgumentParser, run_cli
+from adpm_dist.gamma import GammaFileError, merge, read_gamma, spans, summary, write_gamma
 
 
 def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = UserArgumentParser(prog="merge_gamma.py", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", help="Γ files (local, file:// or s3://)")
     p.add_argument("-o", "--out", required=True, help="merged Γ file")
     p.add_argument("--allow-incomplete", action="store_true",
-                   help="accept inputs that miss some timesteps (e.g. split by --timesteps)")
+                   help="accept inputs that miss some timesteps (e.g. split by --timesteps); the merged "
+                        "file then lacks Γ where no input has it")
     args = p.parse_args(argv)
-    files = [read_gamma(u, require_complete=not args.allow_incomplete) for u in args.inputs]
+    files = [read_gamma(u, require_complete=False) for u in args.inputs]
+    for url, gf in zip(args.inputs, files):
+        missing = np.flatnonzero(gf.count == 0) + 1
+        if missing.size and not args.allow_incomplete:
+            raise GammaFileError(
+                f"{url}: count is 0 at t = {spans(missing.tolist())} (a partial Γ file, e.g. from "
+                "estimate --timesteps); --allow-incomplete would merge it anyway (timesteps no input "
+                "covers stay without Γ, and trajectories that step from them are refused)")
     merged = merge(files, args.inputs)
-    if not merged.is_complete() and not args.allow_incomplete:
-        raise GammaFileError("the merged file still has timesteps with count 0")
     write_gamma(merged, args.out)
     print(json.dumps({"out": args.out, "inputs": len(files), **summary(merged)}))
     return 0

@@ -16,7 +16,9 @@ Two streams:
 Bad input (truncated tar, undecodable image, wrong size, missing field) is skipped, counted
 by kind in a :class:`DataSummary` (:mod:`adpm_dist.io.quality`), warned once per file,
 and summarised at the end; above ``max_bad_fraction`` the stream stops with
-:class:`BadDataError`.
+:class:`BadDataError`, whose message names the setting that raises the limit (``setting``:
+``data.max_bad_fraction`` for training, the stage's flag for evaluation) and the value that
+would accept what was seen so far.
 
 Reading and decoding shards is :mod:`adpm_dist.io.shard_reader`. Importing this module
 (through it) registers an ``s3://`` opener in ``webdataset.gopen.gopen_schemes``
@@ -36,7 +38,7 @@ from adpm_dist.io.quality import BadDataError, DataSummary
 
 # Reading shards lives in shard_reader (which registers the s3:// opener on import).
 from adpm_dist.io.shard_reader import _iter_tar_groups, _open_shard, _ShardReader, to_tensor
-from adpm_dist.io.shards import ShardInfo, expand_urls, shard_table
+from adpm_dist.io.shards import ShardInfo, ShardSetError, expand_urls, shard_table
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +141,7 @@ class TrainStream:
         hflip: bool = False,
         shuffle_buffer: int = 1000,
         max_bad_fraction: float = 0.01,
+        setting: str = "data.max_bad_fraction",
     ):
         from adpm_dist.io import dist
 
@@ -162,6 +165,7 @@ class TrainStream:
         self.hflip = bool(hflip)
         self.shuffle_buffer = int(shuffle_buffer)
         self.max_bad_fraction = float(max_bad_fraction)
+        self.setting = setting
         self.summary = DataSummary()  # accumulated over all epochs of this rank
 
     def __len__(self) -> int:
@@ -173,12 +177,12 @@ class TrainStream:
         produced = 0
         for batch, delta in _loader(dataset, self.num_workers):
             self.summary.merge(delta)
-            self.summary.check(self.max_bad_fraction, min_seen=_MIN_SEEN_FOR_EARLY_STOP)
+            self.summary.check(self.max_bad_fraction, min_seen=_MIN_SEEN_FOR_EARLY_STOP, setting=self.setting)
             produced += 1
             yield batch
         if produced != self.batches_per_epoch:  # a worker died quietly: never hand out less
             raise RuntimeError(f"epoch {e} produced {produced} batches, expected {self.batches_per_epoch}")
-        _finish(self.summary, self.max_bad_fraction, f"train epoch {e} rank {self.rank}")
+        _finish(self.summary, self.max_bad_fraction, f"train epoch {e} rank {self.rank}", self.setting)
 
 
 # ============================================================================ evaluation stream
@@ -233,10 +237,11 @@ class _EvalPass(IterableDataset):
 class EvalBatches:
     """Iterator of (ids, images) over this rank's share; ``summary`` holds the bad-input counts."""
 
-    def __init__(self, dataset: _EvalPass, num_workers: int, max_bad_fraction: float):
+    def __init__(self, dataset: _EvalPass, num_workers: int, max_bad_fraction: float, setting: str | None):
         self.dataset = dataset
         self.num_workers = num_workers
         self.max_bad_fraction = max_bad_fraction
+        self.setting = setting
         self.summary = DataSummary()
         self.total = sum(s.count for s in dataset.shards)
         self._it = self._run()
@@ -246,10 +251,10 @@ class EvalBatches:
             self.summary.merge(delta)
             # Against the whole set's size: a rank cannot know the others' counts.
             if self.summary.bad_total > self.max_bad_fraction * self.total:
-                self.summary.check(self.max_bad_fraction)
+                self.summary.check(self.max_bad_fraction, setting=self.setting)
             if len(ids):
                 yield ids, images
-        _finish(self.summary, self.max_bad_fraction, f"eval rank {self.dataset.rank}")
+        _finish(self.summary, self.max_bad_fraction, f"eval rank {self.dataset.rank}", self.setting)
 
     @property
     def shards(self) -> list[ShardInfo]:
@@ -271,12 +276,14 @@ def eval_batches(
     world_size: int | None = None,
     num_workers: int = 2,
     max_bad_fraction: float = 0.0,
+    setting: str | None = None,
 ) -> EvalBatches:
     """(ids, images) batches: each sample of the shards exactly once across ranks × workers.
 
     ``ids`` are global sample ids in [0, split total) from the manifest (shard offset +
     index within the shard); images are float32 (B, C, H, W) in [−1, 1]. The last batch of
     each worker may be short. Needs the manifest beside the shards (for counts/offsets).
+    ``setting`` names the caller's knob for ``max_bad_fraction`` in the BadDataError message.
     """
     from adpm_dist.io import dist
 
@@ -288,14 +295,13 @@ def eval_batches(
     expanded = expand_urls(urls)
     dupes = sorted({u for u in expanded if expanded.count(u) > 1})
     if dupes:
-        raise ValueError(f"evaluation shards listed twice would be counted twice: {dupes[:5]}")
+        raise ShardSetError(f"evaluation shards listed twice would be counted twice: {dupes[:5]}")
     shards, fmt = shard_table(expanded, require_manifest=True)
     splits = {(s.manifest_url, s.split) for s in shards}
     if len(splits) > 1:
-        raise ValueError(f"evaluation shards must come from one manifest and split, got {splits}")
-    return EvalBatches(
-        _EvalPass(shards, fmt, int(batch_size), rank, world_size), int(num_workers), float(max_bad_fraction)
-    )
+        raise ShardSetError(f"evaluation shards must come from one manifest and split, got {splits}")
+    return EvalBatches(_EvalPass(shards, fmt, int(batch_size), rank, world_size), int(num_workers),
+                       float(max_bad_fraction), setting)
 
 
 # ============================================================================ shared helpers
@@ -309,13 +315,13 @@ def _loader(dataset: IterableDataset, num_workers: int) -> Iterable:
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, prefetch_factor=4)
 
 
-def _finish(summary: DataSummary, max_bad_fraction: float, what: str) -> None:
+def _finish(summary: DataSummary, max_bad_fraction: float, what: str, setting: str | None) -> None:
     if summary.bad_total:
         log.warning("%s: %s", what, summary.report())
-    summary.check(max_bad_fraction)
+    summary.check(max_bad_fraction, setting=setting)
 
 
 def _agree(name: str, given: int | None, stored: int | None, where: str) -> int | None:
     if given is not None and stored is not None and int(given) != int(stored):
-        raise ValueError(f"{name}={given} requested, but the shards of {where} store {stored}")
+        raise ShardSetError(f"{name}={given} requested, but the shards of {where} store {stored}")
     return given if given is not None else stored

@@ -9,6 +9,7 @@ the kinds and files.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -26,7 +27,6 @@ BAD_KINDS = (
     "missing_field",
     "unexpected_sample",  # more samples in a shard than its manifest entry says
 )
-
 
 
 class BadDataError(UserError, RuntimeError):
@@ -97,10 +97,25 @@ class DataSummary:
             f"({100 * self.bad_fraction:.2f}%): {kinds}. Files: {files}{tail}"
         )
 
-    def check(self, max_bad_fraction: float, *, min_seen: int = 0) -> None:
-        """Raise BadDataError if the bad fraction exceeds the limit (once ``min_seen`` seen)."""
+    def check(self, max_bad_fraction: float, *, min_seen: int = 0, setting: str | None = None) -> None:
+        """Raise BadDataError if the bad fraction exceeds the limit (once ``min_seen`` seen).
+
+        ``setting`` names what sets the limit (a flag or config key); the message then says
+        which value of it would accept the bad fraction seen so far.
+        """
         if self.seen and self.seen >= min_seen and self.bad_fraction > max_bad_fraction:
-            raise BadDataError(f"bad input above the limit of {100 * max_bad_fraction:.2f}%: {self.report()}")
+            limit, remedy = f"{100 * max_bad_fraction:.2f}%", self.remedy(setting)
+            raise BadDataError(f"bad input above the limit of {limit}: {self.report()}; {remedy}")
+
+    def remedy(self, setting: str | None) -> str:
+        """What would let the stream go on: a value of ``setting`` (rounded up), or fixing the files."""
+        needed = math.ceil(self.bad_fraction * 1000) / 1000
+        if needed >= 1:
+            return "every sample seen so far was bad: fix or replace the files named"
+        if setting is None:
+            return "fix or replace the files named (no setting of this command accepts bad samples)"
+        return (f"{setting}={needed:g} or more would skip them and go on with the good samples "
+                f"({needed:g}: the fraction bad so far; more may follow)")
 
 
 class FileWarner:

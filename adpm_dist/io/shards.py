@@ -26,6 +26,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
+from adpm_dist.errors import UserError
 from adpm_dist.io import storage
 
 MANIFEST_NAME = "manifest.json"
@@ -33,6 +34,11 @@ MANIFEST_FORMAT = "adpm_dist.shards/1"
 
 
 # ============================================================================ URLs and manifests
+
+
+class ShardSetError(UserError, ValueError):
+    """A shard list or manifest the user gave cannot be used; the message names the file."""
+
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -65,7 +71,7 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
 
     items = _split_top_level_commas(spec) if isinstance(spec, str) else [str(s) for s in spec]
     if not items:
-        raise ValueError(f"no shard URLs given: {spec!r}")
+        raise ShardSetError(f"no shard URLs given: {spec!r}")
     checked_buckets: set[str] = set()
     out: list[str] = []
     for item in items:
@@ -109,6 +115,11 @@ def _check_all_exist(urls: list[str], spec: Any) -> None:
 
 def read_manifest(url_or_dir: str) -> dict:
     """The manifest of a shard folder (or of the manifest URL itself), validated."""
+    return _manifest_and_digest(url_or_dir)[0]
+
+
+def _manifest_and_digest(url_or_dir: str) -> tuple[dict, str]:
+    """The validated manifest and the sha256 of its text: the identity of the shard set's content."""
     url = url_or_dir if url_or_dir.endswith(".json") else storage.join(url_or_dir, MANIFEST_NAME)
     try:
         text = storage.read_text(url)
@@ -117,20 +128,25 @@ def read_manifest(url_or_dir: str) -> dict:
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"shard manifest {url} is not valid JSON: {exc}") from None
+        raise ShardSetError(f"shard manifest {url} is not valid JSON: {exc}") from None
     for name in ("shards", "resolution", "channels"):
         if name not in manifest:
-            raise ValueError(f"shard manifest {url} lacks the field {name!r}")
+            raise ShardSetError(f"shard manifest {url} lacks the field {name!r}")
     for i, entry in enumerate(manifest["shards"]):
         for name in ("name", "split", "count", "offset"):
             if name not in entry:
-                raise ValueError(f"shard manifest {url}: shard entry {i} lacks {name!r}")
-    return manifest
+                raise ShardSetError(f"shard manifest {url}: shard entry {i} lacks {name!r}")
+    return manifest, hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """What we know about one shard before reading it (count/offset None without manifest)."""
+    """What we know about one shard before reading it (count/offset None without manifest).
+
+    ``split_total`` is the size of the whole split (the end of its last shard in the manifest,
+    listed or not), ``manifest_sha256`` the digest of the manifest's text: together with
+    ``split`` they identify the data a sample id refers to, wherever the copy lies.
+    """
 
     url: str
     count: int | None = None
@@ -138,6 +154,8 @@ class ShardInfo:
     split: str | None = None
     manifest_url: str | None = None
     nbytes: int | None = None
+    split_total: int | None = None
+    manifest_sha256: str | None = None
 
 
 def shard_table(urls: Sequence[str], *, require_manifest: bool) -> tuple[list[ShardInfo], dict]:
@@ -145,39 +163,34 @@ def shard_table(urls: Sequence[str], *, require_manifest: bool) -> tuple[list[Sh
 
     Returns (shards, fmt) where fmt has 'resolution' and 'channels' (None when unknown).
     """
-    manifests: dict[str, dict | None] = {}
+    manifests: dict[str, tuple[dict, str] | None] = {}
     infos: list[ShardInfo] = []
     formats: set[tuple] = set()
     for url in urls:
         folder = storage.dirname(url)
         if folder not in manifests:
             try:
-                manifests[folder] = read_manifest(folder)
+                manifests[folder] = _manifest_and_digest(folder)
             except FileNotFoundError:
                 if require_manifest:
                     raise
                 manifests[folder] = None
-        m = manifests[folder]
-        if m is None:
+        if manifests[folder] is None:
             infos.append(ShardInfo(url))
             continue
+        m, digest = manifests[folder]
         entry = next((s for s in m["shards"] if s["name"] == storage.basename(url)), None)
         manifest_url = storage.join(folder, MANIFEST_NAME)
         if entry is None:
-            raise ValueError(f"shard {url} is not listed in {manifest_url}")
-        infos.append(
-            ShardInfo(
-                url,
-                int(entry["count"]),
-                int(entry["offset"]),
-                entry["split"],
-                manifest_url,
-                int(entry["bytes"]) if "bytes" in entry else None,
-            )
-        )
+            raise ShardSetError(f"shard {url} is not listed in {manifest_url}")
+        same_split = (s for s in m["shards"] if s["split"] == entry["split"])
+        split_total = max(int(s["offset"]) + int(s["count"]) for s in same_split)
+        nbytes = int(entry["bytes"]) if "bytes" in entry else None
+        infos.append(ShardInfo(url, int(entry["count"]), int(entry["offset"]), entry["split"], manifest_url,
+                               nbytes, split_total, digest))
         formats.add((int(m["resolution"]), int(m["channels"])))
     if len(formats) > 1:
-        raise ValueError(f"shards mix image formats (resolution, channels) {sorted(formats)}")
+        raise ShardSetError(f"shards mix image formats (resolution, channels) {sorted(formats)}")
     res, ch = next(iter(formats)) if formats else (None, None)
     return infos, {"resolution": res, "channels": ch}
 

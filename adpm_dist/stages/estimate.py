@@ -14,9 +14,15 @@ world size, batch size or worker count (up to float64 summation order).
 State per t is (Σ v, Σ v², count) with v = ‖ε_θ‖²/d, float64/int64. Ranks
 advance in lock-step rounds of ``--flush-every`` data batches; after each round
 every rank writes its partial state to ``OUT.partial/`` (atomically) and the
-sums are all-reduced (for progress and early stopping). A rerun of the same
-command resumes each rank from its partial state; a rerun of a finished job is
-a no-op. Rank 0 writes the Γ file atomically and removes the partial state.
+sums are all-reduced (for progress and early stopping). A rerun of the same job
+resumes each rank from its partial state, skipping the pair ids already in it; a
+rerun of a finished job is a no-op. "The same job" is its fingerprint: what
+determines the numbers (model digest, the data's identity and samples, seed, M,
+timesteps, --target-stderr, --precision), not how paths are spelled nor
+--num-workers, --data-batch, --batch-size or --flush-every. Rank 0 writes the Γ
+file atomically and removes the partial state; a job that evaluated nothing at
+some requested t is an error instead. Flags: :mod:`adpm_dist.stages.estimate_args`;
+which pair ids are read: :mod:`adpm_dist.stages.estimate_data`.
 
 ``--target-stderr E`` stops once se(Γ_t) ≤ E at every requested t (at least
 two flush rounds in). Why Γ_t's absolute error: Γ_t enters every step's
@@ -36,81 +42,24 @@ import math
 import sys
 import time
 from dataclasses import replace
-from itertools import islice
 
 import numpy as np
 import torch
 
 from adpm_dist.diffusion.forward import q_sample
 from adpm_dist.diffusion.stats import mean_stderr
-from adpm_dist.diffusion.trajectory import even_trajectory, quadratic_trajectory
-from adpm_dist.errors import UsageError
-from adpm_dist.gamma import GammaFile, GammaFileError, read_gamma, write_gamma
+from adpm_dist.errors import UsageError, UserError
+from adpm_dist.gamma import GammaFile, GammaFileError, read_gamma, spans, write_gamma
 from adpm_dist.io import dist, storage
-from adpm_dist.models.loading import PRECISIONS, eps_function, load_checkpoint
-from adpm_dist.stages.job import Parser, ShardedJob, diff, job_main
+from adpm_dist.io.quality import DataSummary
+from adpm_dist.models.loading import eps_function, load_checkpoint
+from adpm_dist.stages.estimate_args import build_parser, id_ranges, parse_timesteps
+from adpm_dist.stages.estimate_data import data_plan, work_units
+from adpm_dist.stages.job import ShardedJob, diff, job_main
+
+__all__ = ["GammaJob", "build_parser", "id_ranges", "main", "pair_noise", "parse_timesteps"]
 
 NOISE_BLOCK = 16  # timesteps per noise generator: noise depends on (seed, id, t) only
-
-
-def build_parser() -> Parser:
-    p = Parser(prog="adpm_dist.estimate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="run dir, weights file, or diffusers:PATH")
-    p.add_argument("--data", required=True, help="evaluation shards (brace pattern, glob or list)")
-    p.add_argument("--out", required=True, help="the Γ file to write (local, file:// or s3://)")
-    p.add_argument("--samples-per-t", type=int, default=None,
-                   help="samples per timestep (default: every sample once; more → extra passes)")
-    p.add_argument("--timesteps", default="all",
-                   help="'all', a list like 1,2,10-20, or the trajectories to serve, like even:10,100")
-    p.add_argument("--batch-size", type=int, default=256, help="(sample, t) pairs per forward pass")
-    p.add_argument("--data-batch", type=int, default=None,
-                   help="x₀ read per data batch (default batch-size/16: 16 timesteps mixed per pass)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=2, help="data loader workers per rank")
-    p.add_argument("--flush-every", type=int, default=16, help="data batches per round/partial flush")
-    p.add_argument("--target-stderr", type=float, default=None, metavar="E",
-                   help="stop early once every Γ_t has standard error <= E")
-    p.add_argument("--run-id", default=None, help="id recorded in contributions (default: derived)")
-    p.add_argument("--max-bad-fraction", type=float, default=0.0,
-                   help="fraction of bad samples tolerated before the job stops")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: bf16 autocast on GPU, fp32 on CPU; fp64 for bit-stable invariance")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def parse_timesteps(spec: str, num_timesteps: int) -> np.ndarray:
-    """'all', '1,5,10-20', or 'even:10,100' → sorted unique timesteps in 1..N (UsageError if not).
-
-    ``KIND:K1,K2,…`` (KIND even or quadratic) is the union of the timesteps of
-    those trajectories: the Γ that samplers and the NLL need on them, and no more.
-    """
-    if spec == "all":
-        return np.arange(1, num_timesteps + 1)
-    kind, colon, ks = spec.partition(":")
-    if colon:
-        if kind not in ("even", "quadratic"):
-            raise UsageError(f"--timesteps {spec!r}: a trajectory union is even:K,… or quadratic:K,…")
-        try:
-            steps = [int(k) for k in ks.split(",") if k.strip()]
-            make = even_trajectory if kind == "even" else quadratic_trajectory
-            return np.unique(np.concatenate([make(num_timesteps, k) for k in steps]))
-        except ValueError as exc:
-            raise UsageError(f"--timesteps {spec!r}: {exc}") from None
-    out: set[int] = set()
-    try:
-        for part in spec.split(","):
-            if "-" in part:
-                a, b = (int(x) for x in part.split("-", 1))
-                out.update(range(a, b + 1))
-            elif part.strip():
-                out.add(int(part))
-    except ValueError:
-        raise UsageError(f"--timesteps {spec!r}: use 'all' or a list such as 1,2,10-20") from None
-    ts = np.array(sorted(out), dtype=np.int64)
-    if ts.size == 0 or ts[0] < 1 or ts[-1] > num_timesteps:
-        raise UsageError(f"--timesteps {spec!r}: timesteps must lie in 1..{num_timesteps}")
-    return ts
 
 
 def _seed_for(seed: int, sample_id: int, block: int) -> int:
@@ -153,17 +102,6 @@ def pair_noise(seed: int, sample_id: int, block: int, shape, device, offsets=Non
         parts.append(torch.randn((length, *shape), generator=g))
         pos = first + length
     return torch.cat(parts)
-
-
-def id_ranges(ids: list[int]) -> list[list[int]]:
-    """Sorted ids → half-open contiguous ranges [[start, end), …]."""
-    out: list[list[int]] = []
-    for i in sorted(ids):
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
-        else:
-            out.append([i, i + 1])
-    return out
 
 
 class PairEvaluator:
@@ -218,33 +156,6 @@ def process_unit(ev: PairEvaluator, ids: torch.Tensor, x0: torch.Tensor, timeste
         ev.add(xs, tt, noise.reshape(-1, *shape))
 
 
-def data_span(urls) -> tuple[int, int]:
-    """(S, n): sample ids lie in [0, S) (the manifest split); n of them are in ``urls``."""
-    from adpm_dist.io.data import eval_batches
-
-    shards = eval_batches(urls, batch_size=1, rank=0, world_size=1, num_workers=0).dataset.shards
-    return max(s.offset + s.count for s in shards), sum(s.count for s in shards)
-
-
-def work_units(args, rank: int, world: int, total: int, per_t: int, data_batch: int):
-    """This rank's (pair-sample ids, x₀) batches over ceil(M/S) passes of the data.
-
-    Pass p gives sample id i the pair-sample id j = i + p·S, and keeps j < M: for a
-    whole split that is exactly M samples per timestep, each with its own noise.
-    """
-    from adpm_dist.io.data import eval_batches
-
-    passes = math.ceil(per_t / total)
-    for p in range(passes):
-        stream = eval_batches(args.data, batch_size=data_batch, rank=rank, world_size=world,
-                              num_workers=args.num_workers, max_bad_fraction=args.max_bad_fraction)
-        for ids, x in stream:
-            j = ids + p * total
-            keep = j < per_t
-            if keep.any():
-                yield j[keep], x[keep]
-
-
 def settled(gf: GammaFile, timesteps: np.ndarray, target: float) -> bool:
     """Is se(Γ_t) ≤ target at every requested t (see the module docstring for why)?"""
     idx = timesteps - 1
@@ -281,28 +192,46 @@ class GammaJob(ShardedJob):
     def __init__(self, args, rank: int, world: int):
         self.args, self.rank, self.world = args, rank, world
         self.loaded = load_checkpoint(args.checkpoint)
-        n_t = self.loaded.schedule.num_timesteps
-        self.timesteps = parse_timesteps(args.timesteps, n_t)
+        self.timesteps = parse_timesteps(args.timesteps, self.loaded.schedule.num_timesteps)
         self.data_batch = args.data_batch or max(1, args.batch_size // NOISE_BLOCK)
-        self.total_ids, present = data_span(args.data)
-        self.per_t = args.samples_per_t or present
-        data_key = storage.redact(json.dumps(args.data))
-        self.run_id = args.run_id or hashlib.sha256(
-            json.dumps([args.seed, data_key, args.timesteps]).encode()).hexdigest()[:16]
-        self.fingerprint = {
-            "model": self.loaded.digest, "data": data_key, "seed": args.seed, "samples_per_t": self.per_t,
-            "timesteps": args.timesteps, "world_size": world, "num_workers": args.num_workers,
-            "data_batch": self.data_batch, "run_id": self.run_id, "target_stderr": args.target_stderr,
-            "precision": args.precision,
-        }
+        self.plan = data_plan(args.data)
+        self.per_t = args.samples_per_t or self.plan.present  # default: every sample present, once
+        self.fingerprint = self.make_fingerprint(self.plan.key(), args.seed, self.per_t, self.timesteps)
+        self.run_id = args.run_id or hashlib.sha256(json.dumps(
+            [args.seed, self.fingerprint["data"], self.fingerprint["timesteps"]]).encode()).hexdigest()[:16]
         self.partial_dir = args.out + ".partial"
         self.show_progress = not args.no_progress
         self.progress_total = self.per_t * len(self.timesteps)
-        self.sums = GammaFile.empty(self.loaded.schedule, self.loaded.describe(),
-                                    {"urls": data_key, "samples_per_t": self.per_t})
+        data = {"urls": storage.redact(str(args.data)), "manifest": self.plan.manifest_url,
+                "split": self.plan.split, "samples_per_t": self.per_t}
+        self.sums = GammaFile.empty(self.loaded.schedule, self.loaded.describe(), data)
         self.totals = self.sums
         self.units_done, self.ids_seen, self.units, self.ev = 0, [], None, None
+        self.data_summary = DataSummary()
         self.start = time.time()
+
+    def make_fingerprint(self, data_key: dict, seed: int, per_t: int, timesteps: np.ndarray) -> dict:
+        """What determines the numbers, and nothing else (docs/estimate.md): not the spelling of a
+        path, nor --num-workers, --data-batch, --batch-size, --flush-every, --max-bad-fraction, --run-id."""
+        return {"version": 2, "model": self.loaded.digest, "data": data_key, "seed": seed,
+                "samples_per_t": per_t, "timesteps": id_ranges(timesteps),
+                "target_stderr": self.args.target_stderr, "precision": self.args.precision}
+
+    def known_fingerprint(self, got: dict) -> dict:
+        """A fingerprint from before ``version`` 2 in today's form, when it names the same pairs:
+        its --data spelling is resolved from here, and its sample rule must agree with today's."""
+        if "version" in got:
+            return got
+        try:
+            plan = data_plan(json.loads(got["data"]))
+            ts = parse_timesteps(got["timesteps"], self.sums.num_timesteps)
+            if not plan.old_rule_agrees(int(got["samples_per_t"])):
+                return got
+        except (UserError, OSError, KeyError, TypeError, ValueError):
+            return got  # cannot be the same job: refused, showing the old fingerprint
+        new = self.make_fingerprint(plan.key(), got.get("seed"), got["samples_per_t"], ts)
+        new.update({k: got.get(k) for k in ("model", "target_stderr", "precision")})
+        return {**new, "world_size": got["world_size"]} if "world_size" in got else new
 
     def existing(self) -> bool:
         if not storage.exists(self.args.out):
@@ -311,7 +240,7 @@ class GammaJob(ShardedJob):
             done = read_gamma(self.args.out, require_complete=False)
         except GammaFileError as exc:
             raise GammaFileError(f"{exc} (refusing to overwrite it)") from None
-        got = dict(done.extra.get("fingerprint") or {})
+        got = self.known_fingerprint(dict(done.extra.get("fingerprint") or {}))
         want = dict(self.fingerprint)
         got.pop("world_size", None), want.pop("world_size", None)
         if got == want:
@@ -321,6 +250,10 @@ class GammaJob(ShardedJob):
 
     def done_message(self) -> str:
         return f"{self.args.out}: already complete, nothing to do"
+
+    def resume_summary(self, completed: int) -> str:
+        where = storage.redact(self.partial_dir)
+        return f"resumed from {where}: {completed}/{self.progress_total} (sample, t) evaluations done"
 
     def state_dict(self) -> dict:
         return {"units_done": self.units_done, "sum": self.sums.sum.tolist(),
@@ -342,17 +275,21 @@ class GammaJob(ShardedJob):
             device = dist.device_for(dist.env_info())
             eps_fn = eps_function(self.loaded.model, device, args.precision)
             self.ev = PairEvaluator(eps_fn, self.loaded.schedule, args.batch_size, self.sums, device)
-            units = work_units(args, self.rank, self.world, self.total_ids, self.per_t, self.data_batch)
-            self.units = islice(units, self.units_done, None)
+            # Resume by pair id, not by batch count: batches depend on --num-workers/--data-batch.
+            skip = np.array(sorted(self.ids_seen), dtype=np.int64)
+            self.units = work_units(self.plan, args, self.rank, self.world, self.per_t, self.data_batch,
+                                    self.data_summary, skip)
             self.start = time.time()
         done = 0
-        for ids, x in islice(self.units, args.flush_every):
+        for ids, x in self.units:
             process_unit(self.ev, ids, x, self.timesteps, args.seed)
             self.ev.flush()
             self.units_done += 1
             self.ids_seen.extend(int(i) for i in ids)
             done += 1
-        return done == args.flush_every
+            if done == args.flush_every:
+                return True
+        return False
 
     def reduce(self, rounds: int) -> tuple[int, bool]:
         self.totals = replace(self.sums).all_reduce()
@@ -362,11 +299,25 @@ class GammaJob(ShardedJob):
 
     def payload(self):
         self.wall = time.time() - self.start
-        contributions = [{"run_id": self.run_id, "rank": self.rank, "world_size": self.world, "samples": r}
-                         for r in id_ranges(self.ids_seen)]
-        return {"contributions": contributions, "evaluations": self.ev.evaluations if self.ev else 0}
+        draws = {"seed": self.args.seed, "data": self.plan.identity(), "timesteps": id_ranges(self.timesteps)}
+        contributions = [{"run_id": self.run_id, "rank": self.rank, "world_size": self.world, "samples": r,
+                          **draws} for r in id_ranges(self.ids_seen)]
+        return {"contributions": contributions, "evaluations": self.ev.evaluations if self.ev else 0,
+                "data": self.data_summary.to_dict()}
+
+    def check_evaluated(self, gathered: list) -> None:
+        """A job that evaluated nothing at some requested t is a user error, never an empty Γ file."""
+        zero = [int(t) for t in self.timesteps if self.totals.count[t - 1] == 0]
+        if zero:
+            found = DataSummary()
+            for g in gathered:
+                found.merge(g["data"])
+            raise UserError(f"--data {storage.redact(str(self.args.data))!r}: nothing was evaluated at t = "
+                            f"{spans(zero)}; it lists {self.plan.describe()}, and reading them gave "
+                            f"{found.report()}; no Γ file written")
 
     def write(self, gathered: list) -> None:
+        self.check_evaluated(gathered)
         gf, ts, wall = self.totals, self.timesteps, self.wall
         evaluations = sum(g["evaluations"] for g in gathered)
         gf.contributions = sorted((c for g in gathered for c in g["contributions"]),

@@ -6,7 +6,10 @@ A job is a :class:`ShardedJob` subclass; :func:`run_job` drives it on every rank
    job with the same fingerprint is a no-op ("already complete"); another job's
    output is refused. Every rank learns the verdict.
 2. **Resume** — each rank reloads its partial state (``PARTIAL/rank-R-of-W.json``),
-   refusing state written by a different command.
+   refusing state written by a different command (fingerprints compared after
+   :meth:`ShardedJob.known_fingerprint`, which may translate older forms). When any rank
+   reloaded some, rank 0 prints one line (:meth:`ShardedJob.resume_summary`) with the
+   progress all ranks' state holds (:meth:`~ShardedJob.reduce`), where the bar then starts.
 3. **Rounds** — in lock-step: local work (:meth:`~ShardedJob.step`), the partial
    state written atomically, one all-reduce of (failed ranks, "more" flag), then the
    job's own reduction (:meth:`~ShardedJob.reduce`) for progress and early stopping.
@@ -161,6 +164,15 @@ class ShardedJob:
     def load_state(self, state: dict, source: str) -> None:
         """Resume from this rank's partial state (``state_dict``'s keys)."""
 
+    def known_fingerprint(self, got: dict) -> dict:
+        """A fingerprint read back (partial state), in today's form; override to accept older forms."""
+        return got
+
+    def resume_summary(self, completed: int) -> str:
+        """Rank 0's line after a resume; ``completed``: the progress every rank's reloaded state holds."""
+        where = storage.redact(str(self.partial_dir))
+        return f"resumed from {where}: {completed}/{self.progress_total} done ({self.label})"
+
     def state_dict(self) -> dict | None:
         """This rank's partial state (JSON-able), or None when the job keeps none."""
         return None
@@ -193,16 +205,17 @@ def diff(a: dict, b: dict) -> str:
     return ", ".join(f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys)
 
 
-def _resume(job: ShardedJob) -> None:
+def _resume(job: ShardedJob) -> bool:
+    """Reload this rank's partial state; True when there was some."""
     if job.partial_dir is None:
-        return
+        return False
     url = partial_url(job)
     if not storage.exists(url):
-        return
+        return False
     want = {**job.fingerprint, "world_size": job.world}
     try:
         state = json.loads(storage.read_text(url))
-        got = state["fingerprint"]
+        got = job.known_fingerprint(state["fingerprint"])
         if got == want:
             job.load_state(state, url)
     except (KeyError, TypeError, ValueError) as exc:
@@ -210,6 +223,22 @@ def _resume(job: ShardedJob) -> None:
     if got != want:
         raise PartialStateError(f"{url} was written by a different command ({diff(got, want)}); "
                                 "rerun it unchanged or delete it")
+    return True
+
+
+def _resume_phase(job: ShardedJob) -> int:
+    """Every rank reloads its partial state; rank 0 says so when any did. The progress to start from."""
+    err, loaded = None, False
+    try:
+        loaded = _resume(job)
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the peers
+        err = exc
+    if not _settle(err, [float(loaded)])[0]:
+        return 0
+    completed = job.reduce(0)[0]
+    if job.rank == 0:
+        print(job.resume_summary(completed), flush=True)
+    return completed
 
 
 def _round(job: ShardedJob, index: int) -> bool:
@@ -236,9 +265,9 @@ def run_job(job: ShardedJob) -> int:
             print(job.done_message())
         dist.shutdown()
         return 0
-    together(lambda: _resume(job))
+    resumed = _resume_phase(job)
     rounds = 0
-    with Progress(job.show_progress, job.label, job.progress_total) as bar:
+    with Progress(job.show_progress, job.label, job.progress_total, completed=resumed) as bar:
         while True:
             more = _round(job, rounds)
             rounds += 1
