@@ -278,3 +278,11 @@ def test_ddpm_family_ignores_the_direction():
     a, b = (sample(_toy_eps, sched, tau, "ddpm-tilde", make_generators(range(4)), (3,), dtype=torch.float64,
                    direction=d) for d in ("network", "x0"))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_official_conventions_differ_from_ours_in_every_field():
+    from adpm_dist.diffusion.conventions import OFFICIAL, OURS
+
+    assert set(OURS.differences(OFFICIAL)) == set(OURS.describe())
+    mixed = OURS.with_overrides(ddim_direction="network", nll_clip_x0=None)
+    assert mixed.differences(OURS) == {"ddim_direction": "network"}

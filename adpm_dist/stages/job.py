@@ -292,23 +292,28 @@ def run_job(job: ShardedJob) -> int:
 # ---------------------------------------------------------------- shared stage pieces
 
 
-def resolve_trajectory(kind: str, schedule, steps: int, gamma) -> np.ndarray:
-    """τ for (kind, K); K outside [2, N], or a Γ the trajectory needs but lacks, is a UsageError."""
+def resolve_trajectory(kind: str, schedule, steps: int, gamma, **options) -> np.ndarray:
+    """τ for (kind, K); K outside [2, N], or a Γ the trajectory needs but lacks, is a UsageError.
+
+    ``options`` go to :func:`make_trajectory` (``rounding``; for 'optimal' ``fit``, ``cost``,
+    ``method``, ``moments``).
+    """
     n = schedule.num_timesteps
     if not 2 <= steps <= n:
         raise UsageError(f"--steps {steps}: need 2 <= K <= N = {n} (the schedule's timesteps)")
     if kind == "optimal" and gamma is None:
         raise UsageError("--trajectory optimal needs --gamma (a Γ file for this model)")
     try:
-        return make_trajectory(kind, schedule, steps, gamma=gamma)
+        return make_trajectory(kind, schedule, steps, gamma=gamma, **options)
     except ValueError as exc:  # the diffusion layer's argument checks (e.g. Γ missing at t)
         raise UsageError(str(exc)) from None
 
 
-def resolve_variances(schedule, tau, method: str, gamma, eta: float = 0.0, clip_pixel=None):
-    """:func:`step_variances`, its argument checks (Γ missing on τ, η < 0) as UsageError."""
+def resolve_variances(schedule, tau, method: str, gamma, eta: float = 0.0, clip_pixel=None, **options):
+    """:func:`step_variances` (``options``: ``fit``, ``moments``, ``direction``), its argument
+    checks (Γ or moments missing on τ, η < 0) as UsageError."""
     try:
-        return step_variances(schedule, tau, method, gamma=gamma, eta=eta, clip_pixel=clip_pixel)
+        return step_variances(schedule, tau, method, gamma=gamma, eta=eta, clip_pixel=clip_pixel, **options)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
