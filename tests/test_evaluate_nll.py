@@ -266,7 +266,9 @@ def test_resume_from_partial_state_equals_full_run(setup, two_rank_run, monkeypa
     with pytest.raises(KeyboardInterrupt):
         evaluate.main(nll_args(setup, out, "--per-image", "--batch-size", "16", "--flush-every", "2"))
     partial = json.loads((out / "nll.partial" / "rank-00000-of-00001.json").read_text())
-    assert partial["units_done"] == 2 and partial["count"] == 32
+    # The first two batches (ids from the manifest's offsets, 16 each), by id: resumable with any
+    # --num-workers, which regroups a rank's images into other batches.
+    assert partial["count"] == 32 and sum(hi - lo for lo, hi in partial["done"]) == 32
     monkeypatch.setattr(evaluate, "negative_elbos", real)
     assert evaluate.main(nll_args(setup, out, "--per-image", "--batch-size", "16", "--flush-every", "2")) == 0
     doc = json.loads((out / "nll.json").read_text())
@@ -279,7 +281,10 @@ def test_refusals(setup, tmp_path, capsys):
     bad = nll_args(setup, tmp_path / "x")
     bad[bad.index("--steps") + 1] = "1,5"
     assert evaluate.main(bad) == 2
-    assert "2 <= K <= N = 100" in capsys.readouterr().err
+    assert "--steps '1,5': a comma list of step counts K >= 2" in capsys.readouterr().err
+    bad[bad.index("--steps") + 1] = "5,101"
+    assert evaluate.main(bad) == 2
+    assert "--steps 101: need 2 <= K <= N = 100" in capsys.readouterr().err
     bad = nll_args(setup, tmp_path / "y")
     bad[bad.index("--methods") + 1] = "ddim"
     assert evaluate.main(bad) == 2

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from adpm_dist.models.fid import FeatureStats, InceptionFeatures, frechet_distance
-from adpm_dist.stages import evaluate, sample
+from adpm_dist.stages import evaluate, evaluate_fid, sample
 from tests.estimate_helpers import ROOT, make_digit_shards, save_tiny_model
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.usefixtures("one_thread")]
@@ -131,8 +131,8 @@ def test_fid_rerun_is_a_no_op_until_the_samples_change(digits, tmp_path, capsys,
     first = fid(reference, str(folders[0]), result)
     written = result.read_bytes()
     calls = []
-    real = evaluate._features_over
-    monkeypatch.setattr(evaluate, "_features_over", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = evaluate_fid._features_over
+    monkeypatch.setattr(evaluate_fid, "_features_over", lambda *a, **k: calls.append(a) or real(*a, **k))
     capsys.readouterr()
     assert fid(reference, str(folders[0]), result) == first
     assert "already complete" in capsys.readouterr().out

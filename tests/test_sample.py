@@ -172,9 +172,10 @@ def _gamma_file(path, schedule, model_desc, value=0.6):
 
 def test_refusals_k_range_and_foreign_gamma_files(model, tmp_path, capsys):
     loaded = load_checkpoint(model)
-    for k in ("1", "21"):
-        assert sample.main(args(model, tmp_path / f"k{k}", steps=int(k))) == 2
-        assert f"--steps {k}: need 2 <= K <= N = 20" in capsys.readouterr().err
+    assert sample.main(args(model, tmp_path / "k1", steps=1)) == 2
+    assert "argument --steps: 1: must be >= 2" in capsys.readouterr().err  # refused when parsed
+    assert sample.main(args(model, tmp_path / "k21", steps=21)) == 2
+    assert "--steps 21: need 2 <= K <= N = 20" in capsys.readouterr().err  # N is the checkpoint's
     assert sample.main(args(model, tmp_path / "a", method="analytic-ddpm")) == 2
     assert "needs --gamma" in capsys.readouterr().err
 

