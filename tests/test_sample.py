@@ -94,8 +94,9 @@ def test_world_size_invariance_bytes_equal_and_metadata(model, tmp_path):
     assert sum(s["count"] for s in manifest["shards"]) == 30
     assert manifest["job"]["tau"] == [1, 7, 14, 20]
     grid = np.asarray(Image.open(one / "grid.png"))
-    assert grid.shape == (4 * 10 + 2, 8 * 10 + 2)  # 30 images, 8 columns, 8 px + 2 px padding
-    np.testing.assert_array_equal(grid[2:10, 2:10], items[0][1])
+    # 30 images, 8 columns, each 8 px enlarged ×8 to 64 px, 2 px padding
+    assert grid.shape == (4 * 66 + 2, 8 * 66 + 2)
+    np.testing.assert_array_equal(grid[2:66, 2:66], items[0][1].repeat(8, 0).repeat(8, 1))
 
 
 def test_batch_size_invariance_fp64_and_equal_to_direct_sampler(model, tmp_path):

@@ -49,6 +49,7 @@ from adpm_dist.io.shards import MANIFEST_NAME, encode_png, write_manifest, write
 from adpm_dist.models.loading import CheckpointError, LoadedModel, eps_function, load_checkpoint
 from adpm_dist.stages.job import ShardedJob, job_main, resolve_trajectory, resolve_variances
 from adpm_dist.stages.sample_args import build_parser, check_eta
+from adpm_dist.train.grid import upscale_factor
 
 SPLIT = "samples"
 JOB_NAME = "job.json"
@@ -131,9 +132,15 @@ def read_first_images(out: str, count: int) -> list[np.ndarray]:
 
 
 def make_grid(images: list[np.ndarray], columns: int = 8, pad: int = 2) -> bytes:
-    """PNG of the images in a grid (row-major, index order), ``pad`` pixels of black between."""
+    """PNG of the images in a grid (row-major, index order), ``pad`` pixels of black between.
+
+    Small images are enlarged nearest-neighbour by a whole factor (each at least
+    ``MIN_IMAGE_PX`` wide, :func:`adpm_dist.train.grid.upscale_factor`), as training's grids are.
+    """
     from PIL import Image
 
+    k = upscale_factor(images[0].shape[1])
+    images = [img.repeat(k, axis=0).repeat(k, axis=1) for img in images]
     h, w, c = images[0].shape
     rows = math.ceil(len(images) / columns)
     canvas = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad, c), dtype=np.uint8)
