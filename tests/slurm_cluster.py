@@ -69,21 +69,22 @@ def slurm_cluster():
 # ---------------------------------------------------------------- helpers for launcher tests
 
 
-def launch_env(**extra: str) -> dict[str, str]:
-    """Environment for ``python -m adpm_dist.launch`` children: unbuffered, CPU, one thread."""
+def launch_env(**extra: str | None) -> dict[str, str]:
+    """Environment for ``python -m adpm_dist.launch`` children: unbuffered, CPU, one thread;
+    ``extra`` sets variables, or removes those given as None."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT))
     env.update(extra)
-    return env
+    return {k: v for k, v in env.items() if v is not None}
 
 
-def run_launch(args: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
+def run_launch(args: list[str], timeout: float, **env: str | None) -> subprocess.CompletedProcess:
     """``python -m adpm_dist.launch ARGS`` from the repository root, output captured."""
     return subprocess.run([sys.executable, "-m", "adpm_dist.launch", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, env=launch_env(**env))
 
 
-def start_launch(args: list[str], log: Path, **env: str) -> subprocess.Popen:
+def start_launch(args: list[str], log: Path, **env: str | None) -> subprocess.Popen:
     """The launcher in the background, stdout and stderr into ``log``."""
     with open(log, "wb") as out:
         return subprocess.Popen([sys.executable, "-m", "adpm_dist.launch", *args], cwd=ROOT,

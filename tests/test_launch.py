@@ -59,7 +59,7 @@ def test_no_cluster_is_a_user_error_and_bugs_are_not(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --cluster slurm: no SLURM reachable")
 
-    def broken(spec, folder):
+    def broken(spec, folder, threads):
         raise ValueError("internal bug in the launcher")
 
     monkeypatch.setattr(launch, "submit_slurm", broken)

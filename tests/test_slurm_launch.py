@@ -63,8 +63,8 @@ def test_crashing_task_is_reported_within_60s(tmp_path):
     res = _selftest(tmp_path, "--crash-rank", "1")
     elapsed = time.monotonic() - t0
     assert res.returncode == 1, res.stdout + res.stderr
-    assert "task 1 failed" in res.stdout
-    assert "RuntimeError: selftest: rank 1 crashes on purpose" in res.stdout
+    assert ("task 1 exited with status 1 (first to fail): RuntimeError: selftest: rank 1 crashes "
+            "on purpose") in res.stdout
     assert "_1_log.err" in res.stdout  # where to look
     assert elapsed < 60
 

@@ -37,6 +37,8 @@ class StageCase:
     argv: Callable[[dict, Path], list[str]]  # (context, output folder) → stage arguments
     read: Callable[[Path], dict]  # output folder → name → tensor/array to compare
     rtol: float = 0.0  # 0: bit-equal; float64 sums may differ in the last bits
+    # output folder → what the stage's final line (the launcher shows it on success) names
+    summary: Callable[[Path], str] | None = None
 
 
 # ---------------------------------------------------------------- train
@@ -98,7 +100,8 @@ def _estimate_read(out: Path) -> dict:
     return {"sum": g.sum, "sum_sq": g.sum_sq, "count": g.count}
 
 
-ESTIMATE = StageCase("estimate", _estimate_prepare, _estimate_argv, _estimate_read, rtol=1e-12)
+ESTIMATE = StageCase("estimate", _estimate_prepare, _estimate_argv, _estimate_read, rtol=1e-12,
+                     summary=lambda out: str(out / "gamma.json"))
 
 CASES = [TRAIN, ESTIMATE]
 
@@ -133,7 +136,12 @@ def test_two_slurm_nodes_write_what_a_local_run_writes(case, inputs, tmp_path):
     ctx = case.prepare(inputs)
     res = _launch(case, ctx, tmp_path / "slurm", "slurm", tmp_path / "logs")
     assert "as SLURM job" in res.stdout and "completed (2 tasks)" in res.stdout
-    _launch(case, ctx, tmp_path / "local", "local", tmp_path / "logs")
+    local = _launch(case, ctx, tmp_path / "local", "local", tmp_path / "logs")
+    if case.summary:  # the stage's own last line follows the launcher's success line
+        for run, prefix, out in ((res, "[launch] rank 0: ", "slurm"), (local, f"[launch] {case.stage}: ",
+                                                                      "local")):
+            shown = [ln for ln in run.stdout.splitlines() if ln.startswith(prefix)]
+            assert shown and case.summary(tmp_path / out) in shown[-1], run.stdout
     _assert_equal(case.read(tmp_path / "slurm"), case.read(tmp_path / "local"), case.rtol)
 
 

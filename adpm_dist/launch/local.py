@@ -13,8 +13,18 @@ from typing import TYPE_CHECKING
 
 from adpm_dist.io import dist
 from adpm_dist.io.preempt import REQUEUE_EXIT_CODE
+from adpm_dist.launch.report import (
+    RankEnd,
+    describe_failure,
+    first_failure,
+    key_line,
+    latest_progress,
+    read_tail,
+    stage_summary,
+)
 from adpm_dist.launch.status import EXIT_FAILED, EXIT_OK, LaunchError, Outcome, StatusView, last_line, tail
 from adpm_dist.launch.task import PREEMPT_SIGNAL
+from adpm_dist.launch.threads import THREAD_VARS
 
 if TYPE_CHECKING:
     from adpm_dist.launch.spec import LaunchSpec
@@ -26,10 +36,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child_env(info: dist.DistInfo) -> dict[str, str]:
+def _child_env(info: dist.DistInfo, threads: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "SLURMD_", "SRUN_", "SBATCH_", "SUBMITIT_"))}
     env.update(dist.env_vars(info))
+    env.update(dict.fromkeys(THREAD_VARS, str(threads)))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -48,8 +59,9 @@ def _stop_all(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
             p.wait(timeout=30)
 
 
-def run_local(spec: LaunchSpec, folder: Path, poll_s: float = 0.2) -> Outcome:
-    """N × G processes here with torchrun's variables; restart the group on a requeue."""
+def run_local(spec: LaunchSpec, folder: Path, threads: int = 1, poll_s: float = 0.2) -> Outcome:
+    """N × G processes here with torchrun's variables and ``threads`` threads each; restart
+    the group on a requeue."""
     if spec.gpus_per_node > 0:
         import torch
 
@@ -86,7 +98,7 @@ def run_local(spec: LaunchSpec, folder: Path, poll_s: float = 0.2) -> Outcome:
                     procs.append(subprocess.Popen(
                         [sys.executable, "-m", "adpm_dist.launch", "_worker", spec.stage, "--",
                          *spec.stage_argv],
-                        env=_child_env(info), stdout=log, stderr=subprocess.STDOUT))
+                        env=_child_env(info, threads), stdout=log, stderr=subprocess.STDOUT))
             outcome = _watch_local(spec, procs, logs, view, attempt, deadline, poll_s)
             if outcome is not None:
                 return outcome
@@ -110,19 +122,43 @@ def _watch_local(spec: LaunchSpec, procs: list[subprocess.Popen], logs: list[Pat
         codes = [p.poll() for p in procs]
         done = sum(c is not None for c in codes)
         detail = f"{done}/{len(procs)} exited" + (f", attempt {attempt + 1}" if attempt else "")
-        view.update("running" if done < len(procs) else "finishing", detail, last_line(logs[0]))
-        bad = [r for r, c in enumerate(codes) if c not in (None, 0, REQUEUE_EXIT_CODE)]
-        if bad:
-            r = bad[0]
-            _stop_all(procs)
-            return Outcome(EXIT_FAILED, f"local rank {r} exited with status {codes[r]}; last "
-                           f"lines of {logs[r]}:\n{tail(logs[r], 20)}")
+        view.update("running" if done < len(procs) else "finishing", detail, last_line(logs[0]),
+                    latest_progress(logs[0]))
+        if any(c not in (None, 0, REQUEUE_EXIT_CODE) for c in codes):
+            return _failure(procs, logs)
         if done == len(procs):
             if all(c == 0 for c in codes):
+                summary = stage_summary(logs[0])
                 return Outcome(EXIT_OK, f"{spec.stage} finished on {len(procs)} local processes; "
-                               f"logs in {logs[0].parent}")
+                               f"logs in {logs[0].parent}" +
+                               (f"\n[launch] {spec.stage}: {summary}" if summary else ""))
             return None  # some ranks asked for a requeue, the others finished: rerun
         if deadline is not None and time.monotonic() > deadline:
             _stop_all(procs)
             return Outcome(EXIT_FAILED, f"local run exceeded --wait-timeout {spec.wait_timeout}s")
         time.sleep(poll_s)
+
+
+def _failure(procs: list[subprocess.Popen], logs: list[Path], grace_s: float = 3.0) -> Outcome:
+    """Name the rank that failed first, and the peers that failed on their own after it.
+
+    The peers get ``grace_s`` to fail by themselves (a lost connection shows up within
+    milliseconds), so their errors are reported as consequences; then the rest are stopped.
+    """
+    seen: list[int] = []  # failed ranks in the order they were seen
+    deadline = time.monotonic() + grace_s
+    while True:
+        codes = [p.poll() for p in procs]
+        seen += [r for r, c in enumerate(codes)
+                 if c not in (None, 0, REQUEUE_EXIT_CODE) and r not in seen]
+        if all(c is not None for c in codes) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    _stop_all(procs)
+    ends = [RankEnd(r, status=codes[r] if codes[r] > 0 else None,
+                    signal=-codes[r] if codes[r] < 0 else None, why=key_line(read_tail(logs[r])))
+            for r in seen]
+    root = first_failure(ends).rank
+    status, text = describe_failure(ends, "local rank",
+                                    f"last lines of {logs[root]}:\n{tail(logs[root], 20)}")
+    return Outcome(status, text)

@@ -15,6 +15,7 @@ class LaunchSpec:
     gpus_per_node: int = 0
     tasks_per_node: int | None = None
     cpus_per_task: int | None = None
+    threads_per_rank: int | None = None
     partition: str | None = None
     account: str | None = None
     qos: str | None = None

@@ -44,7 +44,9 @@ class StatusView:
             self._live = Live(console=self.console, refresh_per_second=4, transient=False)
             self._live.start()
 
-    def update(self, state: str, detail: str = "", log_line: str = "") -> None:
+    def update(self, state: str, detail: str = "", log_line: str = "", progress: str = "") -> None:
+        """Show the state; ``progress`` (rank 0's latest ``progress:`` line) is shown with it,
+        else, on a terminal, the log's last line."""
         elapsed = time.monotonic() - self.started
         if self._live is not None:
             from rich.console import Group
@@ -52,12 +54,15 @@ class StatusView:
 
             head = Text.assemble((self.title, "bold"), "  ", (state, "cyan"),
                                  f"  {elapsed:5.0f}s  {detail}")
-            tail = Text(log_line, style="dim", no_wrap=True, overflow="ellipsis")
-            self._live.update(Group(head, tail) if log_line else head)
+            tail = Text(progress or log_line, style="dim", no_wrap=True, overflow="ellipsis")
+            self._live.update(Group(head, tail) if progress or log_line else head)
             return
+        # A new line whenever the state or the progress line changes (off a terminal the
+        # stage prints progress every ADPM_PROGRESS_INTERVAL seconds).
         plain = f"{self.title}: {state}" + (f" ({detail})" if detail else "")
+        plain += f" — {progress}" if progress else ""
         if plain != self._last_plain:
-            self.console.print(f"[{elapsed:5.0f}s] {plain}", highlight=False)
+            self.console.print(f"[{elapsed:5.0f}s] {plain}", highlight=False, soft_wrap=True)
             self._last_plain = plain
 
     def close(self) -> None:

@@ -1,7 +1,9 @@
 """What every rank of a launched job runs: a stage's ``main(argv)``, and the requeue on preemption.
 
 :class:`StageTask` is what submitit pickles into the SLURM job (by reference, so
-it lives in this importable module); local ranks call :func:`run_stage` directly.
+it lives in this importable module); local ranks run :func:`local_worker`. Both
+limit the rank's threads (``adpm_dist/launch/threads.py``) and say so first in its log;
+a stage that fails leaves with its own exit status, which srun reports.
 A stage that checkpoints on ``PREEMPT_SIGNAL`` returns ``REQUEUE_EXIT_CODE``;
 rank 0 then ``scontrol requeue``s the job, records what it did in
 ``<job_id>_requeue.json`` next to the logs, and every rank leaves without a result
@@ -17,14 +19,17 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import NoReturn
 
 import submitit
 
+from adpm_dist.errors import UsageError
 from adpm_dist.io import dist
 from adpm_dist.io.preempt import REQUEUE_EXIT_CODE
+from adpm_dist.launch.threads import apply_threads, describe, slurm_threads
 
 # Stages that run on the allocation; each module has main(argv) -> int.
 STAGES = {
@@ -34,6 +39,8 @@ STAGES = {
     "evaluate": "adpm_dist.stages.evaluate",
     "selftest": "adpm_dist.stages.selftest",
 }
+# Not a stage: runs main(argv) of the module named by the first stage argument.
+MODULE_STAGE = "module"
 PREEMPT_SIGNAL = signal.SIGUSR1  # what the job asks SLURM to send before its time limit
 
 
@@ -52,9 +59,42 @@ class _Requeued(SystemExit):
         super().__init__(REQUEUE_EXIT_CODE)
 
 
+def stage_module(stage: str, argv: list[str]) -> tuple[str, list[str]]:
+    """(module to import, its argv) for ``stage``; ``module`` takes the name from ``argv``."""
+    if stage != MODULE_STAGE:
+        return STAGES[stage], list(argv)
+    if not argv or argv[0].startswith("-"):
+        raise UsageError("stage 'module' needs the module to run first after '--' "
+                         "(python -m adpm_dist.launch module -- pkg.mod ARGS)")
+    return argv[0], list(argv[1:])
+
+
+def start_lines(stage: str, info: dist.DistInfo, threads: tuple[int, str]) -> str:
+    """What every rank says first in its log: who and where it is, and its thread limit."""
+    sched = dist.scheduler_info()
+    node = sched["node_name"] or socket.gethostname()
+    return (f"[launch] {stage} rank {info.rank}/{info.world_size} on {node} (master "
+            f"{info.master_addr}:{info.master_port}), pid {os.getpid()}\n{describe(*threads)}")
+
+
+def local_worker(argv: list[str]) -> int:
+    """``python -m adpm_dist.launch _worker STAGE -- ARGS``: one local rank.
+
+    The launcher exported this rank's variables and OMP_NUM_THREADS (its thread limit).
+    """
+    stage, rest = argv[0], argv[1:]
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    threads = int(os.environ["OMP_NUM_THREADS"])
+    apply_threads(threads)
+    print(start_lines(stage, dist.env_info(), (threads, "the launcher")), flush=True)
+    return run_stage(stage, rest)
+
+
 def run_stage(stage: str, argv: list[str]) -> int:
-    """Import ``adpm_dist.<stage>`` and run its main(argv) in this process; its exit status."""
-    module = importlib.import_module(STAGES[stage])
+    """Import the stage's module and run its main(argv) in this process; its exit status."""
+    name, argv = stage_module(stage, argv)
+    module = importlib.import_module(name)
     try:
         rc = module.main(list(argv))
     except _Requeued:
@@ -167,17 +207,21 @@ class StageTask(submitit.helpers.Checkpointable):
     same stage and argv; the stage resumes from its last checkpoint.
     """
 
-    def __init__(self, stage: str, argv: list[str], max_requeues: int = 10) -> None:
+    def __init__(self, stage: str, argv: list[str], max_requeues: int = 10,
+                 threads: tuple[int, str] | None = None) -> None:
         self.stage = stage
         self.argv = list(argv)
         self.max_requeues = max_requeues
+        self.threads = threads  # the user's choice; None: from what SLURM allocated
 
     def __call__(self) -> dict:
         info = dist.env_info()
         dist.export_env(info)
-        print(f"[launch] {self.stage} rank {info.rank}/{info.world_size} on "
-              f"{dist.scheduler_info()['node_name'] or socket.gethostname()} "
-              f"(master {info.master_addr}:{info.master_port})", flush=True)
+        threads = self.threads or slurm_threads(os.environ, info.local_world_size)
+        apply_threads(threads[0])
+        # On stderr, which is also where srun reports tasks' ends: the follower reads only
+        # what srun wrote after rank 0's latest start (an earlier run's report is stale).
+        print(start_lines(self.stage, info, threads), file=sys.stderr, flush=True)
 
         def on_signal(signum: int, frame: object) -> None:
             # Reached only when the stage installed no handler of its own: it cannot
@@ -193,8 +237,12 @@ class StageTask(submitit.helpers.Checkpointable):
         if rc == REQUEUE_EXIT_CODE:
             _requeue_this_job(info, self.max_requeues, f"{self.stage} checkpointed for requeue")
         if rc != 0:
-            raise StageFailed(f"{self.stage} exited with status {rc} on rank {info.rank} "
-                              f"({dist.scheduler_info()['node_name'] or socket.gethostname()})")
+            # Leave with the stage's status, as a local rank does: srun reports it ("Exited
+            # with exit code 2") and the follower reads it from there; the stage's error
+            # line is already in this task's log.
+            print(f"[launch] {self.stage} exited with status {rc} on rank {info.rank}",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(rc)
         sched = dist.scheduler_info()
         return {"rank": info.rank, "world_size": info.world_size, "node": sched["node_name"],
                 "restart_count": sched["restart_count"]}
