@@ -193,7 +193,8 @@ def test_methods_list_is_complete_and_ddpm_reduction_holds():
     sched = make_schedule("linear", 100)
     gamma = np.concatenate([[np.nan], np.linspace(0.01, 0.999, 100)])
     tau = make_trajectory("even", sched, 10)
-    assert set(METHODS) == {"ddpm-beta", "ddpm-tilde", "ddim", "analytic-ddpm", "analytic-ddim"}
+    assert set(METHODS) == {"ddpm-beta", "ddpm-tilde", "ddim", "analytic-ddpm", "analytic-ddim",
+                            "residual-ddpm", "residual-ddim"}
     v = step_variances(sched, tau, "analytic-ddpm", gamma=gamma, fit="clip")
     abar = truth.abar_from_betas(sched.betas[1:])
     for s, t, sig in zip(v.s, v.t, v.sigma2):

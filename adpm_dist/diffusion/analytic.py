@@ -33,17 +33,18 @@ from adpm_dist.diffusion.residual import (
 )
 from adpm_dist.diffusion.schedule import Schedule
 
-METHODS = ("ddpm-beta", "ddpm-tilde", "ddim", "analytic-ddpm", "analytic-ddim")
-ANALYTIC_METHODS = ("analytic-ddpm", "analytic-ddim")
-DDPM_FAMILY = ("ddpm-beta", "ddpm-tilde", "analytic-ddpm")
+METHODS = ("ddpm-beta", "ddpm-tilde", "ddim", "analytic-ddpm", "analytic-ddim", "residual-ddpm",
+           "residual-ddim")
+ANALYTIC_METHODS = ("analytic-ddpm", "analytic-ddim")  # need Γ
 # The KL-optimal variance of the model at hand (diffusion/residual.py): they need the
-# model-error moments of a Γ file, which the stages do not offer yet.
+# model-error moments of a Γ file (format 2).
 RESIDUAL_METHODS = ("residual-ddpm", "residual-ddim")
+DDPM_FAMILY = ("ddpm-beta", "ddpm-tilde", "analytic-ddpm", "residual-ddpm")
 
 
 def is_ddpm_family(method: str) -> bool:
     """True where the mean is the posterior mean μ̃(x_t, x̂₀) (λ² = β̃), False for DDIM-style steps."""
-    return method in DDPM_FAMILY or method == "residual-ddpm"
+    return method in DDPM_FAMILY
 
 
 @dataclass(frozen=True)
@@ -215,8 +216,8 @@ def step_variances(
 
 def _checked_trajectory(schedule, trajectory, method, gamma, moments, eta) -> np.ndarray:
     """τ as int64 after every argument check of :func:`step_variances` (ValueError naming it)."""
-    if method not in METHODS + RESIDUAL_METHODS:
-        raise ValueError(f"unknown method '{method}'; choose one of {list(METHODS + RESIDUAL_METHODS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method '{method}'; choose one of {list(METHODS)}")
     tau = np.asarray(trajectory, dtype=np.int64)
     n = schedule.num_timesteps
     if tau.ndim != 1 or tau.shape[0] < 2 or tau[0] != 1 or tau[-1] != n or np.any(np.diff(tau) <= 0):
@@ -224,7 +225,7 @@ def _checked_trajectory(schedule, trajectory, method, gamma, moments, eta) -> np
     if method in ANALYTIC_METHODS and gamma is None:
         raise ValueError(f"method '{method}' needs Γ (a Γ file)")
     if method in RESIDUAL_METHODS and moments is None:
-        raise ValueError(f"method '{method}' needs the model-error moments (a Γ file of format 3)")
+        raise ValueError(f"method '{method}' needs the model-error moments (a Γ file of format 2)")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     return tau

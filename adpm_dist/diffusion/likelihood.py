@@ -102,8 +102,7 @@ def negative_elbos(
     :func:`negative_elbo` alone gives with the same generators.
     """
     for method in [m for m in methods if not is_ddpm_family(m)]:
-        raise ValueError(f"the ELBO is defined for the DDPM family {[*DDPM_FAMILY, 'residual-ddpm']}, "
-                         f"not '{method}'")
+        raise ValueError(f"the ELBO is defined for the DDPM family {list(DDPM_FAMILY)}, not '{method}'")
     x0 = x0.to(torch.float64)
     batch = x0.shape[0]
     abar, bbar = schedule.alphas_cumprod, schedule.bar_betas

@@ -134,7 +134,8 @@ def predicted_nelbo(schedule: Schedule, s, t, lam2, sigma2, moments: ErrorMoment
     moments.require(t, "the trajectory's steps")
     for name in ("x0_sq", "decoder_nll"):
         if not math.isfinite(getattr(moments, name)):
-            raise ValueError(f"the model-error moments lack {name} (a Γ file of format 3 or later has it)")
+            hint = " (the decoder term needs the Γ job to cover t = 1)" if name == "decoder_nll" else ""
+            raise ValueError(f"the model-error moments lack {name}{hint}")
     m = mean_error(schedule, s, t, moments, "ddpm", lam2)
     steps = expected_step_kl(lam2, sigma2, m)
     total = prior_kl(schedule, moments.x0_sq) + float(np.sum(steps)) + moments.decoder_nll

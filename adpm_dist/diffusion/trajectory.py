@@ -147,7 +147,7 @@ def optimal_trajectory(
     if cost != "expected":
         raise ValueError(f"unknown DP cost {cost!r}; choose one of {list(DP_COSTS)}")
     if moments is None:
-        raise ValueError("the expected-cost DP needs the model-error moments (a Γ file of format 3)")
+        raise ValueError("the expected-cost DP needs the model-error moments (a Γ file of format 2)")
     cov = None
     if method == "analytic-ddpm":
         if gamma is None:
