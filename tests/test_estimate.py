@@ -1,4 +1,5 @@
-"""The sharded Γ job (issue 5): invariances, resume, no-op rerun, merge, real S3."""
+"""The sharded Γ job (issue 5): invariances, resume, no-op rerun, merge, real S3 — for Γ and for the
+model-error moments the job keeps alongside (format "adpm-gamma/2")."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from adpm_dist.gamma import read_gamma
+from adpm_dist.gamma import read_gamma, write_gamma
 from adpm_dist.stages import estimate
 from tests.estimate_helpers import ROOT, free_port, make_digit_shards, save_tiny_model, torchrun
 from tests.s3_server import subprocess_env
@@ -50,6 +51,10 @@ def test_single_process_file_is_complete_and_consistent(setup, tmp_path):
     gf = read_gamma(str(out))
     assert gf.is_complete() and set(gf.count.tolist()) == {60}  # 20% of 300 digits, every t
     assert 0 < gf.gamma.min() and np.all(gf.stderr > 0)
+    assert gf.has_moments() and json.loads(out.read_text())["format"] == "adpm-gamma/2"
+    m = gf.error_moments()
+    assert np.all(np.isfinite(m.a[1:])) and np.all(np.isfinite(m.c[1:])) and np.isfinite(m.decoder_nll)
+    assert np.all(m.a[1:] <= gf.error_moments(clip_x0=False).a[1:])  # clamping to the data range helps
     assert gf.extra["evaluations_per_s"] > 0
     ranges = sorted(c["samples"] for c in gf.contributions)
     assert ranges == [[0, 60]]
@@ -72,6 +77,7 @@ def test_world_size_batch_size_and_worker_invariance(setup, tmp_path):
         np.testing.assert_array_equal(g.count, a.count)
         np.testing.assert_allclose(g.sum, a.sum, rtol=1e-12, atol=0)
         np.testing.assert_allclose(g.sum_sq, a.sum_sq, rtol=1e-12, atol=0)
+        assert_same_moments(g, a, rtol=1e-12)
     assert {c["rank"] for c in b.contributions} == {0, 1, 2}
     # In fp32 the CPU kernels round differently per batch size (~1e-7); nothing more.
     fp32 = tmp_path / "fp32.json"
@@ -98,6 +104,42 @@ def test_rerun_of_finished_job_is_a_noop_and_other_jobs_are_refused(setup, tmp_p
     assert estimate.main(common(setup, out, "--timesteps", "1-20", "--seed", "5")) == 2
     assert "holds a different estimate" in capsys.readouterr().err
     assert out.read_bytes() == before
+
+
+def test_a_format_1_file_or_partial_state_without_moments_is_not_taken_as_this_job(setup, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Written by the version before the moments: never 'already complete' (the moments would be
+    missing), never resumed (they would miss the earlier pairs), never overwritten."""
+    from adpm_dist.stages import job
+
+    out = tmp_path / "g.json"
+    args = common(setup, out, "--timesteps", "1-3", "--flush-every", "1", "--data-batch", "8")
+    assert estimate.main(args) == 0
+    old = read_gamma(str(out), require_complete=False)
+    old.moments = None  # the same estimate as the earlier version wrote it: format 1
+    write_gamma(old, str(out))
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert estimate.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out} holds this estimate as a format-1 Γ file, without the model-error moments" in err
+    assert "choose another --out or remove it" in err and out.read_bytes() == before
+
+    out.unlink()
+    monkeypatch.setenv(job.FAIL_RANK_ENV, "0:2")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        estimate.main(args)  # two rounds done and saved, then the job dies
+    monkeypatch.delenv(job.FAIL_RANK_ENV)
+    state_file = tmp_path / "g.json.partial" / "rank-00000-of-00001.json"
+    state = json.loads(state_file.read_text())
+    assert state["units_done"] == 2 and len(state["moments"]) == 5 * 2 * 20 + 9
+    del state["moments"]  # partial state as the earlier version wrote it
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert estimate.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{state_file}: unreadable partial state (written by a version without the model-error " in err
+    assert "delete it to start over" in err and not out.exists()
 
 
 def test_kill_minus_9_then_rerun_gives_the_uninterrupted_result(setup, tmp_path):
@@ -132,8 +174,20 @@ def test_kill_minus_9_then_rerun_gives_the_uninterrupted_result(setup, tmp_path)
     np.testing.assert_array_equal(b.count, a.count)
     np.testing.assert_array_equal(b.sum, a.sum)
     np.testing.assert_array_equal(b.sum_sq, a.sum_sq)
+    assert_same_moments(b, a, rtol=0)  # the partial state carried the moments' sums too
     assert sorted(map(tuple, (c["samples"] for c in b.contributions))) == sorted(
         map(tuple, (c["samples"] for c in a.contributions)))
+
+
+def assert_same_moments(got, want, rtol: float) -> None:
+    """Equal model-error moment sums (rtol 0: bit for bit); scalar counts exactly."""
+    assert got.has_moments() and want.has_moments()
+    for g, w in ((got.moments.per_t, want.moments.per_t), (got.moments.scalars, want.moments.scalars)):
+        if rtol:
+            np.testing.assert_allclose(g, w, rtol=rtol, atol=0)
+        else:
+            np.testing.assert_array_equal(g, w)
+    np.testing.assert_array_equal(got.moments.scalars[:, 2], want.moments.scalars[:, 2])
 
 
 def _worker_pid(launcher_pid: int, rank: int) -> int | None:
@@ -169,6 +223,7 @@ def test_merge_of_disjoint_runs_equals_one_run_over_the_union(setup, tmp_path):
     a, m = read_gamma(str(whole)), read_gamma(str(merged))
     np.testing.assert_array_equal(m.count, a.count)
     np.testing.assert_allclose(m.sum, a.sum, rtol=1e-13)
+    assert_same_moments(m, a, rtol=1e-13)
     # The same run twice overlaps and is refused.
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "merge_gamma.py"), str(whole), str(whole),
                           "-o", str(tmp_path / "dup.json")], capture_output=True, text=True)

@@ -6,7 +6,9 @@
 Refuses files from different schedules or models (naming both) and contributions that
 hold the same draws twice (equal seed and data, intersecting sample ids and timesteps;
 for files from before those were recorded: the same run id and intersecting sample ids),
-naming both files and the timesteps. Prints a summary.
+naming both files and the timesteps. The model-error moments (format 2) add like the sums;
+when some input is a format-1 file (no moments) the merged file has none (format 1): a
+``warning:`` line names those inputs and the summary says ``"moments": false``. Prints a summary.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import numpy as np
 
 from adpm_dist.errors import UserArgumentParser, run_cli
-from adpm_dist.gamma import GammaFileError, merge, read_gamma, spans, summary, write_gamma
+from adpm_dist.gamma import GammaFileError, lacking_moments, merge, read_gamma, spans, summary, write_gamma
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -37,8 +39,14 @@ def _main(argv: list[str] | None = None) -> int:
                 "estimate --timesteps); --allow-incomplete would merge it anyway (timesteps no input "
                 "covers stay without Γ, and trajectories that step from them are refused)")
     merged = merge(files, args.inputs)
+    lacking = [args.inputs[i] for i in lacking_moments(files)]
+    if lacking and len(lacking) < len(files):
+        print(f"warning: {', '.join(lacking)}: format-1 Γ file(s) without the model-error moments; the "
+              "merged file has none (format 1): re-run the Γ job for them to keep the moments",
+              file=sys.stderr)
     write_gamma(merged, args.out)
-    print(json.dumps({"out": args.out, "inputs": len(files), **summary(merged)}))
+    extra = {"without_moments": lacking} if lacking else {}
+    print(json.dumps({"out": args.out, "inputs": len(files), **summary(merged), **extra}))
     return 0
 
 

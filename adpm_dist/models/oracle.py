@@ -7,6 +7,11 @@ predictor (the minimiser of the ε-MSE, i.e. an exact model) is
     ε*(x_n, n) = E[ε | x_n] = Σ_k w_k(x_n) √β̄_n (x_n − √ᾱ_n m_k) / v_k,
 
 with posterior weights w_k ∝ π_k N(x_n; √ᾱ_n m_k, v_k I). All in float64.
+
+``eps_scale`` k and ``eps_offset`` o make a deliberately *imperfect* model ε̂ = k·ε* + o
+(o added to every coordinate), for tests of the model-error moments against exact values;
+they enter the config (and so the checkpoint and its digest) only when not 1 and 0, so the
+exact oracle's config and output are what they were.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from adpm_dist.diffusion.schedule import Schedule, make_schedule
 class GaussianMixtureEps(nn.Module):
     """An ε-network with no parameters whose output is the exact ε* of a mixture.
 
-    ``shape`` is the per-sample shape (e.g. (2,) or (1, 8, 8)); d = its product.
+    ``shape`` is the per-sample shape (e.g. (2,) or (1, 8, 8)); d = its product;
+    ``eps_scale``/``eps_offset``: the output is eps_scale·ε* + eps_offset (module doc).
     """
 
-    def __init__(self, means, stds, weights, schedule: dict, shape=None):
+    def __init__(self, means, stds, weights, schedule: dict, shape=None, eps_scale: float = 1.0,
+                 eps_offset: float = 0.0):
         super().__init__()
         means = np.asarray(means, dtype=np.float64)
         if means.ndim != 2:
@@ -48,6 +55,11 @@ class GaussianMixtureEps(nn.Module):
             "schedule": dict(schedule),
             "shape": list(self.shape),
         }
+        self.eps_scale, self.eps_offset = float(eps_scale), float(eps_offset)
+        if not (math.isfinite(self.eps_scale) and math.isfinite(self.eps_offset)):
+            raise ValueError("eps_scale and eps_offset must be finite numbers")
+        if (self.eps_scale, self.eps_offset) != (1.0, 0.0):  # the exact oracle's config stays as it was
+            self.config.update(eps_scale=self.eps_scale, eps_offset=self.eps_offset)
         self.register_buffer("means", torch.as_tensor(means))
         self.register_buffer("stds", torch.as_tensor(stds))
         self.register_buffer("log_weights", torch.as_tensor(np.log(weights / weights.sum())))
@@ -67,6 +79,8 @@ class GaussianMixtureEps(nn.Module):
         log_post = self.log_weights[None] - 0.5 * sq / var - 0.5 * self.dim * torch.log(var)
         w = torch.softmax(log_post, dim=1)
         eps = ((w / var)[:, :, None] * centred).sum(dim=1) * (1.0 - abar).sqrt()
+        if (self.eps_scale, self.eps_offset) != (1.0, 0.0):
+            eps = self.eps_scale * eps + self.eps_offset
         return eps.reshape(x.shape).to(out_dtype)
 
     def sample_data(self, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -86,8 +100,11 @@ def _schedule_from(spec: dict) -> Schedule:
 
 
 def two_cluster_mixture(d: int, schedule: dict, separation: float = 0.5, std: float = 0.15,
-                        weights=(0.3, 0.7)) -> GaussianMixtureEps:
-    """Two isotropic clusters at ±separation along the first axis: the standard test oracle."""
+                        weights=(0.3, 0.7), eps_scale: float = 1.0,
+                        eps_offset: float = 0.0) -> GaussianMixtureEps:
+    """Two isotropic clusters at ±separation along the first axis: the standard test oracle
+    (``eps_scale``/``eps_offset``: an imperfect one, see the module doc)."""
     means = np.zeros((2, d))
     means[0, 0], means[1, 0] = -separation, separation
-    return GaussianMixtureEps(means, [std, std], list(weights), schedule)
+    return GaussianMixtureEps(means, [std, std], list(weights), schedule, eps_scale=eps_scale,
+                              eps_offset=eps_offset)

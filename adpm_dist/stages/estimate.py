@@ -11,7 +11,9 @@ full forward batches. The noise of a pair comes from a generator seeded by
 (seed, sample id, block of 16 timesteps), so the Γ file does not depend on
 world size, batch size or worker count (up to float64 summation order).
 
-State per t is (Σ v, Σ v², count) with v = ‖ε_θ‖²/d, float64/int64. Ranks
+State per t is (Σ v, Σ v², count) with v = ‖ε_θ‖²/d, float64/int64, and the same sums of
+the model-error statistics a, a_raw, b, b_raw, c of each pair, with three scalar ones
+(:mod:`adpm_dist.gamma.moments`), all from the forward pass that gives v. Ranks
 advance in lock-step rounds of ``--flush-every`` data batches; after each round
 every rank writes its partial state to ``OUT.partial/`` (atomically) and the
 sums are all-reduced (for progress and early stopping). A rerun of the same job
@@ -31,7 +33,9 @@ variance and every term of the trajectory cost only through the factor
 β_{t|s}/β̄_t ≤ 1, so se(Γ_t) ≤ E bounds that factor's error by E for every
 step s → t of every trajectory at once. (The covariance term (β̄_t/ᾱ_t)(1 − Γ_t)
 would be the wrong target: its error is amplified by β̄_t/ᾱ_t, up to 1e8 at
-large t, where the clip takes over anyway.)
+large t, where the clip takes over anyway.) The criterion is on Γ alone: the model-error
+moments come from the same pairs and carry their own standard errors in the file, but do not
+decide when to stop.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ import torch
 from adpm_dist.diffusion.forward import q_sample
 from adpm_dist.diffusion.stats import mean_stderr
 from adpm_dist.errors import UsageError, UserError
-from adpm_dist.gamma import GammaFile, GammaFileError, read_gamma, spans, write_gamma
+from adpm_dist.gamma import GammaFile, GammaFileError, Moments, pair_errors, read_gamma, spans, write_gamma
 from adpm_dist.io import dist, storage
 from adpm_dist.io.quality import DataSummary
 from adpm_dist.models.loading import eps_function, load_checkpoint
@@ -105,7 +109,8 @@ def pair_noise(seed: int, sample_id: int, block: int, shape, device, offsets=Non
 
 
 class PairEvaluator:
-    """Packs (x₀, t) pairs into forward batches of ``batch_size``; v = ‖ε‖²/d goes to a GammaFile."""
+    """Packs (x₀, t) pairs into forward batches of ``batch_size``; v = ‖ε‖²/d and the model-error
+    statistics of each pair (:func:`~adpm_dist.gamma.pair_errors`, same pass) go to a GammaFile."""
 
     def __init__(self, eps_fn, schedule, batch_size: int, sums: GammaFile, device):
         self.eps_fn, self.schedule, self.batch_size = eps_fn, schedule, batch_size
@@ -134,7 +139,8 @@ class PairEvaluator:
         x, t, noise = x[:size], t[:size], noise[:size]
         eps = self.eps_fn(q_sample(self.schedule, x, t, noise), t)
         flat = eps.reshape(size, -1).to(torch.float64)
-        self.sums.add(t.cpu().numpy(), (flat.pow(2).sum(dim=1) / flat.shape[1]).cpu().numpy())
+        errors = pair_errors(self.schedule, x, t, noise, eps)
+        self.sums.add(t.cpu().numpy(), (flat.pow(2).sum(dim=1) / flat.shape[1]).cpu().numpy(), errors)
         self.evaluations += size
         self.buf_x, self.buf_t, self.buf_noise = ([r] if len(r) else [] for r in rest)
         self.pending = len(rest[0])
@@ -204,7 +210,7 @@ class GammaJob(ShardedJob):
         self.progress_total = self.per_t * len(self.timesteps)
         data = {"urls": storage.redact(str(args.data)), "manifest": self.plan.manifest_url,
                 "split": self.plan.split, "samples_per_t": self.per_t}
-        self.sums = GammaFile.empty(self.loaded.schedule, self.loaded.describe(), data)
+        self.sums = GammaFile.empty(self.loaded.schedule, self.loaded.describe(), data, moments=True)
         self.totals = self.sums
         self.units_done, self.ids_seen, self.units, self.ev = 0, [], None, None
         self.data_summary = DataSummary()
@@ -243,6 +249,10 @@ class GammaJob(ShardedJob):
         got = self.known_fingerprint(dict(done.extra.get("fingerprint") or {}))
         want = dict(self.fingerprint)
         got.pop("world_size", None), want.pop("world_size", None)
+        if got == want and not done.has_moments():
+            raise UsageError(f"{self.args.out} holds this estimate as a format-1 Γ file, without the "
+                             "model-error moments (an earlier version wrote it); choose another --out or "
+                             "remove it to estimate them")
         if got == want:
             return True
         raise UsageError(f"{self.args.out} exists and holds a different estimate ({diff(got, want)}); "
@@ -258,13 +268,16 @@ class GammaJob(ShardedJob):
     def state_dict(self) -> dict:
         return {"units_done": self.units_done, "sum": self.sums.sum.tolist(),
                 "sum_sq": self.sums.sum_sq.tolist(), "count": self.sums.count.tolist(),
-                "ranges": id_ranges(self.ids_seen)}
+                "moments": self.sums.moments.pack().tolist(), "ranges": id_ranges(self.ids_seen)}
 
     def load_state(self, state: dict, source: str) -> None:
         n = self.sums.num_timesteps
         arrays = [np.asarray(state[k], dtype=np.float64) for k in ("sum", "sum_sq", "count")]
         if any(a.shape != (n,) for a in arrays):
             raise ValueError(f"sums must have length N={n}")
+        if "moments" not in state:  # resuming would leave the earlier pairs out of the moments
+            raise ValueError("written by a version without the model-error moments")
+        self.sums.moments = Moments.unpack(state["moments"], n)
         self.sums.sum, self.sums.sum_sq, self.sums.count = arrays[0], arrays[1], arrays[2].astype(np.int64)
         self.units_done = int(state["units_done"])
         self.ids_seen = [i for lo, hi in state["ranges"] for i in range(lo, hi)]

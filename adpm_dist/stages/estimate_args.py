@@ -11,7 +11,8 @@ from adpm_dist.models.loading import PRECISIONS
 from adpm_dist.stages.job import Parser
 
 DESCRIPTION = ("The sharded Γ job: Γ_t = E‖ε_θ(x_t, t)‖²/d at each requested timestep t, from (sample, t) "
-               "pairs of the evaluation data, written to one Γ file. Rerun the same command to resume it.")
+               "pairs of the evaluation data, written to one Γ file with the model's error moments from the "
+               "same pairs (docs/estimate.md). Rerun the same command to resume it.")
 
 
 def build_parser() -> Parser:
@@ -50,8 +51,8 @@ def build_parser() -> Parser:
                         "display and --target-stderr (default: %(default)s)")
     p.add_argument("--target-stderr", type=positive_float, default=None, metavar="E",
                    help="stop early once the standard error of Γ_t is <= E at every requested t (Γ_t is "
-                        "dimensionless, about 0..1; checked from the second round on) (default: off, all M "
-                        "samples)")
+                        "dimensionless, about 0..1; checked from the second round on; the model-error "
+                        "moments do not enter it) (default: off, all M samples)")
     p.add_argument("--run-id", default=None, metavar="ID",
                    help="label recorded in the Γ file's contributions (default: derived from seed, data "
                         "and timesteps); it changes neither the numbers nor what counts as the same job")
