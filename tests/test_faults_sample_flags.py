@@ -121,8 +121,8 @@ def test_eta_with_a_ddpm_family_method_is_refused(files, tmp_path, capsys, cli, 
     extra = ["--eta", "0.5"] + (["--gamma", files["gamma"]] if cli == "sample" else [])
     assert run_main(cli, files, tmp_path / "out", extra, method=method) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"error: --eta 0.5: --method {method} has no η (it applies to ddim and analytic-ddim "
-                   "only); drop --eta")
+    assert err == (f"error: --eta 0.5: --method {method} has no η (it applies to ddim, analytic-ddim "
+                   "and residual-ddim only); drop --eta")
     assert not (tmp_path / "out").exists()
 
 
@@ -182,7 +182,7 @@ def test_help_names_the_methods_each_flag_applies_to():
     p = _parsers()
     helps = {name: " ".join(a.help % {"default": a.default} for a in parser._actions)
              for name, parser in p.items()}
-    for phrase in ("ddim, analytic-ddim only", "analytic-ddpm / analytic-ddim", "pixel levels",
+    for phrase in ("ddim, analytic-ddim, residual-ddim only", "analytic-ddpm / analytic-ddim", "pixel levels",
                    "seeded SEED + i", "unit of resume", "needs --gamma"):
         assert phrase in helps["sample"], phrase
     nll_help = helps["evaluate nll"]

@@ -13,6 +13,9 @@ and docs/sample_evaluate.md states the defaults.
   (:func:`likelihood.negative_elbos`): ours no; official yes.
 - ``even_rounding`` — the even trajectory's nodes (:func:`trajectory.even_trajectory`): ours
   ``half-up`` (exact nodes, halves up); official ``official`` (float accumulation, half to even).
+- ``dp_cost`` — what the optimal trajectory minimises (:func:`trajectory.optimal_trajectory`):
+  ours ``auto`` (the method's expected NELBO from the model-error moments when the Γ file has
+  them, else the paper's J); official ``paper`` (J(s, t), Analytic-DPM's variance for every method).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class Conventions:
     ddim_direction: str = "x0"
     nll_clip_x0: bool = False
     even_rounding: str = "half-up"
+    dp_cost: str = "auto"
 
     def describe(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -40,4 +44,4 @@ class Conventions:
 
 OURS = Conventions()
 OFFICIAL = Conventions(covariance_fit="clip", ddim_direction="network", nll_clip_x0=True,
-                       even_rounding="official")
+                       even_rounding="official", dp_cost="paper")

@@ -70,6 +70,7 @@ def negative_elbo(
     data_range: tuple[float, float] = (-1.0, 1.0),
     clip_x0: bool = False,
     moments: ErrorMoments | None = None,
+    fit: str = "weighted",
 ) -> dict[str, torch.Tensor]:
     """Per-image terms of −ELBO in nats (float64) and the total in bits/dim.
 
@@ -77,7 +78,7 @@ def negative_elbo(
     ``decoder`` (B,), ``total`` (B,) and ``bpd`` (B,).
     """
     return negative_elbos(eps_fn, schedule, trajectory, [method], x0, generators, gamma=gamma,
-                          data_range=data_range, clip_x0=clip_x0, moments=moments)[method]
+                          data_range=data_range, clip_x0=clip_x0, moments=moments, fit=fit)[method]
 
 
 def negative_elbos(
@@ -92,6 +93,7 @@ def negative_elbos(
     data_range: tuple[float, float] = (-1.0, 1.0),
     clip_x0: bool = False,
     moments: ErrorMoments | None = None,
+    fit: str = "weighted",
 ) -> dict[str, dict[str, torch.Tensor]]:
     """:func:`negative_elbo` for several DDPM-family methods from ONE set of ε evaluations.
 
@@ -107,7 +109,7 @@ def negative_elbos(
     batch = x0.shape[0]
     abar, bbar = schedule.alphas_cumprod, schedule.bar_betas
     variances = {m: step_variances(schedule, trajectory, m, gamma=gamma, data_range=data_range,
-                                   moments=moments) for m in methods}
+                                   moments=moments, fit=fit) for m in methods}
     steps = variances[methods[0]]  # s, t and λ² are the same for every method of the family
     clip = data_range if clip_x0 else None
 

@@ -31,7 +31,8 @@ import time
 
 import torch
 
-from adpm_dist.diffusion.analytic import ANALYTIC_METHODS, DDPM_FAMILY
+from adpm_dist.diffusion.analytic import ANALYTIC_METHODS, DDPM_FAMILY, RESIDUAL_METHODS
+from adpm_dist.diffusion.conventions import OURS, Conventions
 from adpm_dist.diffusion.likelihood import negative_elbos
 from adpm_dist.diffusion.samplers import make_generators
 from adpm_dist.diffusion.stats import mean_stderr
@@ -40,6 +41,13 @@ from adpm_dist.errors import UsageError
 from adpm_dist.gamma import load_for
 from adpm_dist.io import dist, storage
 from adpm_dist.models.loading import eps_function, load_checkpoint
+from adpm_dist.stages.conventions import (
+    LEGACY,
+    conventions_from,
+    dp_cost_for,
+    trajectory_options,
+    variance_options,
+)
 from adpm_dist.stages.evaluate_args import build_parser
 from adpm_dist.stages.evaluate_fid import run_fid
 from adpm_dist.stages.job import ShardedJob, main_wrapper, resolve_trajectory, run_job, together
@@ -94,6 +102,8 @@ def parse_configs(args) -> tuple[list[int], list[str], list[str]]:
     for m in methods:
         if m not in DDPM_FAMILY:
             raise UsageError(f"--methods: the ELBO is defined for {list(DDPM_FAMILY)}, not {m!r}")
+    if args.gamma is None and set(methods) & set(RESIDUAL_METHODS):
+        raise UsageError("residual-ddpm needs --gamma (a Γ file with the model-error moments)")
     for t in trajectories:
         if t not in TRAJECTORIES:
             raise UsageError(f"--trajectory: unknown {t!r}; choose from {list(TRAJECTORIES)}")
@@ -118,9 +128,10 @@ def id_ranges(ids) -> list[list[int]]:
     return runs
 
 
-def upgrade_legacy(fingerprint) -> dict | None:
+def upgrade_legacy(fingerprint, conventions: dict) -> dict | None:
     """The fingerprint an nll.json written before paths were canonical would have today (its
-    data spec expanded and canonicalised, num_workers dropped); None for any other value."""
+    data spec expanded and canonicalised, num_workers dropped, the official-code switches as
+    that version made them: ``conventions``); None for any other value."""
     from adpm_dist.io.shards import expand_urls
 
     if not isinstance(fingerprint, dict) or "num_workers" not in fingerprint:
@@ -130,7 +141,7 @@ def upgrade_legacy(fingerprint) -> dict | None:
     except (KeyError, TypeError, ValueError, OSError):  # OSError: storage's errors (gone, refused)
         return None
     old = {k: v for k, v in fingerprint.items() if k != "num_workers"}
-    return {**old, "data": shard_identity(urls)}
+    return {**old, "data": shard_identity(urls), "conventions": conventions}
 
 
 def discard_legacy_partial(partial_dir: str) -> None:
@@ -149,6 +160,27 @@ def discard_legacy_partial(partial_dir: str) -> None:
             storage.remove(url)
 
 
+def shared_trajectories(taus: dict) -> list[tuple[str, int, list[int], list[str]]]:
+    """(trajectory, K, τ, methods on that τ) groups, in a fixed order."""
+    groups: dict[tuple, list[str]] = {}
+    for (traj, k, method), tau in taus.items():
+        groups.setdefault((traj, k, tuple(int(v) for v in tau)), []).append(method)
+    return [(traj, k, list(tau), methods) for (traj, k, tau), methods in groups.items()]
+
+
+def trajectories_record(taus: dict) -> dict:
+    """nll.json's "trajectories": ``traj/K=k`` → τ where every method shares it, else
+    ``traj/K=k/method`` → each method's own."""
+    out = {}
+    for traj, k, tau, methods in shared_trajectories(taus):
+        alone = sum(1 for t2, k2, _, _ in shared_trajectories(taus) if (t2, k2) == (traj, k)) == 1
+        if alone:
+            out[f"{traj}/K={k}"] = tau
+        else:
+            out.update({f"{traj}/K={k}/{m}": tau for m in methods})
+    return out
+
+
 class NllJob(ShardedJob):
     """Every test image once, under every (trajectory, K, method); per-configuration sums per rank."""
 
@@ -160,9 +192,11 @@ class NllJob(ShardedJob):
         self.loaded = load_checkpoint(args.checkpoint)
         self.ref = load_for(self.loaded, args.gamma) if args.gamma else None
         self.gamma = self.ref.gamma if self.ref else None
-        sched = self.loaded.schedule
-        self.taus = {(t, k): resolve_trajectory(t, sched, k, self.gamma)
-                     for t in self.trajectories for k in self.steps}
+        self.conventions = conv = conventions_from(args)
+        self.moments = None
+        if set(self.methods) & set(RESIDUAL_METHODS):
+            self.moments = variance_options(conv, "residual-ddpm", self.ref, conv.nll_clip_x0)["moments"]
+        self.taus = self._trajectories()
         self.keys = [config_key(t, k, m) for t in self.trajectories for k in self.steps for m in self.methods]
         from adpm_dist.io.data import eval_batches
 
@@ -174,7 +208,7 @@ class NllJob(ShardedJob):
             "model": self.loaded.digest, "gamma_sha256": self.ref.sha256 if self.ref else None,
             "data": shard_identity([s.url for s in self.stream.shards]), "seed": args.seed, "keys": self.keys,
             "precision": args.precision, "per_image": args.per_image, "batch_size": args.batch_size,
-            "limit": args.limit,
+            "limit": args.limit, "conventions": self._relevant_conventions(conv),
         }
         self.out_json = storage.join(args.out, "nll.json")
         self.partial_dir = storage.join(args.out, "nll.partial")
@@ -187,6 +221,28 @@ class NllJob(ShardedJob):
         self.sums = {k: dict.fromkeys(FIELDS, 0.0) for k in self.keys}
         self.per_image: dict[str, dict[str, float]] = {}  # id → {key: bpd}, only with --per-image
 
+    def _trajectories(self) -> dict:
+        """τ per (trajectory, K, method): the optimal trajectory under the expected-NELBO cost is
+        each method's own; every other is shared by the methods."""
+        sched, conv, taus = self.loaded.schedule, self.conventions, {}
+        for traj in self.trajectories:
+            for k in self.steps:
+                for m in self.methods:
+                    opts = trajectory_options(conv, m, traj, self.ref, conv.nll_clip_x0)
+                    taus[traj, k, m] = resolve_trajectory(traj, sched, k, self.gamma, **opts)
+        return taus
+
+    def _relevant_conventions(self, conv) -> dict:
+        """The switches that change these numbers (missing in files of earlier versions: LEGACY)."""
+        out = {"nll_clip_x0": conv.nll_clip_x0}
+        if "optimal" in self.trajectories or set(self.methods) & set(ANALYTIC_METHODS):
+            out["covariance_fit"] = conv.covariance_fit
+        if "optimal" in self.trajectories:
+            out["dp_cost"] = dp_cost_for(conv, self.ref)
+        if "even" in self.trajectories:
+            out["even_rounding"] = conv.even_rounding
+        return out
+
     def existing(self) -> bool:
         discard_legacy_partial(self.partial_dir)
         if not storage.exists(self.out_json):
@@ -196,7 +252,8 @@ class NllJob(ShardedJob):
         except json.JSONDecodeError:
             done = {}
         found = done.get("fingerprint") if isinstance(done, dict) else None
-        if found == self.fingerprint or upgrade_legacy(found) == self.fingerprint:
+        legacy = self._relevant_conventions(Conventions(**{**OURS.describe(), **LEGACY}))
+        if found == self.fingerprint or upgrade_legacy(found, legacy) == self.fingerprint:
             return True
         raise UsageError(f"{storage.redact(self.out_json)} exists and holds a different evaluation; "
                          "choose another --out")
@@ -244,12 +301,14 @@ class NllJob(ShardedJob):
         return False
 
     def _evaluate(self, ids: list[int], x0: torch.Tensor) -> None:
-        for (traj, k), tau in self.taus.items():
-            # One pass of K ε evaluations serves every method (they differ only in σ²).
+        conv = self.conventions
+        for traj, k, tau, methods in shared_trajectories(self.taus):
+            # One pass of K ε evaluations serves every method on τ (they differ only in σ²).
             gens = make_generators([image_seed(self.args.seed, i) for i in ids], device=self.device)
-            outs = negative_elbos(self.eps_fn, self.loaded.schedule, tau, self.methods, x0, gens,
-                                  gamma=self.gamma)
-            for method in self.methods:
+            outs = negative_elbos(self.eps_fn, self.loaded.schedule, tau, methods, x0, gens,
+                                  gamma=self.gamma, clip_x0=conv.nll_clip_x0, moments=self.moments,
+                                  fit=conv.covariance_fit)
+            for method in methods:
                 key = config_key(traj, k, method)
                 out, s = outs[method], self.sums[key]
                 bpd = out["bpd"].to(torch.float64)
@@ -282,7 +341,7 @@ class NllJob(ShardedJob):
                             "decoder_nats": s["decoder"] / count}
         doc = {"format": "adpm-nll/1", "fingerprint": self.fingerprint, "model": self.loaded.describe(),
                "schedule": self.loaded.schedule.describe(), "gamma_sha256": self.fingerprint["gamma_sha256"],
-               "trajectories": {f"{t}/K={k}": [int(v) for v in tau] for (t, k), tau in self.taus.items()},
+               "trajectories": trajectories_record(self.taus), "conventions": self.conventions.describe(),
                "results": results, "num_images": count, "wall_time_s": self.wall, "world_size": self.world}
         if self.args.per_image:
             per_image = {i: row for g in gathered for i, row in g["per_image"].items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from adpm_dist.errors import nonnegative_int, positive_int
 from adpm_dist.models.loading import PRECISIONS
+from adpm_dist.stages.conventions import add_convention_flags
 from adpm_dist.stages.job import Parser
 
 WORKERS_HELP = ("data-loading processes per rank (>= 0; 0: read in the main process); speed only, not "
@@ -19,7 +20,8 @@ def _nll_parser(sub) -> None:
                    help="the ε-network: a training run folder, a .safetensors weights file, or "
                         "diffusers:PATH")
     n.add_argument("--gamma", default=None, metavar="G.json",
-                   help="Γ file estimated for this model; needed by analytic-ddpm and --trajectory optimal")
+                   help="Γ file estimated for this model; needed by analytic-ddpm, residual-ddpm (a file "
+                        "with the model-error moments) and --trajectory optimal")
     n.add_argument("--data", required=True,
                    help="test shards with their manifest: brace pattern, glob, folder or comma list "
                         "(local, file:// or s3://)")
@@ -27,7 +29,7 @@ def _nll_parser(sub) -> None:
                    help="comma list of step counts K, each 2 <= K <= N, e.g. 10,25,50,100,200,1000")
     n.add_argument("--methods", default="ddpm-tilde,ddpm-beta,analytic-ddpm",
                    help="comma list of DDPM-family variance rules (the ELBO needs σ² > 0): ddpm-beta, "
-                        "ddpm-tilde, analytic-ddpm. Default: %(default)s")
+                        "ddpm-tilde, analytic-ddpm, residual-ddpm. Default: %(default)s")
     n.add_argument("--trajectory", default="even",
                    help="comma list of trajectories: even, quadratic, optimal (optimal needs --gamma). "
                         "Default: %(default)s")
@@ -49,6 +51,7 @@ def _nll_parser(sub) -> None:
                    help="network arithmetic: auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16, fp64. "
                         "Default: %(default)s")
     n.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_convention_flags(n, ("covariance_fit", "nll_clip_x0", "even_rounding", "dp_cost"))
 
 
 def _fid_parser(sub) -> None:

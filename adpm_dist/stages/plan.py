@@ -4,7 +4,11 @@
         --trajectory optimal [--eta 0] [--clip-pixel y] [--json]
 
 The schedule comes from the Γ file itself, so the plan is the one the sampler
-will run with that file.
+will run with that file. For a DDPM-family method and a Γ file with the model-error
+moments (format 2) it also prints the expected negative ELBO in bits/dim, with its
+standard error, predicted from the file's statistics alone (diffusion/residual.py):
+what ``evaluate nll`` would measure on the data the Γ job read. Statistics from the
+training split make it optimistic for the test split.
 """
 
 from __future__ import annotations
@@ -12,10 +16,18 @@ from __future__ import annotations
 import json
 import sys
 
-from adpm_dist.diffusion.analytic import METHODS
+from adpm_dist.diffusion.analytic import METHODS, is_ddpm_family
+from adpm_dist.diffusion.conventions import OURS, Conventions
+from adpm_dist.diffusion.residual import predicted_nelbo
 from adpm_dist.diffusion.trajectory import TRAJECTORIES
 from adpm_dist.errors import fraction, int_at_least, positive_float
 from adpm_dist.gamma import load_for
+from adpm_dist.stages.conventions import (
+    add_convention_flags,
+    conventions_from,
+    trajectory_options,
+    variance_options,
+)
 from adpm_dist.stages.job import Parser, main_wrapper, resolve_trajectory, resolve_variances
 
 # The sampler's own flags and checks: the plan is the one `sample` would run.
@@ -34,15 +46,39 @@ def build_parser() -> Parser:
     p.add_argument("--eta", type=fraction, default=0.0, help=ETA_HELP)
     p.add_argument("--clip-pixel", type=positive_float, default=None, metavar="Y", help=CLIP_HELP)
     p.add_argument("--json", action="store_true",
-                   help='print {"trajectory": [τ_1..τ_K], "steps": [{s, t, sigma2}, …]} instead of a table')
+                   help='print {"trajectory": [τ_1..τ_K], "steps": [{s, t, sigma2}, …], "dp_cost", '
+                        '"predicted_nelbo_bpd", …} instead of a table')
+    add_convention_flags(p)
     return p
 
 
-def make_plan(gamma_url: str, steps: int, method: str, trajectory: str, eta=0.0, clip_pixel=None) -> dict:
+def make_plan(gamma_url: str, steps: int, method: str, trajectory: str, eta=0.0, clip_pixel=None,
+              conv: Conventions = OURS) -> dict:
     ref = load_for(None, gamma_url)  # partial files: checked per trajectory
-    tau = resolve_trajectory(trajectory, ref.schedule, steps, ref.gamma)
-    var = resolve_variances(ref.schedule, tau, method, ref.gamma, eta, clip_pixel)
-    return {"trajectory": [int(t) for t in tau], "steps": var.rows()}
+    topts = trajectory_options(conv, method, trajectory, ref, conv.nll_clip_x0)
+    tau = resolve_trajectory(trajectory, ref.schedule, steps, ref.gamma, **topts)
+    var = resolve_variances(ref.schedule, tau, method, ref.gamma, eta, clip_pixel,
+                            **variance_options(conv, method, ref))
+    plan = {"trajectory": [int(t) for t in tau], "steps": var.rows(), "conventions": conv.describe()}
+    if trajectory == "optimal":
+        cost = topts["cost"]
+        plan["dp_cost"] = "the paper's J(s, t)" if cost == "paper" else f"expected NELBO of {topts['method']}"
+    plan.update(predicted(ref, var, method, conv.nll_clip_x0))
+    return plan
+
+
+def predicted(ref, var, method: str, clip_x0: bool) -> dict:
+    """The expected −ELBO (bits/dim ± s.e.) from the Γ file's statistics, or why there is none."""
+    if not is_ddpm_family(method):
+        return {"predicted_nelbo": "defined for the DDPM family only"}
+    moments = ref.moments(clip_x0)
+    if moments is None:
+        return {"predicted_nelbo": "the Γ file has no model-error moments (format 1)"}
+    try:
+        bits, se = predicted_nelbo(ref.schedule, var.s, var.t, var.lambda2, var.sigma2, moments)
+    except ValueError as exc:  # e.g. t = 1 or a step's t not estimated
+        return {"predicted_nelbo": str(exc)}
+    return {"predicted_nelbo_bpd": bits, "predicted_nelbo_stderr": se, "nll_clip_x0": clip_x0}
 
 
 def print_table(plan: dict, args) -> None:
@@ -58,12 +94,21 @@ def print_table(plan: dict, args) -> None:
     console = Console()
     console.print(table)
     console.print(f"trajectory: {plan['trajectory']}")
+    if "dp_cost" in plan:
+        console.print(f"optimal trajectory by: {plan['dp_cost']}")
+    if "predicted_nelbo_bpd" in plan:
+        bits, se = plan["predicted_nelbo_bpd"], plan["predicted_nelbo_stderr"]
+        console.print(f"expected −ELBO: {bits:.4f} ± {se:.4f} bits/dim (predicted from the Γ file's "
+                      "statistics; optimistic if they come from the training split)")
+    else:
+        console.print(f"expected −ELBO: not predicted ({plan['predicted_nelbo']})")
 
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     check_eta(args.method, args.eta)
-    plan = make_plan(args.gamma, args.steps, args.method, args.trajectory, args.eta, args.clip_pixel)
+    plan = make_plan(args.gamma, args.steps, args.method, args.trajectory, args.eta, args.clip_pixel,
+                     conventions_from(args))
     if args.json:
         print(json.dumps(plan))
     else:

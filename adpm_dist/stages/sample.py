@@ -41,12 +41,20 @@ import numpy as np
 import torch
 
 from adpm_dist.diffusion.analytic import ANALYTIC_METHODS
+from adpm_dist.diffusion.conventions import OURS, Conventions
 from adpm_dist.diffusion.samplers import make_generators, run_reverse
 from adpm_dist.errors import UsageError
 from adpm_dist.gamma import load_for
 from adpm_dist.io import dist, storage
 from adpm_dist.io.shards import MANIFEST_NAME, encode_png, write_manifest, write_shard
 from adpm_dist.models.loading import CheckpointError, LoadedModel, eps_function, load_checkpoint
+from adpm_dist.stages.conventions import (
+    LEGACY,
+    conventions_from,
+    relevant,
+    trajectory_options,
+    variance_options,
+)
 from adpm_dist.stages.job import ShardedJob, job_main, resolve_trajectory, resolve_variances
 from adpm_dist.stages.sample_args import build_parser, check_eta
 from adpm_dist.train.grid import upscale_factor
@@ -157,8 +165,9 @@ def make_grid(images: list[np.ndarray], columns: int = 8, pad: int = 2) -> bytes
 
 
 def job_description(args, loaded: LoadedModel, tau: np.ndarray, gamma_digest: str | None,
-                    shape: tuple[int, ...]) -> dict:
-    """What determines the images, as job.json records it (world/batch size excluded)."""
+                    shape: tuple[int, ...], conventions: dict) -> dict:
+    """What determines the images, as job.json records it (world/batch size excluded);
+    ``conventions``: the official-code switches that change these images."""
     gamma_source = storage.redact(storage.canonical(args.gamma)) if args.gamma else None
     return {
         "format": "adpm-samples/1",
@@ -167,7 +176,7 @@ def job_description(args, loaded: LoadedModel, tau: np.ndarray, gamma_digest: st
         "method": args.method, "steps": args.steps, "trajectory": args.trajectory,
         "tau": [int(t) for t in tau], "eta": args.eta, "clip_pixel": args.clip_pixel,
         "seed": args.seed, "num_samples": args.num_samples, "shard_size": args.shard_size,
-        "precision": args.precision, "shape": list(shape),
+        "precision": args.precision, "shape": list(shape), "conventions": conventions,
     }
 
 
@@ -176,6 +185,9 @@ def job_identity(job: dict) -> dict:
     images, so ``g.json`` and ``/abs/g.json`` (or a moved checkpoint) are the same job."""
     model, gamma = job.get("model"), job.get("gamma")
     ident = dict(job)
+    if "conventions" not in ident:  # written before the switches: made with the legacy choices
+        ident["conventions"] = relevant(Conventions(**{**OURS.describe(), **LEGACY}),
+                                        str(job.get("method")), str(job.get("trajectory")))
     if isinstance(model, dict):
         ident["model"] = {k: v for k, v in model.items() if k != "source"}
     if isinstance(gamma, dict):
@@ -258,10 +270,14 @@ class SampleJob(ShardedJob):
             raise UsageError(f"--method {args.method} needs --gamma (a Γ file for this model)")
         ref = load_for(loaded, args.gamma) if args.gamma else None
         gamma, gamma_digest = (ref.gamma, ref.sha256) if ref else (None, None)
-        tau = resolve_trajectory(args.trajectory, loaded.schedule, args.steps, gamma)
-        self.steps = resolve_variances(loaded.schedule, tau, args.method, gamma, args.eta, args.clip_pixel)
+        self.conventions = conv = conventions_from(args)
+        tau = resolve_trajectory(args.trajectory, loaded.schedule, args.steps, gamma,
+                                 **trajectory_options(conv, args.method, args.trajectory, ref))
+        self.steps = resolve_variances(loaded.schedule, tau, args.method, gamma, args.eta, args.clip_pixel,
+                                       **variance_options(conv, args.method, ref))
         self.shape = image_shape(loaded.model)
-        self.job = job_description(args, loaded, tau, gamma_digest, self.shape)
+        self.job = job_description(args, loaded, tau, gamma_digest, self.shape,
+                                   relevant(conv, args.method, args.trajectory))
         self.meta = {"method": args.method, "steps": args.steps, "trajectory": args.trajectory,
                      "tau_sha256": hashlib.sha256(json.dumps(self.job["tau"]).encode()).hexdigest(),
                      "eta": args.eta, "clip_pixel": args.clip_pixel,
@@ -300,7 +316,7 @@ class SampleJob(ShardedJob):
         def sampler(seeds: list[int]) -> torch.Tensor:
             gens = make_generators(seeds, device=device)
             return run_reverse(eps_fn, self.loaded.schedule, self.steps, gens, self.shape, dtype=dtype,
-                               device=device)
+                               device=device, direction=self.conventions.ddim_direction)
 
         self.sampler = sampler
         mine = range(self.rank, self.num_shards, self.world)

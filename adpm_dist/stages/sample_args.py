@@ -7,18 +7,22 @@ from adpm_dist.diffusion.analytic import DDPM_FAMILY, METHODS
 from adpm_dist.diffusion.trajectory import TRAJECTORIES
 from adpm_dist.errors import UsageError, fraction, int_at_least, nonnegative_int, positive_float, positive_int
 from adpm_dist.models.loading import PRECISIONS
+from adpm_dist.stages.conventions import add_convention_flags
 from adpm_dist.stages.job import Parser
 
 METHOD_HELP = ("reverse-step variance rule: ddpm-beta (σ² = β), ddpm-tilde (σ² = β̃), ddim (η-DDIM, "
-               "σ² = η²β̃), analytic-ddpm / analytic-ddim (the analytic optimal σ² from Γ; need --gamma)")
+               "σ² = η²β̃), analytic-ddpm / analytic-ddim (the analytic optimal σ² from Γ; need --gamma), "
+               "residual-ddpm / residual-ddim (the KL-optimal σ² for this model's own error; need a "
+               "--gamma file with the model-error moments)")
 TRAJECTORY_HELP = ("which K of the N timesteps to visit: even (evenly spaced), quadratic (dense near "
                    "t = 1), optimal (least-KL path by dynamic programming over Γ; needs --gamma). "
                    "Default: %(default)s")
 CLIP_HELP = ("cap σ² of the last step (into τ_1) so that its noise stays within about Y pixel "
              "levels of 0..255 (the paper's §6 clip; every method, a no-op for ddim at η = 0). "
              "Must be > 0; default: no cap")
-ETA_HELP = ("DDIM η in [0, 1] (ddim, analytic-ddim only): σ² = η²β̃ + …; 0 = deterministic DDIM. "
-            "The DDPM family (ddpm-beta, ddpm-tilde, analytic-ddpm) has no η: nonzero is refused. "
+ETA_HELP = ("DDIM η in [0, 1] (ddim, analytic-ddim, residual-ddim only): σ² = η²β̃ + …; 0 = "
+            "deterministic DDIM. The DDPM family (ddpm-beta, ddpm-tilde, analytic-ddpm, residual-ddpm) "
+            "has no η: nonzero is refused. "
             "Default: %(default)s")
 PRECISION_HELP = ("arithmetic of the network: auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16, or "
                   "fp64 (slow; makes the images independent of --batch-size). Default: %(default)s")
@@ -27,8 +31,8 @@ PRECISION_HELP = ("arithmetic of the network: auto (bf16 autocast on GPU, fp32 o
 def check_eta(method: str, eta: float) -> None:
     """η belongs to the DDIM family; for a DDPM-family method it would be silently ignored."""
     if eta != 0 and method in DDPM_FAMILY:
-        raise UsageError(f"--eta {eta:g}: --method {method} has no η (it applies to ddim and "
-                         "analytic-ddim only); drop --eta")
+        raise UsageError(f"--eta {eta:g}: --method {method} has no η (it applies to ddim, "
+                         "analytic-ddim and residual-ddim only); drop --eta")
 
 
 def build_parser() -> Parser:
@@ -63,4 +67,5 @@ def build_parser() -> Parser:
     p.add_argument("--clip-pixel", type=positive_float, default=None, metavar="Y", help=CLIP_HELP)
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_convention_flags(p, ("covariance_fit", "ddim_direction", "even_rounding", "dp_cost"))
     return p
