@@ -28,11 +28,30 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from adpm_dist.diffusion.analytic import DDPM_FAMILY, METHODS, is_ddpm_family, step_variances
-from adpm_dist.diffusion.residual import DIRECTIONS
+from adpm_dist.diffusion.analytic import (
+    DDPM_FAMILY,
+    METHODS,
+    RESIDUAL_METHODS,
+    is_ddpm_family,
+    step_variances,
+)
+from adpm_dist.diffusion.residual import DIRECTIONS, ErrorMoments
 from adpm_dist.diffusion.samplers import per_image_normal, predict_x0, reverse_mean
 from adpm_dist.diffusion.trajectory import TRAJECTORIES, make_trajectory
 from adpm_dist.models.diffusers_adapter import schedule_from_diffusers
+
+
+def _moments_from_config(moments: dict | None, n: int) -> ErrorMoments | None:
+    """A_t, B_t, C_t (lists of N floats, t = 1..N, like ``gamma``) as ErrorMoments, or None."""
+    if moments is None:
+        return None
+    arrays = {}
+    for key in ("a", "b", "c"):
+        values = np.asarray(moments.get(key, []), dtype=np.float64)
+        if values.shape != (n,):
+            raise ValueError(f"model_error_moments['{key}'] needs N={n} values, got {values.shape}")
+        arrays[key] = np.concatenate([[np.nan], values])
+    return ErrorMoments(arrays["a"], arrays["b"], arrays["c"])
 
 
 @dataclass
@@ -42,7 +61,9 @@ class AnalyticDPMSchedulerOutput(BaseOutput):
 
 
 class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
-    """Reverse steps of any of our methods (analytic-ddpm/-ddim, ddpm-beta/-tilde, ddim)."""
+    """Reverse steps of any of our methods (analytic-ddpm/-ddim, residual-ddpm/-ddim, ddpm-beta/-tilde,
+    ddim). The residual methods need the model-error moments (``from_gamma_file`` copies them from
+    a Γ file of format 2 into ``model_error_moments``)."""
 
     config_name = "scheduler_config.json"
     order = 1
@@ -63,6 +84,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         clip_pixel: float | None = None,
         prediction_type: str = "epsilon",
         ddim_direction: str = "x0",
+        model_error_moments: dict | None = None,
+        covariance_fit: str = "weighted",
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method '{method}'; choose one of {list(METHODS)}")
@@ -79,6 +102,10 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         self.gamma_vector = None if gamma is None else np.asarray(gamma, dtype=np.float64)
         if self.gamma_vector is not None and self.gamma_vector.shape != (num_train_timesteps,):
             raise ValueError(f"gamma has {self.gamma_vector.shape[0]} entries; need N={num_train_timesteps}")
+        self.moments = _moments_from_config(model_error_moments, num_train_timesteps)
+        if method in RESIDUAL_METHODS and self.moments is None:
+            raise ValueError(f"method '{method}' needs model_error_moments (build the scheduler with "
+                             "from_gamma_file and a Γ file of format 2)")
         self.alphas_cumprod = torch.tensor(self.schedule.alphas_cumprod[1:], dtype=torch.float32)
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
@@ -106,6 +133,10 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
                              "the diffusers scheduler needs all of them (run the Γ job with --timesteps all)")
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
         base = {k: scheduler_config[k] for k in keys if k in scheduler_config}
+        moments = gamma_file.error_moments(clip_x0=True)  # the scheduler clips x̂₀ (clip_sample)
+        if moments is not None:
+            kw.setdefault("model_error_moments", {k: [float(v) for v in getattr(moments, k)[1:]]
+                                                  for k in ("a", "b", "c")})
         sched = cls(**base, gamma=[float(v) for v in gamma_file.gamma], **kw)
         check_schedule(gamma_file, sched.schedule, "Γ file")
         return sched
@@ -120,7 +151,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
 
     def _build(self, tau: np.ndarray, eta: float) -> None:
         sv = step_variances(self.schedule, tau, self.config.method, gamma=self.gamma_vector, eta=eta,
-                            clip_pixel=self.config.clip_pixel)
+                            clip_pixel=self.config.clip_pixel, fit=self.config.covariance_fit,
+                            moments=self.moments, direction=self.config.ddim_direction)
         self._tau, self._eta = tau, eta
         self._steps = {int(t): (int(s), float(l2), float(v))
                        for s, t, l2, v in zip(sv.s, sv.t, sv.lambda2, sv.sigma2)}
