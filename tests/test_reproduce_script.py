@@ -41,7 +41,7 @@ def test_study_script_runs_every_stage_and_reports(tmp_path):
     nll = json.loads((out / "nll" / "nll.json").read_text())
     assert nll["num_images"] == 30  # 10% of the first 300 digits
     assert set(nll["results"]) == {f"{t}/K={k}/{m}" for t in ("even", "optimal") for k in (2, 5)
-                                   for m in ("ddpm-tilde", "ddpm-beta", "analytic-ddpm")}
+                                   for m in ("ddpm-tilde", "ddpm-beta", "analytic-ddpm", "residual-ddpm")}
     for key in ("ddim-K2", "analytic-ddpm-K2"):
         fid = json.loads((out / "fid" / key / "fid.json").read_text())
         assert fid["num_samples"] == 8 and fid["fid"] > 0

@@ -68,7 +68,7 @@ case "$PROFILE" in
         ;;
     *) echo "error: --profile must be 'study' or 'demo', not '$PROFILE'" >&2; exit 2 ;;
 esac
-: "${NLL_METHODS:=ddpm-tilde,ddpm-beta,analytic-ddpm}"
+: "${NLL_METHODS:=ddpm-tilde,ddpm-beta,analytic-ddpm,residual-ddpm}"
 : "${FID_METHODS:=ddpm-tilde,ddpm-beta,analytic-ddpm,ddim,analytic-ddim}"
 : "${FID_SAMPLES:=1000}"
 : "${NLL_BATCH:=125}"
