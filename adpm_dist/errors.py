@@ -48,9 +48,16 @@ def is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, USER_ERRORS)
 
 
+def print_error_line(message: object) -> None:
+    """``error: MESSAGE`` on stderr in ONE write, newline included: ranks that fail together
+    share a stderr pipe, and ``print`` (text, then newline) let their lines run into each other."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
 def report_user_error(exc: BaseException) -> int:
     """Print the one-line report of a user error; returns the exit status (2)."""
-    print(f"error: {exc}", file=sys.stderr)
+    print_error_line(exc)
     return EXIT_USER_ERROR
 
 

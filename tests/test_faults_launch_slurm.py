@@ -54,7 +54,12 @@ def test_kill_9_of_a_task_names_it_first_not_the_peer_that_lost_it(tmp_path):
     text = log.read_text()
     assert rc == 1, text
     assert f"job {job}: task 1 was killed by signal 9 (first to fail, SIGKILL)" in text
-    assert "task 0 then failed: RuntimeError" in text and "Connection closed" in text
+    report = text[text.index(f"job {job}: task 1 was killed"):]
+    # Task 0 is a consequence. How it ended depends on timing: usually gloo's closed connection
+    # reaches it first; on a loaded machine srun's --kill-on-bad-exit may stop it before that.
+    if "task 0 then" in report:
+        assert ("failed: RuntimeError" in report and "Connection closed" in report) or "signal" in report
+    assert "task 0 " not in text[:text.index(f"job {job}: task 1 was killed")]
 
 
 @pytest.mark.timeout(150)

@@ -43,7 +43,14 @@ import torch
 
 from adpm_dist.diffusion.analytic import step_variances
 from adpm_dist.diffusion.trajectory import make_trajectory
-from adpm_dist.errors import UsageError, UserArgumentParser, UserError, is_user_error, run_cli
+from adpm_dist.errors import (
+    UsageError,
+    UserArgumentParser,
+    UserError,
+    is_user_error,
+    print_error_line,
+    run_cli,
+)
 from adpm_dist.io import dist, storage
 from adpm_dist.train.progress import progress
 
@@ -329,7 +336,7 @@ def main_wrapper(main: Callable[[Sequence[str] | None], int], argv: Sequence[str
     try:
         status = run_cli(main, argv)
     except RankFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error_line(exc)
         status = exc.status
     except BaseException:
         if not dist.is_initialized():
