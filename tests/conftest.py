@@ -31,6 +31,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """:func:`one_thread` for a whole module (``pytestmark = pytest.mark.usefixtures(...)``): the
+    in-process Γ/NLL jobs of a module run on one intra-op thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # The service a test needs follows from its fixtures, so the markers cannot go stale.
 SERVICE_FIXTURES = {"s3_server": "s3", "slurm_cluster": "slurm"}
 

@@ -85,3 +85,32 @@ def launch_ranks(world: int, module: str, module_args: list[str], extra_env=None
         err = p.communicate()[1]
         out.append((p.returncode, ended.get(rank, float("inf")), err))
     return out
+
+
+def tiny_job_inputs(base) -> dict:
+    """Digit shards (300 digits in shards of 20: a test split of ids 0..59 in 3 shards) and a
+    tiny model, under the folder ``base``: the inputs of the small Γ-job tests."""
+    folder = str(base / "shards")
+    data = make_digit_shards(folder, limit=300, shard_size=20)
+    model = str(base / "tiny.safetensors")
+    save_tiny_model(model)
+    return {"base": base, "folder": folder, "data": data, "model": model}
+
+
+def tiny_model_data_gamma(base) -> dict:
+    """A tiny model, 100 digits in shards of 20 and a constant-ish Γ file for the model, under
+    ``base``: the inputs of the command-line tests (flags, errors)."""
+    from adpm_dist.gamma import GammaFile, write_gamma
+    from adpm_dist.models.loading import load_checkpoint
+
+    model = str(base / "tiny.safetensors")
+    save_tiny_model(model)
+    data = make_digit_shards(str(base / "shards"), limit=100, shard_size=20)
+    loaded = load_checkpoint(model)
+    gf = GammaFile.empty(loaded.schedule, loaded.describe())
+    n = loaded.schedule.num_timesteps
+    gf.add(list(range(1, n + 1)) * 2, [0.5] * n + [0.6] * n)
+    gf.contributions.append({"run_id": "t", "rank": 0, "world_size": 1, "samples": [0, 2]})
+    gamma = str(base / "g.json")
+    write_gamma(gf, gamma)
+    return {"base": base, "model": model, "data": data, "gamma": gamma}

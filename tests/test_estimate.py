@@ -12,32 +12,25 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from adpm_dist.gamma import read_gamma, write_gamma
 from adpm_dist.stages import estimate
-from tests.estimate_helpers import ROOT, free_port, make_digit_shards, save_tiny_model, torchrun
+from tests.estimate_helpers import (
+    ROOT,
+    free_port,
+    make_digit_shards,
+    save_tiny_model,
+    tiny_job_inputs,
+    torchrun,
+)
 from tests.s3_server import subprocess_env
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread_module")]
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_here():
-    """In-process jobs on one intra-op thread: on the shared 2-core machine two threads made the
-    small kernels many times slower (see tests/conftest.py, one_thread)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    base = tmp_path_factory.mktemp("est")
-    data = make_digit_shards(str(base / "shards"), limit=300, shard_size=20)
-    model = str(base / "tiny.safetensors")
-    save_tiny_model(model)
-    return {"base": base, "data": data, "model": model}
+    return tiny_job_inputs(tmp_path_factory.mktemp("est"))
 
 
 def common(setup, out, *extra):

@@ -11,32 +11,17 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from adpm_dist.gamma import merge, read_gamma, write_gamma
 from adpm_dist.stages import estimate
-from tests.estimate_helpers import ROOT, make_digit_shards, save_tiny_model
+from tests.estimate_helpers import ROOT, tiny_job_inputs
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread_module")]
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_here():
-    """In-process jobs on one intra-op thread: on the shared 2-core machine two threads made the
-    small kernels many times slower (see tests/conftest.py, one_thread)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    base = tmp_path_factory.mktemp("gfaults")
-    folder = str(base / "shards")
-    data = make_digit_shards(folder, limit=300, shard_size=20)  # test split: ids 0..59, 3 shards of 20
-    model = str(base / "tiny.safetensors")
-    save_tiny_model(model)
-    return {"base": base, "folder": folder, "data": data, "model": model}
+    return tiny_job_inputs(tmp_path_factory.mktemp("gfaults"))
 
 
 def argv(setup, out, *extra, data=None):

@@ -11,36 +11,23 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from adpm_dist.gamma import read_gamma
 from adpm_dist.stages import estimate
-from tests.estimate_helpers import ROOT, make_digit_shards, save_tiny_model
+from tests.estimate_helpers import ROOT, tiny_job_inputs
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread_module")]
 SETTINGS = ["--no-progress", "--precision", "fp64", "--samples-per-t", "120", "--batch-size", "16",
             "--flush-every", "1"]
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_here():
-    """In-process jobs on one intra-op thread: on the shared 2-core machine two threads made the
-    small kernels many times slower (see tests/conftest.py, one_thread)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    base = tmp_path_factory.mktemp("gresume")
-    data = make_digit_shards(str(base / "shards"), limit=300, shard_size=20)
-    model = str(base / "tiny.safetensors")
-    save_tiny_model(model)
-    ref = base / "ref.json"
-    assert estimate.main(["--checkpoint", model, "--data", data, "--out", str(ref), "--num-workers", "0",
-                          *SETTINGS]) == 0
-    return {"base": base, "data": data, "model": model, "ref": read_gamma(str(ref))}
+    inputs = tiny_job_inputs(tmp_path_factory.mktemp("gresume"))
+    ref = inputs["base"] / "ref.json"
+    assert estimate.main(["--checkpoint", inputs["model"], "--data", inputs["data"], "--out", str(ref),
+                          "--num-workers", "0", *SETTINGS]) == 0
+    return {**inputs, "ref": read_gamma(str(ref))}
 
 
 def kill_after_three_rounds(cmd: list[str], partial: str) -> dict:

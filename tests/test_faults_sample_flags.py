@@ -16,27 +16,14 @@ import pytest
 
 from adpm_dist.diffusion.analytic import DDPM_FAMILY
 from adpm_dist.stages import evaluate, plan, sample
-from tests.estimate_helpers import ROOT, make_digit_shards, save_tiny_model
+from tests.estimate_helpers import ROOT, tiny_model_data_gamma
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from adpm_dist.gamma import GammaFile, write_gamma
-    from adpm_dist.models.loading import load_checkpoint
-
-    base = tmp_path_factory.mktemp("flags")
-    model = str(base / "tiny.safetensors")
-    save_tiny_model(model)
-    data = make_digit_shards(str(base / "shards"), limit=100, shard_size=20)
-    loaded = load_checkpoint(model)
-    gf = GammaFile.empty(loaded.schedule, loaded.describe())
-    n = loaded.schedule.num_timesteps
-    gf.add(list(range(1, n + 1)) * 2, [0.5] * n + [0.6] * n)
-    gf.contributions.append({"run_id": "t", "rank": 0, "world_size": 1, "samples": [0, 2]})
-    write_gamma(gf, str(base / "g.json"))
-    return {"base": base, "model": model, "data": data, "gamma": str(base / "g.json")}
+    return tiny_model_data_gamma(tmp_path_factory.mktemp("flags"))
 
 
 def sample_argv(f, out, *extra, method="ddim"):

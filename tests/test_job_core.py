@@ -16,33 +16,20 @@ import torch
 
 from adpm_dist.gamma import read_gamma
 from adpm_dist.stages import estimate, job
-from tests.estimate_helpers import launch_ranks, make_digit_shards, save_tiny_model
+from tests.estimate_helpers import launch_ranks, tiny_job_inputs
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_thread_module")]
 
 EXIT_TIMES: dict[str, list[float]] = {}
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_here():
-    """In-process jobs on one intra-op thread: on the shared 2-core machine two threads made the
-    small kernels many times slower (see tests/conftest.py, one_thread)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    base = tmp_path_factory.mktemp("job")
-    folder = str(base / "shards")
-    data = make_digit_shards(folder, limit=300, shard_size=20)  # 60 test images: 3 shards of 20
-    model = str(base / "tiny.safetensors")
-    save_tiny_model(model)
-    ref = base / "ref.json"
-    ranks = launch_ranks(3, "adpm_dist.estimate", args({"data": data, "model": model}, ref))
+    inputs = tiny_job_inputs(tmp_path_factory.mktemp("job"))
+    ref = inputs["base"] / "ref.json"
+    ranks = launch_ranks(3, "adpm_dist.estimate", args(inputs, ref))
     assert [r[0] for r in ranks] == [0, 0, 0], ranks[0][2][-2000:]
-    return {"base": base, "folder": folder, "data": data, "model": model, "ref": read_gamma(str(ref))}
+    return {**inputs, "ref": read_gamma(str(ref))}
 
 
 def args(setup, out, *extra):

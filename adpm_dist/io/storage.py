@@ -88,6 +88,18 @@ def read_text(url: str, encoding: str = "utf-8") -> str:
     return read_bytes(url).decode(encoding)
 
 
+def read_json_object(url: str, error: type[Exception], hint: str = "") -> dict:
+    """The JSON object at ``url``; ``error`` naming the (redacted) URL if it is not valid JSON
+    or not an object, with ``hint`` (e.g. "; remove it to start over") appended."""
+    try:
+        doc = json.loads(read_text(url))
+    except json.JSONDecodeError as exc:
+        raise error(f"{redact(url)}: not valid JSON ({exc}){hint}") from None
+    if not isinstance(doc, dict):
+        raise error(f"{redact(url)}: not a JSON object{hint}")
+    return doc
+
+
 @contextlib.contextmanager
 def open_read(url: str) -> Iterator[IO[bytes]]:
     """Open ``url`` for streaming binary reads (opening is retried; reads are not)."""

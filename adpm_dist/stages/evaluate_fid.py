@@ -38,13 +38,7 @@ class SampleFolderError(UserError, ValueError):
 
 
 def _read_json(url: str) -> dict:
-    try:
-        doc = json.loads(storage.read_text(url))
-    except json.JSONDecodeError as exc:
-        raise SampleFolderError(f"{storage.redact(url)}: not valid JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise SampleFolderError(f"{storage.redact(url)}: not a JSON object")
-    return doc
+    return storage.read_json_object(url, SampleFolderError)
 
 
 def _members(data: bytes) -> tuple[int, list[dict]]:

@@ -205,13 +205,7 @@ def read_job(out: str) -> dict | None:
     url = storage.join(out, JOB_NAME)
     if not storage.exists(url):
         return None
-    try:
-        job = json.loads(storage.read_text(url))
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{storage.redact(url)}: not valid JSON ({exc}); remove it to start over") from None
-    if not isinstance(job, dict):
-        raise UsageError(f"{storage.redact(url)}: not a JSON object; remove it to start over")
-    return job
+    return storage.read_json_object(url, UsageError, "; remove it to start over")
 
 
 def check_same_job(out: str, stored: dict | None, job: dict) -> None:
