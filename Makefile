@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-oracle test lint venv clean
+.PHONY: demo demo-oracle test test-gpu lint venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo-oracle: venv
 
 test: lint
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# The GPU tier only (tests marked `gpu`; they skip with a reason where no CUDA device exists).
+test-gpu: venv
+	$(PY) -m pytest -q -ra -m gpu $(PYTEST_ARGS)
 
 # Style, then the architecture contracts of .importlinter (docs/architecture.md).
 lint: venv
