@@ -110,3 +110,21 @@ def test_sample_with_residual_methods_and_a_format_1_file_refused(setup, tmp_pat
     # analytic methods still work with it
     assert sample.main([*v1_args, "--method", "analytic-ddpm", "--out", str(tmp_path / "v1a")]) == 0
     assert np.isfinite(read_gamma(str(tmp_path / "v1.json")).gamma).all()
+
+
+def test_plot_moments_shows_the_imperfect_models_excess_error(setup, tmp_path, capsys):
+    from tests.tool_modules import load_tool
+
+    tool = load_tool("plot_moments")
+    capsys.readouterr()
+    assert tool.main([setup["gamma"], "-o", str(tmp_path / "m.png"), "--raw"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "m.png").stat().st_size > 0
+    # ε̂ = 0.9ε* + 0.05: its error differs from what Analytic-DPM assumes from its Γ at most t
+    assert info["timesteps"] == 100 and info["A_above_by_2se"] + info["A_below_by_2se"] > 50
+    old = read_gamma(setup["gamma"])
+    v1 = GammaFile(schedule=old.schedule, model=old.model, sum=old.sum, sum_sq=old.sum_sq, count=old.count,
+                   contributions=old.contributions)
+    (tmp_path / "v1.json").write_text(v1.to_json())
+    assert tool.main([str(tmp_path / "v1.json"), "-o", str(tmp_path / "x.png")]) == 2
+    assert "format-1" in capsys.readouterr().err
