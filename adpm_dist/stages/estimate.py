@@ -56,7 +56,7 @@ from adpm_dist.errors import UsageError, UserError
 from adpm_dist.gamma import GammaFile, GammaFileError, Moments, pair_errors, read_gamma, spans, write_gamma
 from adpm_dist.io import dist, storage
 from adpm_dist.io.quality import DataSummary
-from adpm_dist.models.loading import eps_function, load_checkpoint
+from adpm_dist.models.loading import eps_function, load_checkpoint, recorded_mode, resolve_precision
 from adpm_dist.stages.estimate_args import build_parser, id_ranges, parse_timesteps
 from adpm_dist.stages.estimate_data import data_plan, work_units
 from adpm_dist.stages.job import ShardedJob, diff, job_main
@@ -202,6 +202,8 @@ class GammaJob(ShardedJob):
         self.data_batch = args.data_batch or max(1, args.batch_size // NOISE_BLOCK)
         self.plan = data_plan(args.data)
         self.per_t = args.samples_per_t or self.plan.present  # default: every sample present, once
+        self.device = dist.device_for(dist.env_info())
+        self.precision = resolve_precision(args.precision, self.device, statistics=True)
         self.fingerprint = self.make_fingerprint(self.plan.key(), args.seed, self.per_t, self.timesteps)
         self.run_id = args.run_id or hashlib.sha256(json.dumps(
             [args.seed, self.fingerprint["data"], self.fingerprint["timesteps"]]).encode()).hexdigest()[:16]
@@ -221,13 +223,13 @@ class GammaJob(ShardedJob):
         path, nor --num-workers, --data-batch, --batch-size, --flush-every, --max-bad-fraction, --run-id."""
         return {"version": 2, "model": self.loaded.digest, "data": data_key, "seed": seed,
                 "samples_per_t": per_t, "timesteps": id_ranges(timesteps),
-                "target_stderr": self.args.target_stderr, "precision": self.args.precision}
+                "target_stderr": self.args.target_stderr, "precision": self.precision}
 
     def known_fingerprint(self, got: dict) -> dict:
         """A fingerprint from before ``version`` 2 in today's form, when it names the same pairs:
         its --data spelling is resolved from here, and its sample rule must agree with today's."""
-        if "version" in got:
-            return got
+        if "version" in got:  # "auto" before modes were resolved: fp32 (recorded_mode)
+            return {**got, "precision": recorded_mode(got["precision"])} if "precision" in got else got
         try:
             plan = data_plan(json.loads(got["data"]))
             ts = parse_timesteps(got["timesteps"], self.sums.num_timesteps)
@@ -236,7 +238,8 @@ class GammaJob(ShardedJob):
         except (UserError, OSError, KeyError, TypeError, ValueError):
             return got  # cannot be the same job: refused, showing the old fingerprint
         new = self.make_fingerprint(plan.key(), got.get("seed"), got["samples_per_t"], ts)
-        new.update({k: got.get(k) for k in ("model", "target_stderr", "precision")})
+        new.update({k: got.get(k) for k in ("model", "target_stderr")})
+        new["precision"] = recorded_mode(got.get("precision"))
         return {**new, "world_size": got["world_size"]} if "world_size" in got else new
 
     def existing(self) -> bool:
@@ -285,9 +288,8 @@ class GammaJob(ShardedJob):
     def step(self, round_index: int) -> bool:
         args = self.args
         if self.units is None:
-            device = dist.device_for(dist.env_info())
-            eps_fn = eps_function(self.loaded.model, device, args.precision)
-            self.ev = PairEvaluator(eps_fn, self.loaded.schedule, args.batch_size, self.sums, device)
+            eps_fn = eps_function(self.loaded.model, self.device, self.precision, statistics=True)
+            self.ev = PairEvaluator(eps_fn, self.loaded.schedule, args.batch_size, self.sums, self.device)
             # Resume by pair id, not by batch count: batches depend on --num-workers/--data-batch.
             skip = np.array(sorted(self.ids_seen), dtype=np.int64)
             self.units = work_units(self.plan, args, self.rank, self.world, self.per_t, self.data_batch,
@@ -338,7 +340,8 @@ class GammaJob(ShardedJob):
         warnings = model_error_ranges(gf, ts)
         gf.extra = {"fingerprint": self.fingerprint, "wall_time_s": wall,
                     "evaluations_per_s": evaluations / max(wall, 1e-9),
-                    "timesteps": self.args.timesteps, "model_error": warnings}
+                    "timesteps": self.args.timesteps, "model_error": warnings,
+                    "numeric_mode": {"precision": self.precision, "device": self.device.type}}
         write_gamma(gf, self.args.out)
         warn_model_error(warnings)
         print(json.dumps({"out": storage.redact(self.args.out), "num_timesteps": gf.num_timesteps,

@@ -40,7 +40,13 @@ from adpm_dist.diffusion.trajectory import TRAJECTORIES
 from adpm_dist.errors import UsageError
 from adpm_dist.gamma import load_for
 from adpm_dist.io import dist, storage
-from adpm_dist.models.loading import eps_function, load_checkpoint
+from adpm_dist.models.loading import (
+    eps_function,
+    load_checkpoint,
+    mode_warning,
+    recorded_mode,
+    resolve_precision,
+)
 from adpm_dist.stages.conventions import (
     LEGACY,
     conventions_from,
@@ -192,6 +198,8 @@ class NllJob(ShardedJob):
         self.loaded = load_checkpoint(args.checkpoint)
         self.ref = load_for(self.loaded, args.gamma) if args.gamma else None
         self.gamma = self.ref.gamma if self.ref else None
+        self.device = dist.device_for(dist.env_info())
+        self.precision = resolve_precision(args.precision, self.device, statistics=True)
         self.conventions = conv = conventions_from(args)
         self.moments = None
         if set(self.methods) & set(RESIDUAL_METHODS):
@@ -207,7 +215,7 @@ class NllJob(ShardedJob):
         self.fingerprint = {
             "model": self.loaded.digest, "gamma_sha256": self.ref.sha256 if self.ref else None,
             "data": shard_identity([s.url for s in self.stream.shards]), "seed": args.seed, "keys": self.keys,
-            "precision": args.precision, "per_image": args.per_image, "batch_size": args.batch_size,
+            "precision": self.precision, "per_image": args.per_image, "batch_size": args.batch_size,
             "limit": args.limit, "conventions": self._relevant_conventions(conv),
         }
         self.out_json = storage.join(args.out, "nll.json")
@@ -253,6 +261,8 @@ class NllJob(ShardedJob):
             done = {}
         found = done.get("fingerprint") if isinstance(done, dict) else None
         legacy = self._relevant_conventions(Conventions(**{**OURS.describe(), **LEGACY}))
+        if isinstance(found, dict) and "precision" in found:
+            found = {**found, "precision": recorded_mode(found["precision"])}
         if found == self.fingerprint or upgrade_legacy(found, legacy) == self.fingerprint:
             return True
         raise UsageError(f"{storage.redact(self.out_json)} exists and holds a different evaluation; "
@@ -275,8 +285,13 @@ class NllJob(ShardedJob):
         self.sums, self.per_image = state["sums"], state["per_image"]
 
     def _open(self) -> None:
-        self.device = dist.device_for(dist.env_info())
-        self.eps_fn = eps_function(self.loaded.model, self.device, self.args.precision)
+        self.eps_fn = eps_function(self.loaded.model, self.device, self.precision, statistics=True)
+        if self.ref is not None and self.rank == 0:
+            fingerprint = self.ref.file.extra.get("fingerprint") or {}
+            warning = mode_warning(fingerprint.get("precision"), self.precision,
+                                   f"--gamma {storage.redact(self.ref.url)}")
+            if warning:
+                print(warning, file=sys.stderr)
         self.batches = iter(self.stream)
         self.start = time.time()
 
@@ -342,6 +357,7 @@ class NllJob(ShardedJob):
         doc = {"format": "adpm-nll/1", "fingerprint": self.fingerprint, "model": self.loaded.describe(),
                "schedule": self.loaded.schedule.describe(), "gamma_sha256": self.fingerprint["gamma_sha256"],
                "trajectories": trajectories_record(self.taus), "conventions": self.conventions.describe(),
+               "numeric_mode": {"precision": self.precision, "device": self.device.type},
                "results": results, "num_images": count, "wall_time_s": self.wall, "world_size": self.world}
         if self.args.per_image:
             per_image = {i: row for g in gathered for i, row in g["per_image"].items()}

@@ -2,8 +2,11 @@
 
 The EMA lives in its own copy of the network (``EMA.model``) so it can be
 saved with ``models.io.model_to_bytes`` and loaded by the later stages as an
-ordinary model. Each update reads the *full* training weights; under ZeRO-3
-the caller passes them through ``deepspeed.zero.GatheredParameters``.
+ordinary model. It lives on the device of the weights it follows (``to``: the
+trainer moves it next to the engine's module once DeepSpeed has placed that),
+so an update is one on-device lerp per tensor and never a host copy. Each update
+reads the *full* training weights; under ZeRO-3 the caller passes them through
+``deepspeed.zero.GatheredParameters`` (an on-device all-gather per step; docs/train.md).
 """
 
 from __future__ import annotations
@@ -27,6 +30,15 @@ class EMA:
         for p in self.model.parameters():
             p.requires_grad_(False)
 
+    def to(self, device: torch.device | str) -> EMA:
+        """Move the EMA weights (once, e.g. next to the engine's module); returns self."""
+        self.model.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def current_decay(self) -> float:
         if self.warmup:
             k = self.num_updates
@@ -41,7 +53,9 @@ class EMA:
         if len(mine) != len(params):
             raise ValueError(f"EMA has {len(mine)} parameters, update got {len(params)}")
         for ema_p, p in zip(mine, params):
-            ema_p.lerp_(p.detach().to(ema_p.device, torch.float32), 1.0 - d)
+            if p.device != ema_p.device:  # a host copy per step per tensor: never silently
+                raise ValueError(f"EMA on {ema_p.device} but the weights are on {p.device}; move it (EMA.to)")
+            ema_p.lerp_(p.detach().to(torch.float32), 1.0 - d)
         if buffers is not None:
             for ema_b, b in zip(self.model.buffers(), buffers):
                 ema_b.copy_(b.detach())

@@ -168,10 +168,15 @@ def full_parameters(engine):
     return contextlib.nullcontext()
 
 
+def module_device(engine) -> torch.device:
+    """Where DeepSpeed placed the module's weights (under ZeRO-3 their local partitions)."""
+    return next(engine.module.parameters()).device
+
+
 def grad_norm_zero0(engine) -> float:
     """‖g‖ of the (already averaged) gradients under ZeRO-0, where DeepSpeed keeps none."""
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=module_device(engine))
     for p in engine.module.parameters():
         if p.grad is not None:
-            total += p.grad.detach().double().pow(2).sum().cpu()
+            total += p.grad.detach().double().pow(2).sum()  # on device: one sync, below
     return float(total.sqrt())

@@ -65,7 +65,7 @@ def sample_grid_png(
         imgs = sample(
             lambda x, n: model(x, n), schedule,
             even_trajectory(schedule.num_timesteps, k), "ddim",
-            make_generators([seed * 100003 + i for i in range(count)]),
+            make_generators([seed * 100003 + i for i in range(count)], device=device),
             shape, device=device,
         )
     imgs = ((imgs.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()

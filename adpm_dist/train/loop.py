@@ -56,6 +56,7 @@ from adpm_dist.train.engine import (
     forget_deepspeed_groups,
     full_parameters,
     grad_norm_zero0,
+    module_device,
     per_rank_batch,
     prepare_deepspeed,
 )
@@ -88,7 +89,8 @@ class State:
 class Trainer:
     """One run: the engine, the EMA, the run directory and the loop (``fit``)."""
 
-    def __init__(self, cfg: Config, info: dist.DistInfo) -> None:
+    def __init__(self, cfg: Config, info: dist.DistInfo, check_shards: bool = True) -> None:
+        """``check_shards`` False skips the data check (tools/bench_train.py feeds its own batches)."""
         from adpm_dist.models.registry import build_model
 
         self.cfg = cfg
@@ -103,10 +105,13 @@ class Trainer:
             raise ConfigError(f"config key 'model': {exc}") from None
         self.model_config = dict(model.config)
         latest = read_latest(self.run)
-        if latest is None or int(latest["step"]) < cfg.train.total_steps:
+        if check_shards and (latest is None or int(latest["step"]) < cfg.train.total_steps):
             check_data(cfg, self.model_config)  # before the engine: a mismatch costs nothing
+        # The EMA copies the full weights before the engine (ZeRO-3 partitions them), then moves
+        # where DeepSpeed put the module: updates and sample grids stay on that device.
         self.ema = EMA(model, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
         self.engine = build_engine(cfg, model, info.world_size)
+        self.ema.to(module_device(self.engine))
         self.state = State()
         self.schedule_info = {
             "name": self.schedule.name,
@@ -148,7 +153,7 @@ class Trainer:
         shared = torch.tensor(
             [loss.detach().float().item(), 1.0 if preempt.requested() else 0.0,
              1.0 if bad_data else 0.0],
-            dtype=torch.float64,
+            dtype=torch.float64, device=dist.collective_device(),
         )
         dist.all_reduce_sum(shared)
         mean_loss = float(shared[0]) / self.info.world_size

@@ -1,0 +1,122 @@
+"""The numeric-mode policy (issue 16, item 2), on CPU: the Γ job and the NLL run fp32 with TF32
+off unless asked otherwise, record the mode they ran in, and a Γ file estimated in another mode
+is accepted with one ``warning:`` line. bf16 autocast and the TF32 switches exist on CPU torch
+too, so the recording and the switching are real here; what they do to Γ on a GPU is
+tools/gpu_check.sh's to measure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adpm_dist.gamma import read_gamma, write_gamma
+from adpm_dist.models.loading import eps_function, mode_warning, resolve_precision
+from adpm_dist.stages import estimate, evaluate
+from tests.estimate_helpers import tiny_job_inputs
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread_module")]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return tiny_job_inputs(tmp_path_factory.mktemp("precision"))
+
+
+def gamma_argv(setup, out, *extra):
+    return ["--checkpoint", setup["model"], "--data", setup["data"], "--out", str(out), "--num-workers", "0",
+            "--no-progress", "--timesteps", "even:5", "--samples-per-t", "20", *extra]
+
+
+def nll_argv(setup, gamma, out, *extra):
+    return ["nll", "--checkpoint", setup["model"], "--gamma", str(gamma), "--data", setup["data"],
+            "--steps", "5", "--methods", "analytic-ddpm", "--trajectory", "even", "--out", str(out),
+            "--limit", "4", "--num-workers", "0", "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("device, statistics, want", [
+    ("cuda", True, "fp32"), ("cuda", False, "bf16"), ("cpu", True, "fp32"), ("cpu", False, "fp32")])
+def test_auto_is_fp32_for_statistics_and_bf16_only_for_sampling_on_cuda(device, statistics, want):
+    assert resolve_precision("auto", device, statistics) == want
+    assert resolve_precision("tf32", device, statistics) == "tf32"
+
+
+class FlagProbe(torch.nn.Module):
+    """Records the TF32 switches and the autocast state while the network runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.seen = []
+
+    def forward(self, x, n):
+        self.seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                          torch.is_autocast_enabled("cpu")))
+        return x * self.w
+
+
+@pytest.mark.parametrize("precision, during", [
+    ("fp32", (False, False, False)), ("auto", (False, False, False)), ("tf32", (True, True, False)),
+    ("bf16", (False, False, True))])
+@pytest.mark.parametrize("before", [False, True])
+def test_tf32_switches_are_set_while_the_network_runs_and_restored(precision, during, before):
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = before
+    try:
+        net = FlagProbe()
+        eps = eps_function(net, torch.device("cpu"), precision, statistics=True)
+        eps(torch.ones(2, 1), torch.ones(2, dtype=torch.long))
+        assert net.seen == [during]
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (before, before)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_the_gamma_file_and_the_nll_record_the_mode_they_ran_in(setup, tmp_path, capsys):
+    out = tmp_path / "g.json"
+    assert estimate.main(gamma_argv(setup, out)) == 0  # default: auto
+    extra = read_gamma(str(out), require_complete=False).extra
+    assert extra["fingerprint"]["precision"] == "fp32"
+    assert extra["numeric_mode"] == {"precision": "fp32", "device": "cpu"}
+    assert evaluate.main(nll_argv(setup, out, tmp_path / "nll")) == 0
+    doc = json.loads((tmp_path / "nll" / "nll.json").read_text())
+    assert doc["numeric_mode"] == {"precision": "fp32", "device": "cpu"}
+    assert doc["fingerprint"]["precision"] == "fp32"
+    assert "warning:" not in capsys.readouterr().err
+
+
+def test_a_gamma_file_from_another_mode_is_accepted_with_one_warning(setup, tmp_path, capsys):
+    out = tmp_path / "g_bf16.json"
+    assert estimate.main(gamma_argv(setup, out, "--precision", "bf16")) == 0
+    assert read_gamma(str(out), require_complete=False).extra["numeric_mode"]["precision"] == "bf16"
+    capsys.readouterr()
+    assert evaluate.main(nll_argv(setup, out, tmp_path / "nll")) == 0
+    warnings = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert len(warnings) == 1, warnings
+    assert "--precision bf16" in warnings[0] and "uses fp32" in warnings[0] and out.name in warnings[0]
+
+
+def test_a_gamma_file_of_the_earlier_auto_counts_as_fp32(setup, tmp_path, capsys):
+    """Files written before modes were resolved say "auto": every one was estimated on CPU, in
+    fp32, so a rerun is still the same job and the NLL does not warn."""
+    out = tmp_path / "g.json"
+    assert estimate.main(gamma_argv(setup, out)) == 0
+    gf = read_gamma(str(out), require_complete=False)
+    gf.extra["fingerprint"]["precision"] = "auto"
+    del gf.extra["numeric_mode"]
+    write_gamma(gf, str(out))
+    assert estimate.main(gamma_argv(setup, out, "--precision", "fp32")) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert evaluate.main(nll_argv(setup, out, tmp_path / "nll")) == 0
+    assert "warning:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recorded, wanted, warns", [
+    ("fp32", "fp32", False), ("fp64", "fp32", False), ("auto", "fp32", False), (None, "bf16", False),
+    ("bf16", "fp32", True), ("tf32", "fp64", True), ("fp32", "bf16", True)])
+def test_mode_warning(recorded, wanted, warns):
+    line = mode_warning(recorded, wanted, "--gamma g.json")
+    assert (line is not None) == warns
+    if warns:
+        assert line.startswith("warning: --gamma g.json") and "\n" not in line
