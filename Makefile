@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-oracle test test-gpu lint venv clean
+.PHONY: demo demo-oracle test test-fast test-gpu lint venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ demo-oracle: venv
 
 test: lint
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# The edit-test loop: lint, then the unit and oracle tests only (no real S3 server, no SLURM
+# cluster, nothing marked slow); under 3 minutes on the 2-core CI machine. `make test` is the gate.
+test-fast: lint
+	$(PY) -m pytest -q -ra -m "not s3 and not slurm and not slow" $(PYTEST_ARGS)
 
 # The GPU tier only (tests marked `gpu`; they skip with a reason where no CUDA device exists).
 test-gpu: venv

@@ -13,7 +13,7 @@ if ROOT not in sys.path:
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-pytest_plugins = ["tests.s3_server", "tests.slurm_cluster"]
+pytest_plugins = ["tests.s3_server", "tests.slurm_cluster", "pytester"]  # pytester: tests of the tiers
 
 
 @pytest.fixture

@@ -91,6 +91,7 @@ def test_internal_value_errors_exit_1_with_traceback(files, tmp_path, module):
     assert "error: internal" not in res.stderr
 
 
+@pytest.mark.slow
 def test_the_good_commands_work(files, tmp_path):
     """The argv the tests above break are valid: each CLI succeeds on them unchanged."""
     for module, (good, _) in commands(files, tmp_path).items():

@@ -59,6 +59,7 @@ def test_ema_refuses_weights_on_another_device_instead_of_copying_them():
         ema.update(list(net.parameters()))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("zero", [1, 3])
 def test_trainer_ema_lives_on_the_engines_device_and_updates_in_place(digits, tmp_path, zero):

@@ -47,6 +47,7 @@ def ours(pipe, direction) -> np.ndarray:
     return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_pipeline_direction_equals_our_sampler(pipe):
     network, rederived = ours(pipe, "network"), ours(pipe, "x0")
@@ -62,6 +63,7 @@ def test_unknown_direction_is_refused():
         AnalyticDPMScheduler(num_train_timesteps=N, ddim_direction="sideways")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("method,direction", [("residual-ddpm", "x0"), ("residual-ddim", "network")])
 def test_residual_methods_in_a_pipeline_equal_our_sampler(setup, method, direction):  # noqa: F811

@@ -91,6 +91,7 @@ def test_add_noise_and_schedules_match_diffusers():
     assert sched.scale_model_input(x0, 3) is x0 and sched.init_noise_sigma == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ptype", ["v_prediction", "sample"])
 def test_prediction_type_converted_exactly(tmp_path, ptype):
     folder = save_folder(tmp_path / "m", prediction_type=ptype)

@@ -66,6 +66,7 @@ def ours(loaded, gf, method: str, seeds, k: int, eta: float = 0.0) -> torch.Tens
                       make_generators(seeds), (1, 8, 8), gamma=gf.gamma_vector(), eta=eta)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("family", ["ddpm", "ddim"])
 def test_pipeline_equals_our_sampler_and_cli(setup, family):
@@ -123,6 +124,7 @@ def test_scheduler_config_round_trip(tmp_path):
         AnalyticDPMScheduler(num_train_timesteps=N, method="euler")
 
 
+@pytest.mark.slow
 def test_a_partial_gamma_file_is_refused_by_the_scheduler(setup):
     # Partial Γ files (estimate --timesteps even:…) serve our CLIs, but a diffusers
     # config cannot say "unknown" and may be asked for any K later: refuse, never Γ = 0.

@@ -54,6 +54,7 @@ def test_single_process_file_is_complete_and_consistent(setup, tmp_path):
     assert not os.path.exists(str(out) + ".partial") or not os.listdir(str(out) + ".partial")
 
 
+@pytest.mark.slow
 def test_world_size_batch_size_and_worker_invariance(setup, tmp_path):
     """fp64 network: everything else (noise, assignment, accumulation) is exactly invariant."""
     one = tmp_path / "one.json"
@@ -135,6 +136,7 @@ def test_a_format_1_file_or_partial_state_without_moments_is_not_taken_as_this_j
     assert "delete it to start over" in err and not out.exists()
 
 
+@pytest.mark.slow
 def test_kill_minus_9_then_rerun_gives_the_uninterrupted_result(setup, tmp_path):
     args = ["--timesteps", "all", "--data-batch", "2", "--flush-every", "1", "--batch-size", "16"]
     ref = tmp_path / "ref.json"

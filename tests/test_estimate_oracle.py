@@ -28,6 +28,7 @@ from tests.estimate_helpers import ROOT, torchrun
 pytestmark = pytest.mark.timeout(600)
 
 
+@pytest.mark.slow
 def test_distributed_job_with_exact_eps_matches_exact_gamma(tmp_path):
     d, count = 4, 320
     args = _mixture_shards(tmp_path, count=count, num_timesteps=1000, seed=2)
@@ -107,6 +108,7 @@ def _mixture_shards(tmp_path, d=4, count=320, std=0.15, num_timesteps=200, seed=
             str(tmp_path / "shards" / "test-*.tar"), "--num-workers", "0", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_target_stderr_stops_early_once_every_gamma_is_known_well_enough(tmp_path):
     from adpm_dist.stages import estimate
 
@@ -136,6 +138,7 @@ def test_model_error_is_reported_with_its_t_range(tmp_path, capsys):
     assert np.all(gf.gamma[lo - 1:hi] - 1 > 3 * gf.stderr[lo - 1:hi])
 
 
+@pytest.mark.slow
 def test_moments_of_an_imperfect_model_match_their_exact_values(tmp_path):
     """ε̂ = 0.8·ε* + 0.1 on data whose clusters at ±0.9 (std 0.3) reach the edges of [−1, 1] (8-bit
     pixels 0 and 255): the clamp binds at small t (x̂₀ just beyond an edge; a few per cent of A_t,

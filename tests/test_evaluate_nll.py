@@ -189,6 +189,7 @@ def test_job_matches_direct_negative_elbo_per_image(setup, two_rank_run):
             assert r["bpd_stderr"] == pytest.approx(job.std(ddof=1) / math.sqrt(len(job)), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_job_matches_closed_form_expectation(setup, two_rank_run):
     doc, _ = two_rank_run
     ids, x = _test_images(setup)

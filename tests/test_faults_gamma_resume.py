@@ -16,7 +16,7 @@ from adpm_dist.gamma import read_gamma
 from adpm_dist.stages import estimate
 from tests.estimate_helpers import ROOT, tiny_job_inputs
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread_module")]
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread_module"), pytest.mark.slow]
 SETTINGS = ["--no-progress", "--precision", "fp64", "--samples-per-t", "120", "--batch-size", "16",
             "--flush-every", "1"]
 

@@ -76,6 +76,7 @@ def expected_local_threads(ranks: int) -> int:
 # ---------------------------------------------------------------- why a rank failed
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_local_stage_user_error_is_shown_and_exits_2(tmp_path):
     res = run_launch(["selftest", "--cluster", "local", "--nodes", "2", "--log-dir", str(tmp_path),
@@ -87,6 +88,7 @@ def test_local_stage_user_error_is_shown_and_exits_2(tmp_path):
         assert "then failed the same way" in res.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_local_kill_9_names_the_killed_rank_not_the_peer_that_lost_it(tmp_path):
     marker, log = tmp_path / "preempted.json", tmp_path / "launch.txt"
@@ -118,6 +120,7 @@ def test_local_kill_9_names_the_killed_rank_not_the_peer_that_lost_it(tmp_path):
     (["--threads-per-rank", "3"], {}, "--threads-per-rank"),
     ([], {"OMP_NUM_THREADS": "2"}, "OMP_NUM_THREADS"),
 ])
+@pytest.mark.slow
 def test_local_ranks_get_and_use_their_share_of_threads(tmp_path, extra, env, source):
     out = tmp_path / "threads"
     out.mkdir()
@@ -136,6 +139,7 @@ def test_local_ranks_get_and_use_their_share_of_threads(tmp_path, extra, env, so
 # ---------------------------------------------------------------- progress and summary
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_local_run_relays_rank0_progress_and_ends_with_its_summary(tmp_path):
     res = run_launch(["module", "--cluster", "local", "--nodes", "2", "--log-dir", str(tmp_path),

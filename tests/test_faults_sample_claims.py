@@ -24,7 +24,7 @@ from adpm_dist.stages import sample
 from tests.estimate_helpers import ROOT, save_tiny_model
 from tests.s3_server import subprocess_env
 
-pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -122,6 +122,7 @@ def test_valid_edge_values_are_accepted(files, tmp_path, capsys):
     assert sample.main(sample_argv(files, tmp_path / "s", "--eta", "1", "--clip-pixel", "0.5")) == 0
 
 
+@pytest.mark.slow
 def test_through_the_installed_entry_points(files, tmp_path):
     """The same one line and exit 2 from ``python -m`` (no traceback, nothing written)."""
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}

@@ -21,7 +21,7 @@ from adpm_dist.models.loading import load_checkpoint
 from adpm_dist.stages import evaluate, sample
 from tests.estimate_helpers import ROOT, make_digit_shards, save_tiny_model
 
-pytestmark = [pytest.mark.timeout(400), pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.timeout(400), pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from adpm_dist.io import storage
 from adpm_dist.stages import evaluate, sample
 from tests.estimate_helpers import make_digit_shards, save_tiny_model
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

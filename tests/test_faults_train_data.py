@@ -22,7 +22,7 @@ from adpm_dist.train.run_dir import read_metrics
 from tests.tool_modules import load_tool
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 make_shards = load_tool("make_shards")
 
 

@@ -16,6 +16,8 @@ import pytest
 from adpm_dist.io import data, shards
 from tests.tool_modules import load_tool
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARDS = 3  # of 20 samples each
 

@@ -22,7 +22,7 @@ from adpm_dist.errors import UserError
 from adpm_dist.train import progress as P
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 # The launcher parses this; it must not drift.
 LINE = re.compile(r"^progress: (\S+) (\d+)/(\d+) \((\d+\.\d)%\) (\d+(?:\.\d+)?)/s ETA (\d+):(\d\d):(\d\d)$")

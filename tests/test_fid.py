@@ -18,7 +18,7 @@ from adpm_dist.models.fid import FeatureStats, InceptionFeatures, frechet_distan
 from adpm_dist.stages import evaluate, evaluate_fid, sample
 from tests.estimate_helpers import ROOT, make_digit_shards, save_tiny_model
 
-pytestmark = [pytest.mark.timeout(400), pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.timeout(400), pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():

@@ -18,7 +18,7 @@ from adpm_dist.gamma import read_gamma
 from adpm_dist.stages import estimate, job
 from tests.estimate_helpers import launch_ranks, tiny_job_inputs
 
-pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_thread_module")]
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_thread_module"), pytest.mark.slow]
 
 EXIT_TIMES: dict[str, list[float]] = {}
 

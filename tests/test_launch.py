@@ -127,6 +127,7 @@ def _report(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_local_two_nodes_by_two_tasks_form_one_group(tmp_path):
     out = tmp_path / "report.json"
@@ -143,6 +144,7 @@ def test_local_two_nodes_by_two_tasks_form_one_group(tmp_path):
     assert len(list((tmp_path / "logs").glob("selftest-*/rank*.log"))) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_local_crash_of_one_rank_is_an_error_not_a_hang(tmp_path):
     # Rank 1 raises before joining; rank 0 waits in the rendezvous (120 s timeout)
@@ -157,6 +159,7 @@ def test_local_crash_of_one_rank_is_an_error_not_a_hang(tmp_path):
     assert elapsed < 60
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_local_requeue_reruns_the_same_argv_and_completes(tmp_path):
     marker, out = tmp_path / "preempted.json", tmp_path / "report.json"
@@ -181,6 +184,7 @@ def test_single_process_selftest_needs_no_launcher(tmp_path, capsys):
     assert rep["ok"] and rep["world_size"] == 1 and rep["allreduce_sum"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_local_run_passes_sigterm_on_and_stops_for_a_rerun(tmp_path):
     """SIGTERM to the launcher reaches every rank; the stage checkpoints; no restart."""

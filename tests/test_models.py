@@ -110,6 +110,7 @@ def tiny(seed: int = 0) -> UNet:
 # ---------------------------------------------------------------------------- presets
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_builds_and_runs_forward(name):
     torch.manual_seed(0)
@@ -137,6 +138,7 @@ def test_preset_parameter_budgets():
     assert abs(counts["cifar10"] - 35.7e6) <= 0.1e6
 
 
+@pytest.mark.slow
 def test_pad_to_keeps_28px_but_computes_on_32px():
     torch.manual_seed(1)
     padded = randomize_silent_layers(build_model("mnist", dropout=0.0, pad_to=32,
@@ -167,6 +169,7 @@ def test_timestep_embedding_matches_closed_form():
             assert emb[row, half + i].item() == pytest.approx(math.cos(step * freq), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_output_depends_on_timestep_and_not_on_batch_neighbours():
     model = tiny()
     x = input_for(model, batch=1).expand(4, -1, -1, -1)
@@ -184,6 +187,7 @@ def test_output_depends_on_timestep_and_not_on_batch_neighbours():
     torch.testing.assert_close(scalar_n[0], eps[2], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dropout_active_in_train_mode_only():
     torch.manual_seed(2)
     model = randomize_silent_layers(build_model("tiny", dropout=0.3))

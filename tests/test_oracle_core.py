@@ -27,6 +27,7 @@ def exact_gamma_vector(schedule, d):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sched_name", ["linear", "cosine"])
 def test_a_monte_carlo_gamma_matches_exact(sched_name):
     d = 4
@@ -93,6 +94,7 @@ def test_b_single_gaussian_variance_is_exactly_optimal(sched_name, num_steps, fa
     assert np.median(np.abs(got.sigma2 - want) / want) < 1e-10
 
 
+@pytest.mark.slow
 def test_c_analytic_elbo_beats_baselines_and_gap_shrinks():
     d = 4
     oracle = two_cluster_mixture(d, {"name": "linear", "num_timesteps": 1000})
@@ -174,6 +176,7 @@ def test_e_cost_is_the_papers_where_gamma_is_feasible():
         assert cost[s, t] == pytest.approx(np.log(1 - beta_ts * gamma[t] / (1 - abar[t])), rel=1e-10)
 
 
+@pytest.mark.slow
 def test_e_optimal_trajectory_nll_not_worse_than_even():
     d = 4
     oracle = two_cluster_mixture(d, {"name": "linear", "num_timesteps": 1000})
@@ -203,6 +206,7 @@ def test_methods_list_is_complete_and_ddpm_reduction_holds():
         assert sig == pytest.approx(reduced, rel=1e-10)
 
 
+@pytest.mark.slow
 def test_one_pass_of_eps_serves_every_ddpm_method():
     # negative_elbos evaluates ε K times per image whatever the number of
     # methods, and each method's terms equal negative_elbo's bit for bit.

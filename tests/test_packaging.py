@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

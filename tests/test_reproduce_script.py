@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
     "LIMIT": "300", "TEST_FRACTION": "0.1", "TRAIN_STEPS": "2", "BATCH": "8", "WARMUP": "1",

@@ -126,6 +126,7 @@ def test_residual_nelbo_not_worse_than_analytic_for_an_imperfect_model(k):
     assert bits["residual-ddpm"] < bits["analytic-ddpm"] - 1e-9  # strictly better here
 
 
+@pytest.mark.slow
 def test_predicted_nelbo_agrees_with_monte_carlo():
     sched = make_schedule("linear", 100)
     scale, k_model = 0.5, 0.9

@@ -70,6 +70,7 @@ def read_samples(out) -> list[tuple[str, np.ndarray, dict]]:
             for k, v in items.items()]
 
 
+@pytest.mark.slow
 def test_world_size_invariance_bytes_equal_and_metadata(model, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     common = ["--batch-size", "4", "--shard-size", "8", "--seed", "100"]
@@ -148,6 +149,7 @@ def test_kill_and_resume_equals_uninterrupted_run(model, tmp_path):
     assert (out / "manifest.json").read_bytes() == (whole / "manifest.json").read_bytes()
 
 
+@pytest.mark.slow
 def test_rerun_of_finished_job_is_noop_and_other_jobs_refused(model, tmp_path, capsys):
     out = tmp_path / "o"
     assert sample.main(args(model, out, "--shard-size", "5", n=10)) == 0

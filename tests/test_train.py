@@ -26,6 +26,8 @@ from adpm_dist.train import loop as train
 from adpm_dist.train.config import preset_path
 from adpm_dist.train.run_dir import read_metrics
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it
+
 ROOT = Path(__file__).resolve().parent.parent
 TOTAL = 12
 

@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it
+
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = (0, 2)  # ZeRO stages of the gradient check
 FIT_STEPS = 8

@@ -6,19 +6,28 @@
   :func:`configure`; :func:`redact` scrubs them from any text.
 - :func:`filesystem`: created lazily, cached per PID (a forked DataLoader worker builds
   its own client instead of inheriting its parent's connection pool and event loop).
-- :func:`call_with_retries`: backoff on transient errors, one ``warning:`` line on stderr per
-  retry; every failure becomes a :class:`StorageError` that names the URL and never the
-  credentials.
+- **One retry layer: botocore's request loop.** Every S3 HTTP request goes through it,
+  including the ones no wrapper around our calls can see (the ranged GETs of a streaming
+  read, the parts of a multipart upload), so that is where retries are decided, once per
+  request: :func:`_needs_retry` answers botocore's ``needs-retry`` event with botocore's own
+  typed standard-mode conditions (HTTP 500/502/503/504, throttling and timeout error codes,
+  connection exception classes; never message text), ``attempts`` tries in all, with
+  exponential backoff and jitter, and one ``warning:`` line on stderr per retry. botocore's
+  built-in handler gets one attempt and s3fs's loop one try, so retries never multiply.
+  What the loop does not see is not retried: a connection cut after a response's headers
+  (mid-body) and local file errors; both fail at once, naming the URL.
+- :func:`run_op`: every failure becomes a :class:`StorageError` that names the operation
+  and URL and never the credentials (it does not retry).
 """
 
 from __future__ import annotations
 
+import http
 import os
 import posixpath
 import random
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -46,7 +55,7 @@ class StorageAccessDenied(StorageError, PermissionError):
 # ----------------------------------------------------------------------------- configuration
 
 _overrides: dict[str, str | None] = {"endpoint_url": None, "key": None, "secret": None}
-_retry_policy = {"attempts": 5, "base_delay_s": 0.2, "max_delay_s": 5.0, "client_attempts": 3}
+_retry_policy = {"attempts": 5, "base_delay_s": 0.2, "max_delay_s": 5.0}
 _cache: dict[tuple, fsspec.AbstractFileSystem] = {}
 _cache_lock = threading.Lock()
 
@@ -58,21 +67,18 @@ def configure(
     *,
     retries: int | None = None,
     retry_base_delay_s: float | None = None,
-    client_attempts: int | None = None,
 ) -> None:
     """Override the S3 endpoint/keys taken from the environment (None keeps the env value).
 
-    ``retries`` is the total number of attempts of an operation on a transient failure;
-    ``client_attempts`` the attempts botocore makes per HTTP request inside each (default
-    3). Cached filesystems are dropped so that the next call uses the new settings.
+    ``retries`` is the number of attempts of one S3 request on a transient failure (default
+    5; 1 = no retry), ``retry_base_delay_s`` the first backoff (doubling, capped at 5 s).
+    Cached filesystems are dropped so that the next call uses the new settings.
     """
     _overrides.update(endpoint_url=endpoint_url, key=key, secret=secret)
     if retries is not None:
         _retry_policy["attempts"] = max(1, int(retries))
     if retry_base_delay_s is not None:
         _retry_policy["base_delay_s"] = float(retry_base_delay_s)
-    if client_attempts is not None:
-        _retry_policy["client_attempts"] = max(1, int(client_attempts))
     clear_cache()
 
 
@@ -216,6 +222,9 @@ def _shared_session(settings: dict) -> Any:
         loader = session.get_component("data_loader")
         loader.load_service_model("s3", "service-2")  # the big JSON model, cached by loader
         loader.load_data("endpoints")
+        # The one retry layer (module docstring): ours come before the client's own handlers.
+        session.register("before-parameter-build.s3", _remember_url)
+        session.register("needs-retry.s3", _needs_retry)
         _sessions[key] = session
     return session
 
@@ -249,51 +258,64 @@ def _make_filesystem(protocol: str, settings: dict) -> fsspec.AbstractFileSystem
         key=settings["key"],
         secret=settings["secret"],
         client_kwargs=client_kwargs,
-        # Retry layers multiply. botocore retries throttling/5xx 3 times per request (this also
-        # covers the ranged GETs of streaming reads, which our wrapper cannot see); s3fs's own
-        # retry loop is switched off (1 attempt); our wrapper adds backoff on top.
-        config_kwargs={"retries": {"mode": "standard", "max_attempts": _retry_policy["client_attempts"]}},
+        # Retry layers multiply: botocore's built-in handler makes 1 attempt, so _needs_retry
+        # (registered on the session) is the only one that retries. ("max_attempts" would
+        # count retries only: botocore adds 1 to it.)
+        config_kwargs={"retries": {"mode": "standard", "total_max_attempts": 1}},
         skip_instance_cache=True,  # a fresh client per process, never a parent's
         use_listings_cache=False,  # other ranks write concurrently: never trust stale listings
     )
-    fs.retries = 1  # a class attribute in s3fs, not a constructor argument
+    fs.retries = 1  # s3fs's own loop (substring-matched): off. A class attribute, not an argument
     return fs
 
 
 # ----------------------------------------------------------------------------- errors, retries
 
-_TRANSIENT_WORDS = (
-    "slowdown",
-    "slow down",
-    "service unavailable",
-    "internal error",
-    "internalerror",
-    "bad gateway",
-    "gateway timeout",
-    "throttl",
-    "timed out",
-    "timeout",
-    "connection reset",
-    "connection refused",
-    "connection aborted",
-    "could not connect",
-    "server disconnected",
-    "requesttimeout",
-    "serviceunavailable",
-)
+def _remember_url(params: dict, context: dict, **_: Any) -> None:
+    """``before-parameter-build``: note the s3:// URL a request is about, for warning lines."""
+    key = params.get("Key") or params.get("Prefix") or ""
+    context["storage_url"] = f"s3://{params.get('Bucket', '')}/{key}".rstrip("/")
 
 
-def _is_transient(exc: BaseException) -> bool:
-    permanent = FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError
-    if isinstance(exc, permanent):
-        return False
-    if isinstance(exc, ConnectionError | TimeoutError):
-        return True
-    name = type(exc).__name__.lower()
-    if any(w in name for w in ("timeout", "connection", "endpoint", "throttl")):
-        return True
-    text = str(exc).lower()
-    return any(w in text for w in _TRANSIENT_WORDS)
+def _needs_retry(response: Any, attempts: int, caught_exception: BaseException | None,
+                 request_dict: dict, operation: Any, **_: Any) -> float | None:
+    """botocore's ``needs-retry`` event after each try of a request: the delay before the next
+    try (botocore sleeps, then retries), or None to stop and return or raise the last result.
+
+    The decision is botocore's typed standard-mode conditions, not message text.
+    """
+    from botocore.retries import standard
+
+    context = standard.RetryEventAdapter().create_retry_context(
+        response=response, attempts=attempts, caught_exception=caught_exception,
+        request_dict=request_dict, operation=operation)
+    total = int(_retry_policy["attempts"])
+    transient = standard.OrRetryChecker([
+        standard.TransientRetryableChecker(), standard.ThrottledRetryableChecker()])
+    if attempts >= total or not transient.is_retryable(context):
+        return None
+    delay = min(_retry_policy["max_delay_s"], _retry_policy["base_delay_s"] * 2 ** (attempts - 1))
+    delay *= 0.5 + random.random()  # jitter: ranks don't retry in step
+    url = request_dict.get("context", {}).get("storage_url", "s3://")
+    print(f"warning: {redact(url)}: {_failure(context)}, retry {attempts}/{total - 1} in {delay:.1f}s",
+          file=sys.stderr, flush=True)
+    return delay
+
+
+def _failure(context: Any) -> str:
+    """What went wrong with one try, for a warning line: the exception, or the HTTP status."""
+    if context.caught_exception is not None:
+        return _kind(context.caught_exception)
+    status = context.http_response.status_code
+    try:
+        text = f"HTTP {status} {http.HTTPStatus(status).phrase}"
+    except ValueError:
+        text = f"HTTP {status}"
+    error = (context.parsed_response or {}).get("Error") or {}
+    if error.get("Code") in (None, "", str(status)):  # no body (HEAD): botocore made one up
+        return text
+    detail = ": ".join(str(v) for v in (error.get("Code"), error.get("Message")) if v)
+    return f"{text} ({redact(detail)[:100]})"
 
 
 def _wrap(exc: BaseException, url: str, op: str) -> StorageError:
@@ -327,25 +349,12 @@ def _kind(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:100]}" if text else type(exc).__name__
 
 
-def call_with_retries(op: str, url: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` with retries on transient errors; wrap every failure in a StorageError.
+def run_op(op: str, url: str, fn: Callable[[], T]) -> T:
+    """Run ``fn``, turning any failure into a StorageError naming ``op`` and ``url``.
 
-    Each retry is announced on stderr (``warning: URL: error, retry k/n in Xs``): a stalled
-    store should be visible in the job's log, not look like a hung job.
+    No retries here: botocore's request loop retries each S3 request (module docstring).
     """
-    attempts = int(_retry_policy["attempts"])
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - classified below, re-raised wrapped
-            if attempt < attempts and _is_transient(exc):
-                delay = min(
-                    _retry_policy["max_delay_s"],
-                    _retry_policy["base_delay_s"] * 2 ** (attempt - 1),
-                ) * (0.5 + random.random())  # jitter: ranks don't retry in step
-                print(f"warning: {redact(url)}: {_kind(exc)}, retry {attempt}/{attempts - 1} "
-                      f"in {delay:.1f}s", file=sys.stderr, flush=True)
-                time.sleep(delay)
-                continue
-            raise _wrap(exc, url, op) from None
-    raise AssertionError("unreachable")
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - re-raised wrapped
+        raise _wrap(exc, url, op) from None

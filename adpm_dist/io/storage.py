@@ -12,14 +12,14 @@ Every stage reads and writes through these functions, so that datasets, checkpoi
 - **Atomic writes**: local files are written to a temporary name in the same folder and
   renamed; an S3 object only becomes visible when its upload completes (a single PUT, or
   a multipart upload that is aborted on error).
-- **Retries with backoff** on transient errors (connection resets, timeouts, 5xx,
-  throttling), each announced on stderr as one ``warning:`` line. Missing objects, missing
-  buckets and refused (or missing) credentials are not transient and fail at once with a
-  message naming the URL.
+- **Retries with backoff** of each S3 request on transient errors (connection resets,
+  timeouts, 5xx, throttling), in one layer (botocore's request loop, see backend), each
+  announced on stderr as one ``warning:`` line. Missing objects, missing buckets and refused
+  (or missing) credentials are not transient and fail at once with a message naming the URL.
 - **Claims** (:func:`claim`): one job owns an output prefix; another job is refused.
 
 This module is the operations; :mod:`adpm_dist.io.backend` holds the URL parsing,
-settings, the per-process filesystem cache and the retry loop they stand on (its public
+settings, the per-process filesystem cache and the retry handler they stand on (its public
 names are importable from here too).
 """
 
@@ -45,7 +45,6 @@ from adpm_dist.io.backend import (  # noqa: F401
     StorageError,
     StorageNotFound,
     basename,
-    call_with_retries,
     canonical,
     clear_cache,
     configure,
@@ -56,6 +55,7 @@ from adpm_dist.io.backend import (  # noqa: F401
     join,
     local_path,
     redact,
+    run_op,
     scheme,
     to_url,
 )
@@ -66,22 +66,22 @@ from adpm_dist.io.backend import (  # noqa: F401
 def exists(url: str) -> bool:
     """True if an object/file or folder exists at ``url``. Refused credentials raise."""
     fs = filesystem(url)
-    return call_with_retries("exists", url, lambda: fs.exists(fs_path(url)))
+    return run_op("exists", url, lambda: fs.exists(fs_path(url)))
 
 
 def isdir(url: str) -> bool:
     fs = filesystem(url)
-    return call_with_retries("isdir", url, lambda: fs.isdir(fs_path(url)))
+    return run_op("isdir", url, lambda: fs.isdir(fs_path(url)))
 
 
 def size(url: str) -> int:
     fs = filesystem(url)
-    return int(call_with_retries("size", url, lambda: fs.size(fs_path(url))))
+    return int(run_op("size", url, lambda: fs.size(fs_path(url))))
 
 
 def read_bytes(url: str) -> bytes:
     fs = filesystem(url)
-    return call_with_retries("read", url, lambda: fs.cat_file(fs_path(url)))
+    return run_op("read", url, lambda: fs.cat_file(fs_path(url)))
 
 
 def read_text(url: str, encoding: str = "utf-8") -> str:
@@ -102,9 +102,9 @@ def read_json_object(url: str, error: type[Exception], hint: str = "") -> dict:
 
 @contextlib.contextmanager
 def open_read(url: str) -> Iterator[IO[bytes]]:
-    """Open ``url`` for streaming binary reads (opening is retried; reads are not)."""
+    """Open ``url`` for streaming binary reads (each ranged GET is retried by botocore)."""
     fs = filesystem(url)
-    f = call_with_retries("open", url, lambda: fs.open(fs_path(url), "rb"))
+    f = run_op("open", url, lambda: fs.open(fs_path(url), "rb"))
     try:
         yield f
     finally:
@@ -115,11 +115,11 @@ def listdir(url: str) -> list[str]:
     """Full URLs of the entries directly under ``url`` (sorted)."""
     if not is_remote(url):
         path = local_path(url)
-        names = call_with_retries("list", url, lambda: os.listdir(path))
+        names = run_op("list", url, lambda: os.listdir(path))
         return sorted(join(url, n) for n in names)
     fs = filesystem(url)
     path = fs_path(url).rstrip("/")
-    entries = call_with_retries("list", url, lambda: fs.ls(path, detail=False))
+    entries = run_op("list", url, lambda: fs.ls(path, detail=False))
     out = sorted(to_url(url, e) for e in entries)
     # s3fs lists a key "dir/" as the folder itself; never return the folder as its own entry.
     return [e for e in out if e.rstrip("/") != str(url).rstrip("/")]
@@ -131,7 +131,7 @@ def glob(pattern: str) -> list[str]:
         found = _pyglob.glob(local_path(pattern))
         return sorted(found if scheme(pattern) == "" else ["file://" + p for p in found])
     fs = filesystem(pattern)
-    found = call_with_retries("glob", pattern, lambda: fs.glob(fs_path(pattern)))
+    found = run_op("glob", pattern, lambda: fs.glob(fs_path(pattern)))
     return sorted(to_url(pattern, p) for p in found)
 
 
@@ -147,7 +147,7 @@ def walk_files(url: str) -> list[str]:
         return sorted(join(url, rel) for rel in found)
     fs = filesystem(url)
     base = fs_path(url).rstrip("/")
-    found = call_with_retries("find", url, lambda: fs.find(base))
+    found = run_op("find", url, lambda: fs.find(base))
     return sorted(to_url(url, p) for p in found)
 
 
@@ -161,7 +161,7 @@ def check_access(url: str) -> None:
         return
     bucket = fs_path(url).split("/", 1)[0]
     fs = filesystem(url)
-    call_with_retries("access", url, lambda: fs.ls(bucket, detail=False))
+    run_op("access", url, lambda: fs.ls(bucket, detail=False))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -196,7 +196,7 @@ def write_bytes(url: str, data: bytes) -> None:
     """Write ``data`` atomically: readers see the old object/file or the new one, never a part."""
     if is_remote(url):
         fs = filesystem(url)
-        call_with_retries("write", url, lambda: fs.pipe_file(fs_path(url), bytes(data)))
+        run_op("write", url, lambda: fs.pipe_file(fs_path(url), bytes(data)))
         return
     with open_write(url) as f:
         f.write(data)
@@ -215,7 +215,7 @@ def open_write(url: str) -> Iterator[IO[bytes]]:
     """
     if is_remote(url):
         fs = filesystem(url)
-        f = call_with_retries("open", url, lambda: fs.open(fs_path(url), "wb"))
+        f = run_op("open", url, lambda: fs.open(fs_path(url), "wb"))
         try:
             yield f
         except BaseException:
@@ -223,7 +223,7 @@ def open_write(url: str) -> Iterator[IO[bytes]]:
                 f.discard()  # aborts the multipart upload; nothing becomes visible
                 f.closed = True  # so fsspec's __del__ does not try to finish the upload
             raise
-        call_with_retries("write", url, f.close)
+        run_op("write", url, f.close)
         return
     path = local_path(url)
     fd, tmp = _local_tmp(path)
@@ -250,7 +250,7 @@ def remove(url: str, recursive: bool = False) -> None:
         except FileNotFoundError:
             pass
 
-    call_with_retries("remove", url, _rm)
+    run_op("remove", url, _rm)
 
 
 def copy_file(src: str, dst: str) -> None:
@@ -275,7 +275,7 @@ def upload_dir(local_dir: str, url: str) -> list[str]:
             dst = join(url, rel)
             if is_remote(dst):
                 fs = filesystem(dst)
-                call_with_retries("upload", dst, lambda f=fs, s=src, d=dst: f.put_file(s, fs_path(d)))
+                run_op("upload", dst, lambda f=fs, s=src, d=dst: f.put_file(s, fs_path(d)))
             else:
                 copy_file(src, dst)
             written.append(dst)
