@@ -8,7 +8,7 @@ will run with that file. For a DDPM-family method and a Γ file with the model-e
 moments (format 2) it also prints the expected negative ELBO in bits/dim, with its
 standard error, predicted from the file's statistics alone (diffusion/residual.py):
 what ``evaluate nll`` would measure on the data the Γ job read. Statistics from the
-training split make it optimistic for the test split.
+training split describe other images: estimate them on the split you evaluate.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def print_table(plan: dict, args) -> None:
     if "predicted_nelbo_bpd" in plan:
         bits, se = plan["predicted_nelbo_bpd"], plan["predicted_nelbo_stderr"]
         console.print(f"expected −ELBO: {bits:.4f} ± {se:.4f} bits/dim (predicted from the Γ file's "
-                      "statistics; optimistic if they come from the training split)")
+                      "statistics: it holds for the images the Γ job read)")
     else:
         console.print(f"expected −ELBO: not predicted ({plan['predicted_nelbo']})")
 
