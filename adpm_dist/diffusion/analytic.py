@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from adpm_dist.diffusion.residual import (
+    DDPM_RULES,
     ErrorMoments,
     ddim_gamma2,
     ddpm_family_sigma2,
@@ -39,7 +40,7 @@ ANALYTIC_METHODS = ("analytic-ddpm", "analytic-ddim")  # need Γ
 # The KL-optimal variance of the model at hand (diffusion/residual.py): they need the
 # model-error moments of a Γ file (format 2).
 RESIDUAL_METHODS = ("residual-ddpm", "residual-ddim")
-DDPM_FAMILY = ("ddpm-beta", "ddpm-tilde", "analytic-ddpm", "residual-ddpm")
+DDPM_FAMILY = DDPM_RULES  # one list: the σ² rules of diffusion/residual.py
 
 
 def is_ddpm_family(method: str) -> bool:

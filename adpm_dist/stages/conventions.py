@@ -70,7 +70,7 @@ def dp_cost_for(conv: Conventions, ref) -> str:
     """'expected' or 'paper': ``auto`` resolves by whether the Γ file has the moments."""
     if conv.dp_cost != "auto":
         return conv.dp_cost
-    return "expected" if ref is not None and ref.moments() is not None else "paper"
+    return "expected" if ref is not None and ref.file.has_moments() else "paper"
 
 
 def trajectory_options(conv: Conventions, method: str, kind: str, ref, clip_x0: bool = True) -> dict:

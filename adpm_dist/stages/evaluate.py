@@ -28,6 +28,7 @@ import hashlib
 import json
 import sys
 import time
+from collections import Counter
 
 import torch
 
@@ -38,7 +39,7 @@ from adpm_dist.diffusion.samplers import make_generators
 from adpm_dist.diffusion.stats import mean_stderr
 from adpm_dist.diffusion.trajectory import TRAJECTORIES
 from adpm_dist.errors import UsageError
-from adpm_dist.gamma import load_for
+from adpm_dist.gamma import load_for, require_moments
 from adpm_dist.io import dist, storage
 from adpm_dist.models.loading import (
     eps_function,
@@ -52,7 +53,6 @@ from adpm_dist.stages.conventions import (
     conventions_from,
     dp_cost_for,
     trajectory_options,
-    variance_options,
 )
 from adpm_dist.stages.evaluate_args import build_parser
 from adpm_dist.stages.evaluate_fid import run_fid
@@ -177,10 +177,10 @@ def shared_trajectories(taus: dict) -> list[tuple[str, int, list[int], list[str]
 def trajectories_record(taus: dict) -> dict:
     """nll.json's "trajectories": ``traj/K=k`` → τ where every method shares it, else
     ``traj/K=k/method`` → each method's own."""
-    out = {}
-    for traj, k, tau, methods in shared_trajectories(taus):
-        alone = sum(1 for t2, k2, _, _ in shared_trajectories(taus) if (t2, k2) == (traj, k)) == 1
-        if alone:
+    out, groups = {}, shared_trajectories(taus)
+    per_config = Counter((traj, k) for traj, k, _, _ in groups)  # distinct τ per (trajectory, K)
+    for traj, k, tau, methods in groups:
+        if per_config[traj, k] == 1:
             out[f"{traj}/K={k}"] = tau
         else:
             out.update({f"{traj}/K={k}/{m}": tau for m in methods})
@@ -203,8 +203,9 @@ class NllJob(ShardedJob):
         self.conventions = conv = conventions_from(args)
         self.moments = None
         if set(self.methods) & set(RESIDUAL_METHODS):
-            self.moments = variance_options(conv, "residual-ddpm", self.ref, conv.nll_clip_x0)["moments"]
+            self.moments = require_moments(self.ref, "--methods residual-ddpm", conv.nll_clip_x0)
         self.taus = self._trajectories()
+        self.groups = shared_trajectories(self.taus)  # the passes each batch makes, computed once
         self.keys = [config_key(t, k, m) for t in self.trajectories for k in self.steps for m in self.methods]
         from adpm_dist.io.data import eval_batches
 
@@ -317,7 +318,7 @@ class NllJob(ShardedJob):
 
     def _evaluate(self, ids: list[int], x0: torch.Tensor) -> None:
         conv = self.conventions
-        for traj, k, tau, methods in shared_trajectories(self.taus):
+        for traj, k, tau, methods in self.groups:
             # One pass of K ε evaluations serves every method on τ (they differ only in σ²).
             gens = make_generators([image_seed(self.args.seed, i) for i in ids], device=self.device)
             outs = negative_elbos(self.eps_fn, self.loaded.schedule, tau, methods, x0, gens,
