@@ -13,7 +13,7 @@ import torch
 
 from adpm_dist.gamma import read_gamma, write_gamma
 from adpm_dist.models.loading import eps_function, mode_warning, resolve_precision
-from adpm_dist.stages import estimate, evaluate
+from adpm_dist.stages import estimate, evaluate, sample
 from tests.estimate_helpers import tiny_job_inputs
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread_module")]
@@ -95,6 +95,27 @@ def test_a_gamma_file_from_another_mode_is_accepted_with_one_warning(setup, tmp_
     warnings = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
     assert len(warnings) == 1, warnings
     assert "--precision bf16" in warnings[0] and "uses fp32" in warnings[0] and out.name in warnings[0]
+
+
+def sample_argv(setup, gamma, out, *extra):
+    return ["--checkpoint", setup["model"], "--gamma", str(gamma), "--method", "analytic-ddpm",
+            "--steps", "3", "--num-samples", "2", "--out", str(out), "--no-progress", *extra]
+
+
+def test_sample_reports_an_explicit_mode_that_differs_from_gammas_and_not_auto(setup, tmp_path, capsys):
+    """Sampling's ``auto`` is bf16 on CUDA by design while Γ is fp32: only an explicit
+    --precision other than Γ's is reported, once, and the run still succeeds."""
+    out = tmp_path / "g.json"
+    assert estimate.main(gamma_argv(setup, out)) == 0  # fp32
+    capsys.readouterr()
+    assert sample.main(sample_argv(setup, out, tmp_path / "s_bf16", "--precision", "bf16")) == 0
+    warnings = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert len(warnings) == 1, warnings
+    assert "--precision fp32" in warnings[0] and "uses bf16" in warnings[0]
+    for precision in ("auto", "fp64"):
+        argv = sample_argv(setup, out, tmp_path / f"s_{precision}", "--precision", precision)
+        assert sample.main(argv) == 0
+        assert "warning:" not in capsys.readouterr().err
 
 
 def test_a_gamma_file_of_the_earlier_auto_counts_as_fp32(setup, tmp_path, capsys):

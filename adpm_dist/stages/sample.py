@@ -47,7 +47,14 @@ from adpm_dist.errors import UsageError
 from adpm_dist.gamma import load_for
 from adpm_dist.io import dist, storage
 from adpm_dist.io.shards import MANIFEST_NAME, encode_png, write_manifest, write_shard
-from adpm_dist.models.loading import CheckpointError, LoadedModel, eps_function, load_checkpoint
+from adpm_dist.models.loading import (
+    CheckpointError,
+    LoadedModel,
+    eps_function,
+    load_checkpoint,
+    mode_warning,
+    resolve_precision,
+)
 from adpm_dist.stages.conventions import (
     LEGACY,
     conventions_from,
@@ -251,6 +258,21 @@ def remove_stale_temporaries(out: str) -> None:
         os.unlink(path)
 
 
+def _report_mode(args, ref) -> None:
+    """Warn when the user asked for a numeric mode other than the one Γ was estimated in.
+
+    Only an explicit --precision is compared: ``auto`` samples in bf16 on CUDA by design while
+    Γ is estimated in fp32, and warning on every default run would teach users to ignore it.
+    """
+    if args.precision == "auto":
+        return
+    wanted = resolve_precision(args.precision, dist.device_for(dist.env_info()))
+    fingerprint = ref.file.extra.get("fingerprint") or {}
+    warning = mode_warning(fingerprint.get("precision"), wanted, f"--gamma {storage.redact(ref.url)}")
+    if warning:
+        print(warning, file=sys.stderr)
+
+
 class SampleJob(ShardedJob):
     """Shards of images on the job core: shard j on rank j mod W, one shard per rank per round."""
 
@@ -263,6 +285,8 @@ class SampleJob(ShardedJob):
         if args.method in ANALYTIC_METHODS and args.gamma is None:
             raise UsageError(f"--method {args.method} needs --gamma (a Γ file for this model)")
         ref = load_for(loaded, args.gamma) if args.gamma else None
+        if ref is not None and rank == 0:
+            _report_mode(args, ref)
         gamma, gamma_digest = (ref.gamma, ref.sha256) if ref else (None, None)
         self.conventions = conv = conventions_from(args)
         tau = resolve_trajectory(args.trajectory, loaded.schedule, args.steps, gamma,
