@@ -12,6 +12,8 @@
 #          analytic-ddim / ddim samples at K = 10. Under 15 minutes on 2 CPU cores.
 # Every knob below can be overridden from the environment, e.g.
 #   TRAIN_STEPS=20000 FID_SAMPLES=10000 tools/reproduce_mnist.sh --out runs/big
+#   SOURCE=fashion tools/reproduce_mnist.sh --out runs/fashion   # Fashion-MNIST (Debian package,
+#                                      installed here when missing and root/sudo allows)
 #
 # Each stage is one of the toolkit's resumable commands, so rerunning the script
 # after an interruption continues where it stopped and a finished stage is a no-op.
@@ -26,7 +28,7 @@ while [ "$#" -gt 0 ]; do
         --demo) PROFILE=demo; shift ;;
         --out) OUT="$2"; shift 2 ;;
         --out=*) OUT="${1#--out=}"; shift ;;
-        -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -104,6 +106,17 @@ DATA="$OUT/data"
 RUN="$OUT/run"
 GAMMA="$OUT/gamma.json"
 
+# SOURCE=fashion reads Debian's dataset-fashion-mnist (the full 60,000 + 10,000 images); install
+# it when it is missing and we may (root, or sudo without a password), else make_shards says how.
+if [ "$SOURCE" = fashion ] && [ -z "${ADPM_FASHION_MNIST_DIR:-}" ] \
+        && [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+    if [ "$(id -u)" = 0 ]; then apt_get=(apt-get); elif sudo -n true 2>/dev/null; then apt_get=(sudo -n apt-get)
+    else apt_get=(); fi
+    if [ "${#apt_get[@]}" -gt 0 ]; then
+        "${apt_get[@]}" update -qq && "${apt_get[@]}" install -y -qq --no-install-recommends dataset-fashion-mnist
+    fi
+fi
+
 stage shards "$PYTHON" "$ROOT/tools/make_shards.py" "$SOURCE" "$DATA" \
     --test-fraction "$TEST_FRACTION" --shard-size 1000 ${LIMIT:+--limit "$LIMIT"}
 
@@ -135,20 +148,26 @@ if [ -n "$FID_STEPS" ]; then
     IFS=',' read -r -a fid_steps <<<"$FID_STEPS"
     IFS=',' read -r -a fid_methods <<<"$FID_METHODS"
     for k in "${fid_steps[@]}"; do
-        for method in "${fid_methods[@]}"; do
-            dir="$OUT/fid/$method-K$k"
+        for entry in "${fid_methods[@]}"; do
+            # METHOD or METHOD@network: a DDIM-family method with the network's own ε̂ as the
+            # direction (the official code's), reported as METHOD-network.
+            method=${entry%@*}; extra=(); name=$method
+            if [ "$entry" != "$method" ]; then
+                extra=(--ddim-direction "${entry#*@}"); name="$method-${entry#*@}"
+            fi
+            dir="$OUT/fid/$name-K$k"
             # The paper's Table 2 clips the noise of the step into τ_1 for every method:
             # y = 2 pixels for Analytic-DDPM, 1 otherwise (DDIM adds no noise there).
             clip=()
             case "$method" in
-                analytic-ddpm) clip=(--clip-pixel 2) ;;
+                analytic-ddpm | residual-ddpm) clip=(--clip-pixel 2) ;;
                 ddim) ;;
                 *) clip=(--clip-pixel 1) ;;
             esac
-            stage "sample $method K=$k (FID)" ranks adpm_dist.sample --checkpoint "$RUN" \
+            stage "sample $name K=$k (FID)" ranks adpm_dist.sample --checkpoint "$RUN" \
                 --gamma "$GAMMA" --method "$method" --steps "$k" --num-samples "$FID_SAMPLES" \
-                --out "$dir" "${clip[@]}"
-            stage "fid $method K=$k" "$PYTHON" -m adpm_dist.evaluate fid --samples "$dir" \
+                --out "$dir" "${clip[@]}" "${extra[@]}"
+            stage "fid $name K=$k" "$PYTHON" -m adpm_dist.evaluate fid --samples "$dir" \
                 --reference "$DATA/test-*.tar" --out "$dir/fid.json"
         done
     done
