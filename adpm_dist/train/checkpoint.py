@@ -37,6 +37,7 @@ def save(t: Trainer) -> None:
     t.engine.save_checkpoint(
         t.run.stage_ckpt(), tag=tag, client_state=client, save_latest=False
     )
+    t.ema.sync(list(t.engine.module.buffers()))  # collective under ZeRO-3 (sharded EMA)
     weights = ema_bytes(t) if t.info.is_main else b""
     if t.info.is_main:
         storage.write_bytes(os.path.join(t.run.stage_ckpt(), tag, EMA_FILE), weights)

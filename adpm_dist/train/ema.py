@@ -5,8 +5,9 @@ saved with ``models.io.model_to_bytes`` and loaded by the later stages as an
 ordinary model. It lives on the device of the weights it follows (``to``: the
 trainer moves it next to the engine's module once DeepSpeed has placed that),
 so an update is one on-device lerp per tensor and never a host copy. Each update
-reads the *full* training weights; under ZeRO-3 the caller passes them through
-``deepspeed.zero.GatheredParameters`` (an on-device all-gather per step; docs/train.md).
+reads the *full* training weights. Under ZeRO-3 the trainer uses
+:class:`adpm_dist.train.ema_sharded.ShardedEMA` instead, which averages each rank's own
+partition and so never gathers the weights per step (docs/train.md).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from torch import nn
 
 class EMA:
     """θ_ema ← d θ_ema + (1 − d) θ, with optional warm-up d_k = min(d, (1 + k) / (10 + k))."""
+
+    sharded = False  # the full weights are always current in self.model (see sync)
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:
         if not 0.0 <= decay < 1.0:
@@ -60,6 +63,9 @@ class EMA:
             for ema_b, b in zip(self.model.buffers(), buffers):
                 ema_b.copy_(b.detach())
         self.num_updates += 1
+
+    def sync(self, buffers: list[torch.Tensor] | None = None) -> None:
+        """Make ``self.model`` current before it is read (here it always is; see ShardedEMA)."""
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """fp32 weights by state-dict name (what goes into ema.safetensors)."""

@@ -51,6 +51,7 @@ from adpm_dist.train import checkpoint
 from adpm_dist.train.batches import batches_from, check_data, make_stream
 from adpm_dist.train.config import Config, ConfigError, build_config, config_to_yaml
 from adpm_dist.train.ema import EMA
+from adpm_dist.train.ema_sharded import ShardedEMA
 from adpm_dist.train.engine import (
     build_engine,
     forget_deepspeed_groups,
@@ -111,7 +112,10 @@ class Trainer:
         # where DeepSpeed put the module: updates and sample grids stay on that device.
         self.ema = EMA(model, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
         self.engine = build_engine(cfg, model, info.world_size)
-        self.ema.to(module_device(self.engine))
+        if self.engine.zero_optimization_stage() == 3:  # average each rank's partition only
+            self.ema = ShardedEMA(self.ema, list(self.engine.module.parameters()))
+        else:
+            self.ema.to(module_device(self.engine))
         self.state = State()
         self.schedule_info = {
             "name": self.schedule.name,
@@ -131,9 +135,14 @@ class Trainer:
     def sample_grid(self) -> None:
         """A PNG grid of EMA samples (DDIM, even trajectory) on rank 0."""
         cfg = self.cfg.train
-        png = sample_grid_png(self.ema.model, self.schedule, self.model_config,
-                              steps=cfg.sample_steps, count=cfg.sample_count, seed=cfg.seed,
-                              device=self.device)
+        model = self.ema.model.to(self.device)  # a sharded EMA assembles on the host
+        try:
+            png = sample_grid_png(model, self.schedule, self.model_config,
+                                  steps=cfg.sample_steps, count=cfg.sample_count, seed=cfg.seed,
+                                  device=self.device)
+        finally:
+            if self.ema.sharded:
+                model.to("cpu")
         storage.write_bytes(
             self.run.join("samples", f"{checkpoint_tag(self.state.step)}.png"), png
         )
@@ -182,8 +191,11 @@ class Trainer:
         if norm is None and want_norm:
             g = engine.get_global_grad_norm()
             norm = float(g) if g is not None else None
-        with full_parameters(engine):
-            self.ema.update(list(engine.module.parameters()), list(engine.module.buffers()))
+        if self.ema.sharded:  # ZeRO-3: from this rank's partitions, no gather
+            self.ema.update()
+        else:
+            with full_parameters(engine):
+                self.ema.update(list(engine.module.parameters()), list(engine.module.buffers()))
         self.state.bad_in_row = 0
         out["grad_norm"] = norm
         out["skipped"] = False
@@ -272,8 +284,10 @@ class Trainer:
                             ",".join(preempt.received()) or "peer", state.step,
                             preempt.REQUEUE_EXIT_CODE)
             return preempt.REQUEUE_EXIT_CODE
-        if cfg.train.sample_every and state.step % cfg.train.sample_every == 0 and info.is_main:
-            self.sample_grid()
+        if cfg.train.sample_every and state.step % cfg.train.sample_every == 0:
+            self.ema.sync(list(self.engine.module.buffers()))  # collective under ZeRO-3
+            if info.is_main:
+                self.sample_grid()
         if state.step % cfg.train.ckpt_every == 0:
             self.save()
         return None
