@@ -77,21 +77,76 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
 @pytest.mark.parametrize(
     "override, fragment",
     [
-        ("train.total_steps=abc", "expects int"),
-        ("train.total_steps=1.5", "expects int"),
-        ("data.hflip=maybe", "expects bool"),
-        ("optim.lr=fast", "expects float"),
-        ("train.zero_stage=5", "zero_stage"),
-        ("train.loss=huber", "train.loss"),
-        ("train.precision=fp16", "train.precision"),
-        ("optim.betas=[0.9]", "optim.betas"),
-        ("train", "section.key=value"),
+        # OmegaConf's type check, reported as one line naming the override and the key.
+        ("train.total_steps=abc", "config key 'train.total_steps': Value 'abc' of type 'str' could not "
+                                  "be converted to Integer"),
+        ("train.total_steps=1.5", "config key 'train.total_steps': Value '1.5' of type 'float' could "
+                                  "not be converted to Integer"),
+        ("data.hflip=maybe", "config key 'data.hflip': Value 'maybe' is not a valid bool"),
+        ("optim.lr=fast", "config key 'optim.lr': Value 'fast' of type 'str' could not be converted "
+                          "to Float"),
+        ("optim.betas=[0.9,x]", "config key 'optim.betas[1]': Value 'x'"),
+        ("train.seed.x=1", "config key 'train.seed'"),
+        # Our value checks after the merge.
+        ("train.zero_stage=5", "config key 'train.zero_stage'=5 must be 0, 1, 2 or 3"),
+        ("train.loss=huber", "config key 'train.loss'='huber' must be 'mse' or 'l1'"),
+        ("train.precision=fp16", "config key 'train.precision'='fp16' must be"),
+        ("optim.betas=[0.9]", "config key 'optim.betas'=[0.9] must be two numbers"),
+        ("train", "override 'train' must look like section.key=value"),
+        ("=3", "override '=3' must look like section.key=value"),
+        ("data.urls=[a-{000..009}.tar]", "override 'data.urls=[a-{000..009}.tar]': the value is not "
+                                         "valid YAML"),
     ],
 )
 def test_mistyped_values_are_rejected(override, fragment):
     with pytest.raises(C.ConfigError) as err:
         C.build_config(preset="tiny", overrides=[override])
-    assert fragment in str(err.value)
+    msg = str(err.value)
+    assert fragment in msg and "\n" not in msg, msg
+    if "=" in override.lstrip("="):
+        assert msg.startswith(f"override '{override}'") or "config key" in msg
+
+
+def test_a_mistyped_value_in_a_yaml_names_the_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: tiny\ntrain:\n  total_steps: many\n")
+    with pytest.raises(C.ConfigError) as err:
+        C.build_config(bad)
+    assert str(err.value).startswith(f"{bad}: config key 'train.total_steps': Value 'many'")
+
+
+def test_interpolations_resolve_after_every_layer(tmp_path, monkeypatch):
+    user = tmp_path / "user.yaml"
+    user.write_text("preset: tiny\ntrain:\n  run_dir: ${oc.env:ADPM_TEST_SCRATCH}/runs/a\n"
+                    "  stage_dir: ${train.run_dir}/stage\n")
+    monkeypatch.setenv("ADPM_TEST_SCRATCH", "/scratch/me")
+    cfg = C.build_config(user, ["train.run_dir=${oc.env:ADPM_TEST_SCRATCH}/runs/b"])
+    # The override wins, and stage_dir follows the final run_dir (resolved after the last layer).
+    assert (cfg.train.run_dir, cfg.train.stage_dir) == ("/scratch/me/runs/b", "/scratch/me/runs/b/stage")
+    with pytest.raises(C.ConfigError, match="config key 'train.stage_dir': Interpolation key 'nope'"):
+        C.build_config(user, ["train.stage_dir=${nope}"])
+
+
+def test_one_url_is_a_list_of_one(tmp_path):
+    user = tmp_path / "one.yaml"
+    user.write_text("preset: tiny\ndata:\n  urls: shards/train-*.tar\n")
+    assert C.build_config(user).data.urls == ["shards/train-*.tar"]
+    assert C.build_config(preset="tiny", overrides=["data.urls=x.tar"]).data.urls == ["x.tar"]
+
+
+def test_preset_key_in_a_user_yaml_and_its_errors(tmp_path):
+    user = tmp_path / "user.yaml"
+    user.write_text("preset: mnist\ntrain:\n  seed: 5\n")
+    cfg = C.build_config(user, ["optim.lr=1e-3"])
+    mnist = yaml.safe_load(C.preset_path("mnist").read_text())
+    assert (cfg.model.preset, cfg.train.seed, cfg.optim.lr) == ("mnist", 5, 1e-3)
+    assert cfg.train.total_steps == mnist["train"]["total_steps"]  # from the preset
+    with pytest.raises(C.ConfigError, match="<config.yaml>: 'preset' must be a name, got"):
+        C.config_from_yaml("preset: [tiny]\n")
+    with pytest.raises(C.ConfigError, match="override 'preset=...' is not allowed"):
+        C.build_config(user, ["preset=tiny"])
+    with pytest.raises(C.ConfigError, match="unknown preset 'mnst' \\(did you mean 'mnist'"):
+        C.config_from_yaml("preset: mnst\n")
 
 
 def test_yaml_float_without_dot_is_a_float():

@@ -24,14 +24,22 @@ def _launch(tmp_path, stage: str, *args: str, timeout: float = 110, **env: str |
                        *args], timeout=timeout, **env)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_stage_user_error_on_slurm_shows_the_stages_error_line_and_exits_2(tmp_path):
     from adpm_dist.train.config import preset_path
 
-    res = _launch(tmp_path, "train", "--", "--config", str(preset_path("tiny")), "nosuch.key=1")
+    # Data that is missing is found by the stage on the cluster (launch checks only the
+    # arguments before it submits; a typo never reaches SLURM: the second half).
+    missing = tmp_path / "no-shards"
+    res = _launch(tmp_path, "train", "--", "--config", str(preset_path("tiny")),
+                  f"train.run_dir={tmp_path / 'run'}", f"data.urls=[{missing}/train-*.tar]")
     assert res.returncode == 2, res.stdout + res.stderr
-    assert ("exited with status 2 (first to fail): error: override 'nosuch.key=1': unknown config "
-            "key 'nosuch'") in res.stdout
+    assert ("exited with status 2 (first to fail): error: config key 'data.urls': shard pattern "
+            f"'{missing}/train-*.tar'") in res.stdout
+    typo = _launch(tmp_path, "train", "--", "--config", str(preset_path("tiny")), "nosuch.key=1")
+    assert typo.returncode == 2, typo.stdout + typo.stderr
+    assert "override 'nosuch.key=1': unknown config key 'nosuch'" in typo.stderr
+    assert "submitted" not in typo.stdout
 
 
 @pytest.mark.timeout(150)

@@ -68,6 +68,77 @@ def test_no_cluster_is_a_user_error_and_bugs_are_not(monkeypatch, capsys):
     assert "error:" not in capsys.readouterr().err
 
 
+# ---------------------------------------------------------------- the stage's own checks, before submitting
+
+SAMPLE = ["--checkpoint", "m.safetensors", "--method", "ddim", "--steps", "3", "--num-samples", "2",
+          "--out", "o"]
+NLL = ["nll", "--checkpoint", "m", "--data", "d", "--steps", "3", "--out", "o"]
+
+
+def _never(what: str):
+    def reached(*args, **kwargs):
+        raise AssertionError(f"{what} was reached: the typo was not caught before it")
+    return reached
+
+
+@pytest.mark.parametrize("stage, argv, named", [
+    ("sample", [*SAMPLE, "--stpes", "3"], "adpm_dist.sample: unrecognized arguments: --stpes"),
+    ("sample", [*SAMPLE, "stpes=3"], "override 'stpes=3': unknown key 'stpes' (did you mean 'steps'?)"),
+    ("estimate", ["--checkpoint", "m", "--data", "d", "--out", "o", "--batch-size", "0"],
+     "adpm_dist.estimate: argument --batch-size: 0: must be >= 1"),
+    ("evaluate", [*NLL, "--methods", "ddim"], "--methods: the ELBO is defined for"),
+    ("evaluate", ["nll", "--config", "/nonexistent/n.yaml"], "--config /nonexistent/n.yaml: file not found"),
+    ("sample", [*SAMPLE, "--method", "ddpm-tilde", "--eta", "0.5"], "--method ddpm-tilde has no η"),
+    ("train", ["--preset", "tiny", "optim.lrr=1e-3"],
+     "override 'optim.lrr=1e-3': unknown config key 'optim.lrr' (did you mean 'lr'?)"),
+    ("train", ["--preset", "tiny", "data.batch_size=0"], "config key 'data.batch_size'=0 must be >= 1"),
+])
+@pytest.mark.parametrize("cluster", ["local", "slurm", "auto"])
+def test_a_typo_is_refused_before_anything_is_submitted_or_started(stage, argv, named, cluster, tmp_path,
+                                                                   monkeypatch, capsys):
+    # Spies that fail the test if reached: no local process, no SLURM contact, no submission.
+    monkeypatch.setattr(launch, "run_local", _never("run_local"))
+    monkeypatch.setattr(launch, "submit_slurm", _never("submit_slurm"))
+    monkeypatch.setattr(launch, "slurm_reachable", _never("slurm_reachable"))
+    logs = tmp_path / "logs"
+    assert launch.main([stage, "--cluster", cluster, "--log-dir", str(logs), "--", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and named in err[0], err
+    assert not logs.exists()  # no run folder either
+
+
+def test_the_checks_read_no_data_and_module_is_not_checked(tmp_path):
+    from adpm_dist.launch import task
+    from adpm_dist.train.config import preset_path
+
+    gone = "/nonexistent/adpm"
+    task.check_stage_argv("estimate", ["--checkpoint", f"{gone}/run", "--data", f"{gone}/d", "--out", "o"])
+    task.check_stage_argv("sample", ["--checkpoint", f"{gone}/run", "--gamma", f"{gone}/g.json",
+                                     "--method", "analytic-ddpm", "--steps", "3", "--num-samples", "2",
+                                     "--out", f"{gone}/s"])
+    task.check_stage_argv("evaluate", ["nll", "--checkpoint", f"{gone}/run", "--gamma", f"{gone}/g.json",
+                                       "--data", f"{gone}/d", "--steps", "3,5", "--out", "o"])
+    task.check_stage_argv("train", ["--config", str(preset_path("tiny")), f"data.urls=[{gone}/*.tar]"])
+    task.check_stage_argv("module", ["no.such.module", "--anything", "goes"])
+    assert not Path(gone).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_a_valid_config_goes_through_unchanged_to_the_stage(tmp_path):
+    from tests.estimate_helpers import save_tiny_model
+
+    model, out = str(tmp_path / "m.safetensors"), tmp_path / "s"
+    save_tiny_model(model)
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"checkpoint: {model}\nmethod: ddim\nsteps: 3\nnum_samples: 3\nout: {out}\n")
+    res = run_launch(["sample", "--cluster", "local", "--nodes", "2", "--log-dir", str(tmp_path / "logs"),
+                      "--", "--config", str(cfg), "seed=4", "--no-progress"], timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+    recorded = json.loads((out / "config.json").read_text())
+    assert (recorded["seed"], recorded["num_samples"], recorded["no_progress"]) == (4, 3, True)
+
+
 # ---------------------------------------------------------------- following a SLURM job
 
 

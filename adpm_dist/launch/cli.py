@@ -6,7 +6,10 @@
     python -m adpm_dist.launch module --nodes 2 -- mypkg.job ARGS   # mypkg.job.main(ARGS)
 
 Everything after ``--`` (and any argument the launcher does not know) goes to the
-stage's ``main(argv)`` unchanged.
+stage's ``main(argv)`` unchanged, after the stage's own parser (for train, the config merge)
+has checked it here (train, estimate, sample, evaluate): a typo exits 2 with the stage's
+``error:`` line before anything is submitted or started (``task.check_stage_argv``; stage
+``module`` cannot be checked, selftest reports its errors from the job).
 
 **SLURM** (``--cluster slurm``, or ``auto`` when a controller answers): one
 sbatch job with ``--nodes N``, one task per GPU (``--tasks-per-node T`` on CPU
@@ -73,7 +76,7 @@ from adpm_dist.launch.local import run_local
 from adpm_dist.launch.slurm import follow_slurm, slurm_reachable, submit_slurm
 from adpm_dist.launch.spec import LaunchSpec
 from adpm_dist.launch.status import EXIT_FAILED, EXIT_OK, LaunchError
-from adpm_dist.launch.task import MODULE_STAGE, STAGES, local_worker, stage_module
+from adpm_dist.launch.task import MODULE_STAGE, STAGES, check_stage_argv, local_worker, stage_module
 from adpm_dist.launch.threads import describe, local_threads, user_threads
 
 # Stages that only ever run here (no cluster), forwarded as they are.
@@ -94,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("stage", choices=sorted(STAGES) + [MODULE_STAGE] + sorted(LOCAL_ONLY),
                    help="what to run: train, estimate (the Γ job), sample, evaluate, selftest (check "
-                        "an allocation), module (any module's main), plan (only on this machine)")
+                        "an allocation), module (any module's main; its arguments are not checked "
+                        "before submitting), plan (only on this machine). The arguments of train, "
+                        "estimate, sample and evaluate are checked here by the stage's own parser "
+                        "first: a typo exits 2 before anything is submitted")
     p.add_argument("--nodes", type=positive_int, default=1, metavar="N",
                    help="nodes to run on; locally they are simulated (default: 1)")
     p.add_argument("--gpus-per-node", type=nonnegative_int, default=0, metavar="G",
@@ -178,13 +184,15 @@ def _check_stage(spec: LaunchSpec) -> None:
 
 def launch(spec: LaunchSpec, out: Callable[[str], None] = print) -> int:
     """Run or submit ``spec``; returns the launcher's exit status."""
+    _check_stage(spec)
+    # The stage's own checks first: a typo is its `error:` line here, before any job or process.
+    check_stage_argv(spec.stage, spec.stage_argv)
     cluster = spec.cluster
     if cluster == "auto":
         ok, reason = slurm_reachable()
         cluster = "slurm" if ok else "local"
         if not ok:
             out(f"[launch] no SLURM reachable ({reason}); running on this machine")
-    _check_stage(spec)
     folder = _run_folder(spec)
     if cluster == "local":
         threads = local_threads(spec.threads_per_rank, os.environ, spec.world_size)

@@ -69,6 +69,22 @@ def stage_module(stage: str, argv: list[str]) -> tuple[str, list[str]]:
     return argv[0], list(argv[1:])
 
 
+def check_stage_argv(stage: str, argv: list[str]) -> None:
+    """The stage's own argument checks, run in the submitting process before anything starts.
+
+    A stage module with ``check_argv(argv)`` (train, estimate, sample, evaluate) runs its parser
+    there, and for train the config merge, reading only a --config file, never data or
+    checkpoints: a typo is the stage's user error here (exit 2), not a job that fails on the
+    cluster. ``module`` runs an arbitrary module, whose arguments cannot be checked; selftest (a
+    probe of the allocation, seconds long) has no check and reports its errors from the job.
+    """
+    if stage == MODULE_STAGE:
+        return
+    check = getattr(importlib.import_module(STAGES[stage]), "check_argv", None)
+    if check is not None:
+        check(list(argv))
+
+
 def start_lines(stage: str, info: dist.DistInfo, threads: tuple[int, str]) -> str:
     """What every rank says first in its log: who and where it is, and its thread limit."""
     sched = dist.scheduler_info()

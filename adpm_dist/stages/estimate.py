@@ -57,6 +57,7 @@ from adpm_dist.gamma import GammaFile, GammaFileError, Moments, pair_errors, rea
 from adpm_dist.io import dist, storage
 from adpm_dist.io.quality import DataSummary
 from adpm_dist.models.loading import eps_function, load_checkpoint, recorded_mode, resolve_precision
+from adpm_dist.stages.config_args import resolved_config
 from adpm_dist.stages.estimate_args import build_parser, id_ranges, parse_timesteps
 from adpm_dist.stages.estimate_data import data_plan, work_units
 from adpm_dist.stages.job import ShardedJob, diff, job_main
@@ -341,7 +342,8 @@ class GammaJob(ShardedJob):
         gf.extra = {"fingerprint": self.fingerprint, "wall_time_s": wall,
                     "evaluations_per_s": evaluations / max(wall, 1e-9),
                     "timesteps": self.args.timesteps, "model_error": warnings,
-                    "numeric_mode": {"precision": self.precision, "device": self.device.type}}
+                    "numeric_mode": {"precision": self.precision, "device": self.device.type},
+                    "config": resolved_config(self.args)}  # how it was run; not its identity
         write_gamma(gf, self.args.out)
         warn_model_error(warnings)
         print(json.dumps({"out": storage.redact(self.args.out), "num_timesteps": gf.num_timesteps,
@@ -349,6 +351,11 @@ class GammaJob(ShardedJob):
                           "max_stderr": float(gf.stderr[ts - 1].max()),
                           "wall_time_s": round(wall, 3),
                           "evaluations_per_s": round(evaluations / max(wall, 1e-9), 1)}))
+
+
+def check_argv(argv: list[str]) -> None:
+    """The command line's user errors, without reading data or the checkpoint (launch calls it)."""
+    build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,15 +8,15 @@ import numpy as np
 from adpm_dist.diffusion.trajectory import even_trajectory, quadratic_trajectory
 from adpm_dist.errors import UsageError, fraction, nonnegative_int, positive_float, positive_int
 from adpm_dist.models.loading import PRECISIONS
-from adpm_dist.stages.job import Parser
+from adpm_dist.stages.config_args import ConfigParser, add_config_options
 
 DESCRIPTION = ("The sharded Γ job: Γ_t = E‖ε_θ(x_t, t)‖²/d at each requested timestep t, from (sample, t) "
                "pairs of the evaluation data, written to one Γ file with the model's error moments from the "
                "same pairs (docs/estimate.md). Rerun the same command to resume it.")
 
 
-def build_parser() -> Parser:
-    p = Parser(prog="adpm_dist.estimate", description=DESCRIPTION)
+def build_parser() -> ConfigParser:
+    p = ConfigParser(prog="adpm_dist.estimate", description=DESCRIPTION)
     p.add_argument("--checkpoint", required=True,
                    help="the model: a training run dir (its EMA weights), a .safetensors weights file, or "
                         "diffusers:PATH (local, file:// or s3://)")
@@ -67,6 +67,7 @@ def build_parser() -> Parser:
                         "recorded in the output (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress display (a bar on a terminal, progress lines otherwise)")
+    add_config_options(p)
     return p
 
 

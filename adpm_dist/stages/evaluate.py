@@ -48,6 +48,7 @@ from adpm_dist.models.loading import (
     recorded_mode,
     resolve_precision,
 )
+from adpm_dist.stages.config_args import resolved_config
 from adpm_dist.stages.conventions import (
     LEGACY,
     conventions_from,
@@ -359,7 +360,8 @@ class NllJob(ShardedJob):
                "schedule": self.loaded.schedule.describe(), "gamma_sha256": self.fingerprint["gamma_sha256"],
                "trajectories": trajectories_record(self.taus), "conventions": self.conventions.describe(),
                "numeric_mode": {"precision": self.precision, "device": self.device.type},
-               "results": results, "num_images": count, "wall_time_s": self.wall, "world_size": self.world}
+               "results": results, "num_images": count, "wall_time_s": self.wall, "world_size": self.world,
+               "config": resolved_config(self.args)}  # how it was run; the fingerprint is its identity
         if self.args.per_image:
             per_image = {i: row for g in gathered for i, row in g["per_image"].items()}
             doc["per_image_bpd"] = dict(sorted(per_image.items(), key=lambda kv: int(kv[0])))
@@ -373,6 +375,13 @@ class NllJob(ShardedJob):
 def run_nll(args) -> int:
     info = dist.init()
     return run_job(together(lambda: NllJob(args, info.rank, info.world_size)))
+
+
+def check_argv(argv: list[str]) -> None:
+    """The command line's user errors, without reading data or the checkpoint (launch calls it)."""
+    args = build_parser().parse_args(argv)
+    if args.command == "nll":
+        parse_configs(args)
 
 
 def main(argv: list[str] | None = None) -> int:

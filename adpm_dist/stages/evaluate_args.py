@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from adpm_dist.errors import nonnegative_int, positive_int
 from adpm_dist.models.loading import PRECISIONS
+from adpm_dist.stages.config_args import ConfigParser, add_config_options
 from adpm_dist.stages.conventions import add_convention_flags
-from adpm_dist.stages.job import Parser
 
 WORKERS_HELP = ("data-loading processes per rank (>= 0; 0: read in the main process); speed only, not "
                 "part of the result. Default: %(default)s")
@@ -54,6 +54,7 @@ def _nll_parser(sub) -> None:
                         "recorded in the output (default: %(default)s)")
     n.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_convention_flags(n, ("covariance_fit", "nll_clip_x0", "even_rounding", "dp_cost"))
+    add_config_options(n)
 
 
 def _fid_parser(sub) -> None:
@@ -69,10 +70,11 @@ def _fid_parser(sub) -> None:
                    help="images per Inception call (>= 1). Default: %(default)s")
     f.add_argument("--num-workers", type=nonnegative_int, default=1, help=WORKERS_HELP)
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_options(f)
 
 
-def build_parser() -> Parser:
-    p = Parser(prog="adpm_dist.evaluate",
+def build_parser() -> ConfigParser:
+    p = ConfigParser(prog="adpm_dist.evaluate",
                description="Evaluation tables: nll (negative ELBO, bits/dim) and fid (Fréchet Inception "
                            "distance). One process or under torchrun.")
     sub = p.add_subparsers(dest="command", required=True)

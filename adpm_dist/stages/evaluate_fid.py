@@ -25,6 +25,7 @@ import torch
 from adpm_dist.errors import UserError
 from adpm_dist.io import dist, storage
 from adpm_dist.io.shards import MANIFEST_NAME
+from adpm_dist.stages.config_args import resolved_config
 from adpm_dist.stages.job import Progress, together
 
 SAMPLE_JOB_NAME = "job.json"  # written by adpm_dist.sample beside its manifest
@@ -206,7 +207,8 @@ def run_fid(args) -> int:
               "num_reference": n_ref, "samples": storage.redact(args.samples),
               "reference": storage.redact(args.reference), "reference_stats": storage.redact(cache),
               "reference_stats_cached": cached, "network_sha256": extractor.digest,
-              "samples_manifest_sha256": samples_sha, "wall_time_s": round(time.time() - start, 3)}
+              "samples_manifest_sha256": samples_sha, "wall_time_s": round(time.time() - start, 3),
+              "config": resolved_config(args)}
 
     def write() -> None:
         if args.out:

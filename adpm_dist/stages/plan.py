@@ -22,20 +22,21 @@ from adpm_dist.diffusion.residual import predicted_nelbo
 from adpm_dist.diffusion.trajectory import TRAJECTORIES
 from adpm_dist.errors import fraction, int_at_least, positive_float
 from adpm_dist.gamma import load_for
+from adpm_dist.stages.config_args import ConfigParser, add_config_options
 from adpm_dist.stages.conventions import (
     add_convention_flags,
     conventions_from,
     trajectory_options,
     variance_options,
 )
-from adpm_dist.stages.job import Parser, main_wrapper, resolve_trajectory, resolve_variances
+from adpm_dist.stages.job import main_wrapper, resolve_trajectory, resolve_variances
 
 # The sampler's own flags and checks: the plan is the one `sample` would run.
 from adpm_dist.stages.sample_args import CLIP_HELP, ETA_HELP, METHOD_HELP, TRAJECTORY_HELP, check_eta
 
 
-def build_parser() -> Parser:
-    p = Parser(prog="adpm_dist.launch plan", description=__doc__.split("\n\n")[0])
+def build_parser() -> ConfigParser:
+    p = ConfigParser(prog="adpm_dist.launch plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--gamma", required=True, metavar="G.json",
                    help="Γ file (local path, file:// or s3://); the schedule is read from it")
     p.add_argument("--steps", type=int_at_least(2), required=True, metavar="K",
@@ -49,6 +50,7 @@ def build_parser() -> Parser:
                    help='print {"trajectory": [τ_1..τ_K], "steps": [{s, t, sigma2}, …], "dp_cost", '
                         '"predicted_nelbo_bpd", …} instead of a table')
     add_convention_flags(p)
+    add_config_options(p)
     return p
 
 

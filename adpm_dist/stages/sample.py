@@ -16,12 +16,12 @@ kernels do not depend on the batch's other members).
 Each shard is written atomically (visible only when complete) and streamed out
 as soon as it is drawn: memory does not grow with ``--num-samples``. A rerun
 skips the shards that exist, so an interrupted job completes without gaps or
-duplicates; ``manifest.json`` (written last, by rank 0) marks the job finished,
-and rerunning a finished job is a no-op. The job owns ``--out``: it claims the
-folder (:func:`storage.claim`) before writing ``job.json``, which pins what
-determines the images, so another job started into the same folder — even at the
-same moment — is refused rather than mixed in. Where the model and Γ file were
-read from is recorded but not compared (their digests are): ``g.json`` and
+duplicates; ``manifest.json`` (written last, by rank 0, after ``config.json``, the options
+of the run that finished it) marks the job finished, and rerunning a finished job is a
+no-op. The job owns ``--out``: it claims the folder (:func:`storage.claim`) before writing
+``job.json``, which pins what determines the images, so another job started into the same
+folder — even at the same moment — is refused rather than mixed in. Where the model and Γ
+file were read from is recorded but not compared (their digests are): ``g.json`` and
 ``/abs/g.json`` are one job.
 """
 
@@ -55,6 +55,7 @@ from adpm_dist.models.loading import (
     mode_warning,
     resolve_precision,
 )
+from adpm_dist.stages.config_args import resolved_config
 from adpm_dist.stages.conventions import (
     LEGACY,
     conventions_from,
@@ -69,6 +70,7 @@ from adpm_dist.train.grid import upscale_factor
 SPLIT = "samples"
 JOB_NAME = "job.json"
 GRID_NAME = "grid.png"
+CONFIG_NAME = "config.json"  # the resolved options (config_args.resolved_config)
 GRID_COUNT = 64
 
 
@@ -373,11 +375,19 @@ class SampleJob(ShardedJob):
         drawn = sum(g["drawn"] for g in gathered)
         grid = read_first_images(args.out, min(GRID_COUNT, args.num_samples))
         storage.write_bytes(storage.join(args.out, GRID_NAME), make_grid(grid))
+        # The options of the run that finished the job, beside it (the manifest holds the job only).
+        storage.write_text(storage.join(args.out, CONFIG_NAME), json.dumps(resolved_config(args)) + "\n")
         write_manifest(args.out, {"resolution": shape[-1], "channels": shape[0], "shards": entries,
                                   "splits": {SPLIT: args.num_samples}, "job": self.record})
         print(json.dumps({"out": storage.redact(args.out), "num_samples": args.num_samples,
                           "drawn_now": drawn, "shards": len(entries), "wall_time_s": round(self.wall, 3),
                           "images_per_s": round(drawn / max(self.wall, 1e-9), 2)}))
+
+
+def check_argv(argv: list[str]) -> None:
+    """The command line's user errors, without reading the checkpoint or Γ (launch calls it)."""
+    args = build_parser().parse_args(argv)
+    check_eta(args.method, args.eta)
 
 
 def main(argv: list[str] | None = None) -> int:

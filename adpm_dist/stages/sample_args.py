@@ -7,8 +7,8 @@ from adpm_dist.diffusion.analytic import DDPM_FAMILY, METHODS
 from adpm_dist.diffusion.trajectory import TRAJECTORIES
 from adpm_dist.errors import UsageError, fraction, int_at_least, nonnegative_int, positive_float, positive_int
 from adpm_dist.models.loading import PRECISIONS
+from adpm_dist.stages.config_args import ConfigParser, add_config_options
 from adpm_dist.stages.conventions import add_convention_flags
-from adpm_dist.stages.job import Parser
 
 METHOD_HELP = ("reverse-step variance rule: ddpm-beta (σ² = β), ddpm-tilde (σ² = β̃), ddim (η-DDIM, "
                "σ² = η²β̃), analytic-ddpm / analytic-ddim (the analytic optimal σ² from Γ; need --gamma), "
@@ -35,8 +35,8 @@ def check_eta(method: str, eta: float) -> None:
                          "analytic-ddim and residual-ddim only); drop --eta")
 
 
-def build_parser() -> Parser:
-    p = Parser(prog="adpm_dist.sample",
+def build_parser() -> ConfigParser:
+    p = ConfigParser(prog="adpm_dist.sample",
                description="Draw --num-samples images with a reverse-diffusion sampler into WebDataset "
                            "shards under --out (resumable; rerunning a finished job is a no-op).")
     p.add_argument("--checkpoint", required=True,
@@ -68,4 +68,5 @@ def build_parser() -> Parser:
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_convention_flags(p, ("covariance_fit", "ddim_direction", "even_rounding", "dp_cost"))
+    add_config_options(p)
     return p

@@ -1,16 +1,14 @@
-"""Training configuration: dataclasses, YAML presets and ``a.b=c`` overrides.
+"""Training configuration on OmegaConf: the dataclasses below are the schema
+(``OmegaConf.structured(Config)``); presets, a user YAML and ``a.b=c`` overrides are merged into it.
 
-Precedence (docs/train.md): preset YAML < user YAML < command-line overrides.
-
-* A preset is one of ``adpm_dist/configs/NAME.yaml`` (package data). A user YAML
-  names its base with a top-level ``preset: NAME`` key (or is itself a preset file).
-* Overrides are ``section.key=value``; the value is parsed as YAML, so
-  ``optim.lr=2e-4``, ``data.hflip=true`` and ``data.urls=[a,b]`` all work.
-* Every key is checked against the dataclasses: an unknown or mistyped key is
-  an error that names the key, where it came from, and the valid choices.
-
-The resolved config (after all merges) is saved with every run as
-``config.yaml``; ``load_config`` reads it back unchanged.
+Precedence (docs/train.md): built-in defaults < preset YAML < user YAML < command-line overrides.
+A user YAML names its base with a top-level ``preset: NAME`` key (presets may chain). Overrides
+are an OmegaConf dotlist, the value read as YAML (``data.urls=[a,b]``; ``key=`` is ''), and
+``${section.key}`` / ``${oc.env:VAR}`` interpolations are resolved after the last layer.
+OmegaConf refuses an unknown key or a mistyped value as the layer is merged; we report it as
+ONE :class:`ConfigError` line naming the key and its source (file or override), for an unknown
+key with the nearest valid one. Ranges and choices are checked last (:meth:`Config.validate`).
+The resolved config is saved with every run as ``config.yaml`` (``config_from_yaml`` reads it).
 """
 
 from __future__ import annotations
@@ -19,13 +17,14 @@ import dataclasses
 import difflib
 import math
 import os
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from adpm_dist.diffusion.schedule import MAX_STEPS, MIN_STEPS
 from adpm_dist.errors import UserError
@@ -186,157 +185,105 @@ _VALUE_CHECKS: list[tuple[str, Any, str]] = [
 ]
 
 
-# ---------------------------------------------------------------- type checking
+# ---------------------------------------------------------------- errors in our words
 
 
-def _describe(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints become floats where floats are due."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key, source)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{source}: '{key}' cannot be {value!r}")
-    bad = ConfigError(
-        f"{source}: config key '{key}' expects {_describe(tp)}, got {value!r} "
-        f"({type(value).__name__})"
-    )
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            if args and args[0] is str and isinstance(value, str):
-                return [value]  # a single URL is a list of one
-            raise bad
-        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return dict(value)
-    if tp in (bool, str):  # taken as they are: no YAML coercion between these and numbers
-        if not isinstance(value, tp):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads "1e-4" (no dot) as a string: accept what float() accepts.
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        return float(value)
-    return value
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _unknown_key(key: str, choices: list[str], source: str) -> ConfigError:
+def _unknown_key(key: str, choices: list[str], source: str, what: str = "config key") -> ConfigError:
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], choices, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(
-        f"{source}: unknown config key '{key}'{hint}; valid choices: {', '.join(sorted(choices))}"
-    )
+    return ConfigError(f"{source}: unknown {what} '{key}'{hint}; valid choices: {', '.join(sorted(choices))}")
 
 
-def _merge_into(obj: Any, data: dict[str, Any], source: str, prefix: str = "") -> None:
-    """Set fields of dataclass ``obj`` from nested ``data``, checking every key and type."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<top>'}' must be a mapping")
-    hints = _hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            raise _unknown_key(full, names, source)
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            _merge_into(current, value, source, f"{full}.")
-        elif isinstance(current, dict) and isinstance(value, dict):
-            # Free-form maps (model.options) merge key by key so overrides stack.
-            current.update(value)
-        else:
-            setattr(obj, key, _coerce(value, hints[key], full, source))
+def _our_error(exc: OmegaConfBaseException, source: str, schema: DictConfig) -> ConfigError:
+    """OmegaConf's error as ONE line naming the key and the source (its own text spans lines)."""
+    key = str(exc.full_key or exc.key or "")
+    if isinstance(exc, ConfigKeyError) and key:
+        parent = OmegaConf.select(schema, key.rpartition(".")[0]) if "." in key else schema
+        return _unknown_key(key, list(parent) if isinstance(parent, DictConfig) else [], source)
+    what = (exc.msg or str(exc) or type(exc).__name__).splitlines()[0]
+    return ConfigError(f"{source}: config key '{key or '<top>'}': {what}")
 
 
 # ---------------------------------------------------------------- loading
 
 
 def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML mapping through OmegaConf's loader (so 1e-4 is a float), as a plain dict."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        loaded = OmegaConf.load(path)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    return data
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping, got a list")
+    return OmegaConf.to_container(loaded, resolve=False)
 
 
 def preset_path(name: str) -> Path:
     if name not in PRESETS:
-        raise _unknown_key(f"preset={name}", list(PRESETS), "preset")
+        raise _unknown_key(name, list(PRESETS), "preset", what="preset")
     return CONFIG_DIR / f"{name}.yaml"
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """'a.b=c' → ('a.b', yaml-parsed c)."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like section.key=value")
-    key, raw = text.split("=", 1)
+def parse_override(text: str) -> dict[str, Any]:
+    """'a.b=c' → {'a': {'b': c}} through OmegaConf's dotlist (c read as YAML; 'a.b=' is '')."""
+    key, eq, raw = text.partition("=")
     key = key.strip()
-    if not key:
-        raise ConfigError(f"override '{text}' has an empty key")
+    if not eq or not key:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    if key == "preset":
+        raise ConfigError("override 'preset=...' is not allowed; use --preset or the YAML")
+    if not raw.strip():
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f"{key}=''"]))
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f"{key}={raw}"]))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': the value is not valid YAML "
+                          f"({' '.join(str(exc).split())[:120]}); quote it") from None
 
 
-def _nest(key: str, value: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
+def _one_url_is_a_list(data: dict[str, Any]) -> dict[str, Any]:
+    """``data.urls: a.tar`` means ``[a.tar]``: a single shard pattern is a list of one."""
+    section = data.get("data")
+    if isinstance(section, dict) and isinstance(section.get("urls"), str):
+        data = {**data, "data": {**section, "urls": [section["urls"]]}}
+    return data
 
 
-def _layer(cfg: Config, data: dict[str, Any], source: str, seen: tuple[str, ...] = ()) -> None:
-    """Apply one YAML mapping, first applying the preset it names (if any)."""
-    data = dict(data)
-    base = data.pop("preset", None)
-    if base is not None:
-        if not isinstance(base, str):
-            raise ConfigError(f"{source}: 'preset' must be a name, got {base!r}")
-        path = preset_path(base)
-        if str(path) in seen:
-            raise ConfigError(f"{source}: preset cycle through {path}")
-        _layer(cfg, _read_yaml(path), str(path), seen + (str(path),))
-    _merge_into(cfg, data, source)
+class _Layers:
+    """The schema and the layers merged into it so far (each checked as it is merged)."""
+
+    def __init__(self) -> None:
+        self.cfg = OmegaConf.structured(Config)
+
+    def merge(self, data: dict[str, Any], source: str) -> None:
+        try:
+            self.cfg = OmegaConf.merge(self.cfg, _one_url_is_a_list(data))
+        except OmegaConfBaseException as exc:
+            raise _our_error(exc, source, self.cfg) from None
+
+    def layer(self, data: dict[str, Any], source: str, seen: tuple[str, ...] = ()) -> None:
+        """Apply one YAML mapping, first applying the preset it names (if any)."""
+        data = dict(data)
+        base = data.pop("preset", None)
+        if base is not None:
+            if not isinstance(base, str):
+                raise ConfigError(f"{source}: 'preset' must be a name, got {base!r}")
+            path = preset_path(base)
+            if str(path) in seen:
+                raise ConfigError(f"{source}: preset cycle through {path}")
+            self.layer(_read_yaml(path), str(path), seen + (str(path),))
+        self.merge(data, source)
+
+    def resolved(self, source: str) -> Config:
+        """The merged layers as the dataclasses, interpolations resolved, values checked."""
+        try:
+            cfg = OmegaConf.to_object(self.cfg)
+        except OmegaConfBaseException as exc:
+            raise _our_error(exc, source, self.cfg) from None
+        cfg.validate()
+        return cfg
 
 
 def build_config(
@@ -345,18 +292,14 @@ def build_config(
     preset: str | None = None,
 ) -> Config:
     """Defaults < preset YAML < user YAML < overrides, validated."""
-    cfg = Config()
+    layers = _Layers()
     if preset is not None:
-        _layer(cfg, {"preset": preset}, "--preset")
+        layers.layer({"preset": preset}, "--preset")
     if config_path is not None:
-        _layer(cfg, _read_yaml(config_path), str(config_path))
+        layers.layer(_read_yaml(config_path), str(config_path))
     for text in overrides or []:
-        key, value = parse_override(text)
-        if key == "preset":
-            raise ConfigError("override 'preset=...' is not allowed; use --preset or the YAML")
-        _merge_into(cfg, _nest(key, value), f"override '{text}'")
-    cfg.validate()
-    return cfg
+        layers.merge(parse_override(text), f"override '{text}'")
+    return layers.resolved("the merged config")
 
 
 def config_to_yaml(cfg: Config) -> str:
@@ -369,7 +312,8 @@ def config_from_yaml(text: str, source: str = "<config.yaml>") -> Config:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from None
-    cfg = Config()
-    _layer(cfg, data, source)
-    cfg.validate()
-    return cfg
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping")
+    layers = _Layers()
+    layers.layer(data, source)
+    return layers.resolved(source)

@@ -65,8 +65,9 @@ from adpm_dist.train.grid import sample_grid_png
 from adpm_dist.train.objective import training_loss
 from adpm_dist.train.progress import progress
 from adpm_dist.train.run_dir import Metrics, RunDir, checkpoint_tag, read_latest
+from adpm_dist.train.usage import build_parser, check_argv
 
-__all__ = ["Trainer", "batches_from", "main", "make_schedule", "make_stream", "train"]
+__all__ = ["Trainer", "batches_from", "check_argv", "main", "make_schedule", "make_stream", "train"]
 
 DIVERGED_EXIT_CODE = 3
 CONFIG_ERROR_EXIT_CODE = 2
@@ -309,8 +310,7 @@ def stopped_on_bad_data(exc: Exception | None, step: int) -> BadDataError:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from adpm_dist.train.usage import build_parser
-
+    """The flags alone (``check_argv`` also merges the config they name)."""
     return build_parser(UserArgumentParser).parse_args(argv)
 
 
@@ -328,9 +328,10 @@ def train(cfg: Config) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # what check_argv (the launcher's check) does, then the run
+    cfg = build_config(args.config, args.overrides, preset=args.preset)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    return train(build_config(args.config, args.overrides, preset=args.preset))
+    return train(cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,15 +6,19 @@ from __future__ import annotations
 import argparse
 import json
 import textwrap
+from collections.abc import Sequence
 
-from adpm_dist.train.config import PRESETS, Config
+from adpm_dist.errors import UserArgumentParser
+from adpm_dist.train.config import PRESETS, Config, build_config
 
 DESCRIPTION = """\
 Train an ε-prediction network (L_simple) with DeepSpeed: one process, or one per GPU/rank
 under torchrun or `python -m adpm_dist.launch train`. Rerunning the same command resumes
 from the run directory's latest.json; a finished run is a no-op.
 
-Configuration, later wins: built-in defaults < --preset NAME < --config FILE < key=value.
+Configuration (OmegaConf), later wins: built-in defaults < --preset NAME < --config FILE <
+key=value. Values are read as YAML; ${section.key} and ${oc.env:VAR} interpolations resolve
+after the last layer. An unknown key or a bad value is refused before anything starts.
 The data must exist first: e.g. `python tools/make_shards.py digits data/shards/digits` for
 the tiny preset, `python tools/make_shards.py mnist data/shards/mnist` for mnist.
 
@@ -70,3 +74,13 @@ def build_parser(parser_class: type[argparse.ArgumentParser]) -> argparse.Argume
                    help="set one config key; the value is read as YAML, e.g. optim.lr=2e-4 "
                    "data.hflip=true data.urls=[a.tar,b.tar] model.options.ch=64")
     return p
+
+
+def check_argv(argv: Sequence[str]) -> Config:
+    """The resolved config of a command line, or the user error it holds (ConfigError, UsageError).
+
+    Reads the --config file and the presets only, never data or checkpoints: the launcher calls
+    it before it submits anything, so a typo fails here rather than on the cluster.
+    """
+    args = build_parser(UserArgumentParser).parse_args(list(argv))
+    return build_config(args.config, args.overrides, preset=args.preset)
