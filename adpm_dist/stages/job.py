@@ -45,7 +45,6 @@ from adpm_dist.diffusion.analytic import step_variances
 from adpm_dist.diffusion.trajectory import make_trajectory
 from adpm_dist.errors import (
     UsageError,
-    UserArgumentParser,
     UserError,
     is_user_error,
     print_error_line,
@@ -69,7 +68,6 @@ class PartialStateError(UserError, ValueError):
     """A rank's partial state cannot be read or belongs to another command."""
 
 
-Parser = UserArgumentParser  # argparse whose bad flags raise UsageError (one line, exit 2)
 
 
 # ---------------------------------------------------------------- failure propagation
