@@ -68,8 +68,6 @@ class PartialStateError(UserError, ValueError):
     """A rank's partial state cannot be read or belongs to another command."""
 
 
-
-
 # ---------------------------------------------------------------- failure propagation
 
 
