@@ -175,7 +175,7 @@ def step_variances(
     clip_pixel: float | None = None,
     fit: str = "weighted",
     moments: ErrorMoments | None = None,
-    direction: str = "x0",
+    direction: str = "network",
 ) -> StepVariances:
     """σ² for every step s → t of ``trajectory`` (ascending τ_1 = 1 < … < τ_K = N).
 

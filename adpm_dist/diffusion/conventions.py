@@ -1,14 +1,16 @@
 """Where adpm_dist chooses differently from the official Analytic-DPM code — each one switch away.
 
 Every choice below is valid; the official code's is one flag (``--official``) or one field away,
-and docs/sample_evaluate.md states the defaults.
+and docs/sample_evaluate.md states the defaults. Ours differs from the official in every field
+but the DDIM direction.
 
 - ``covariance_fit`` — how (β̄_t/ᾱ_t)(1 − Γ_t) is made feasible (:func:`analytic.covariance_estimate`):
   ours ``weighted`` (clip, then an isotonic fit weighted by the estimate's standard errors);
   official ``clip`` (Theorem 2's bounds only).
-- ``ddim_direction`` — the DDIM mean's noise direction (:func:`samplers.run_reverse`): ours ``x0``
-  (re-derived from the clipped x̂₀); official ``network`` (the network's ε̂; diffusers'
-  ``use_clipped_model_output=False``).
+- ``ddim_direction`` — the DDIM mean's noise direction (:func:`samplers.run_reverse`): ours and
+  official ``network`` (the network's ε̂; diffusers' ``use_clipped_model_output=False``); ``x0``
+  (re-derived from the clipped x̂₀) was ours until the FIDs of docs/RESULTS.md §3 (K = 10, 25)
+  showed it worse on our MNIST model.
 - ``nll_clip_x0`` — whether the NELBO's means use x̂₀ clamped to the data range
   (:func:`likelihood.negative_elbos`): ours no; official yes.
 - ``even_rounding`` — the even trajectory's nodes (:func:`trajectory.even_trajectory`): ours
@@ -26,7 +28,7 @@ from dataclasses import dataclass, fields, replace
 @dataclass(frozen=True)
 class Conventions:
     covariance_fit: str = "weighted"
-    ddim_direction: str = "x0"
+    ddim_direction: str = "network"
     nll_clip_x0: bool = False
     even_rounding: str = "half-up"
     dp_cost: str = "auto"

@@ -69,7 +69,7 @@ def run_reverse(
     device="cpu",
     clip_range: tuple[float, float] | None = (-1.0, 1.0),
     progress: Callable[[], None] | None = None,
-    direction: str = "x0",
+    direction: str = "network",
 ) -> torch.Tensor:
     """Sample x_N ~ N(0, I) and run every step of ``steps``; the last step returns x̂₀.
 
@@ -118,7 +118,7 @@ def sample(
     device="cpu",
     progress: Callable[[], None] | None = None,
     moments: ErrorMoments | None = None,
-    direction: str = "x0",
+    direction: str = "network",
 ) -> torch.Tensor:
     """Draw ``len(generators)`` samples of ``shape`` with any method on any trajectory."""
     steps = step_variances(

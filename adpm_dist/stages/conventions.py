@@ -23,8 +23,8 @@ LEGACY = {"covariance_fit": "isotonic", "ddim_direction": "x0", "dp_cost": "pape
 HELP = {
     "covariance_fit": "how (β̄/ᾱ)(1−Γ) is made feasible: weighted (ours: isotonic fit weighted by Γ's "
                       "standard errors), isotonic (unweighted, global), clip (official: Theorem 2's bounds)",
-    "ddim_direction": "DDIM family: the mean's noise direction, x0 (ours: re-derived from the clipped x̂₀) "
-                      "or network (official: the network's ε̂)",
+    "ddim_direction": "DDIM family: the mean's noise direction, network (default and official: the "
+                      "network's ε̂) or x0 (re-derived from the clipped x̂₀; the default before 2026-12-01)",
     "nll_clip_x0": "NELBO: clamp x̂₀ to the data range in the means (official: yes; ours: no)",
     "even_rounding": "even trajectory nodes: half-up (ours, exact) or official (float accumulation, half "
                      "to even; differs at single nodes, e.g. N=1000 K=25)",

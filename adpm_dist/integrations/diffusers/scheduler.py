@@ -83,7 +83,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         clip_sample: bool = True,
         clip_pixel: float | None = None,
         prediction_type: str = "epsilon",
-        ddim_direction: str = "x0",
+        ddim_direction: str = "network",
         model_error_moments: dict | None = None,
         covariance_fit: str = "weighted",
     ):
