@@ -66,7 +66,7 @@ case "$PROFILE" in
         : "${SAMPLE_STEPS:=10}"
         : "${SAMPLE_METHODS:=analytic-ddim,ddim}"
         : "${NUM_SAMPLES:=64}"
-        : "${FID_STEPS:=10,25,50,100}"
+        : "${FID_STEPS=10,25,50,100}"       # set but empty (FID_STEPS=): no FID
         ;;
     *) echo "error: --profile must be 'study' or 'demo', not '$PROFILE'" >&2; exit 2 ;;
 esac
