@@ -149,6 +149,21 @@ def test_train_stream_equal_batches_deterministic_and_resumable(sets):
     assert 0 < flips < 30  # hflip on: some, not all (30 samples; a digit is rarely symmetric)
 
 
+def test_shard_draws_are_seeded_and_cover_the_shards():
+    """webdataset's ResampledShards with our seed: a function of (seed, epoch, rank, worker) only."""
+    urls = [f"s{i}.tar" for i in range(3)]
+
+    def draws(*key: int, n: int = 300) -> list[str]:
+        it = data.shard_draws(urls, *key)
+        return [next(it) for _ in range(n)]
+
+    first = draws(7, 0, 1, 0)
+    assert first == draws(7, 0, 1, 0)  # reproducible, in this process and (no pid/time) any other
+    for other in ((8, 0, 1, 0), (7, 1, 1, 0), (7, 0, 2, 0), (7, 0, 1, 1)):
+        assert draws(*other, n=20) != first[:20], other
+    assert all(first.count(u) > 60 for u in urls)  # with replacement, all shards (expected 100 each)
+
+
 def test_train_stream_more_ranks_than_shards(sets):
     """One shard, 4 ranks: resampling means every rank still gets its full epoch."""
     for rank in range(4):

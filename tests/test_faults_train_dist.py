@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from adpm_dist.io import data, shards
@@ -29,8 +28,9 @@ def _free_port() -> int:
 
 
 def _first_shard(seed: int, rank: int) -> int:
-    """The shard a rank's epoch 0 reads first (io/data.py: rng(seed, epoch, rank, worker))."""
-    return int(np.random.default_rng([seed, 0, rank, 0]).integers(SHARDS))
+    """The shard a rank's epoch 0 reads first (io/data.py: webdataset's ResampledShards seeded
+    by (seed, epoch, rank, worker))."""
+    return int(next(data.shard_draws([str(i) for i in range(SHARDS)], seed, 0, rank, 0)))
 
 
 @pytest.mark.timeout(300)

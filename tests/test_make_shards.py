@@ -85,6 +85,33 @@ def test_same_seed_same_split_and_idempotent_rerun(tmp_path: Path):
     assert not np.array_equal(a[1], make_shards.split_indices(500, 0.1, 8)[1])
 
 
+def test_shards_are_byte_reproducible_webdataset_tars(tmp_path: Path):
+    """Two runs write identical bytes (fixed member metadata); members are what webdataset's
+    TarWriter writes: each sample's fields together, sorted by extension."""
+    import tarfile
+
+    runs = [make_shards.main(["digits", str(tmp_path / name), "--limit", "30", "--shard-size", "12",
+                              "--test-fraction", "0"]) for name in ("a", "b")]
+    assert [e["sha256"] for e in runs[0]["shards"]] == [e["sha256"] for e in runs[1]["shards"]]
+    for entry in runs[0]["shards"]:
+        assert (tmp_path / "a" / entry["name"]).read_bytes() == (tmp_path / "b" / entry["name"]).read_bytes()
+    with tarfile.open(tmp_path / "a" / "train-000000.tar") as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members[:4]] == ["train_00000000.cls", "train_00000000.png",
+                                              "train_00000001.cls", "train_00000001.png"]
+    assert len(members) == 2 * 12 and {(m.mtime, m.mode) for m in members} == {(0, 0o444)}
+
+
+def test_write_shard_refuses_bad_samples_and_leaves_nothing(tmp_path: Path):
+    good = {"__key__": "k0", "png": shards.encode_png(np.zeros((4, 4), np.uint8))}
+    for bad, match in (({"__key__": "a.b", "png": b"x"}, "must not contain '.'"),
+                       ({"__key__": "k1", "cls": 3}, "'cls' is int")):
+        url = str(tmp_path / "s.tar")
+        with pytest.raises((ValueError, TypeError), match=match):
+            shards.write_shard(url, [good, bad])
+        assert list(tmp_path.iterdir()) == []  # atomic: no shard, no temporary file left
+
+
 def test_pad_resolution_and_rgb_channels(tmp_path: Path):
     from sklearn.datasets import load_digits
 

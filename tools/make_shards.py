@@ -13,7 +13,8 @@ SOURCE is one of
   npz:PATH        a .npz with uint8 images (N,H,W[,C] or N,C,H,W) under 'images'/'x'/the
                   first array, and optional labels under 'labels'/'y'
 
-Shards are ``{split}-000000.tar``… with members ``{key}.png`` and ``{key}.cls``; the test
+Shards are plain WebDataset tars ``{split}-000000.tar``… (written by webdataset's TarWriter)
+with members ``{key}.cls`` and ``{key}.png``; the test
 split is a fixed-seed random subset, so train and test never overlap. manifest.json is
 written last. Rerunning with the same arguments is a no-op; a changed run needs
 --overwrite (old shards of a larger previous run are removed then).

@@ -1,14 +1,18 @@
 """Streaming WebDataset shard sets (:mod:`adpm_dist.io.shards`) to every rank.
 
-Two streams:
+Two streams, on webdataset's own stages (tar iteration and grouping in
+:mod:`adpm_dist.io.shard_reader`; ``ResampledShards`` and ``shuffle`` here):
 
-- :class:`TrainStream` — resampled shards with a reproducible RNG seeded by
-  (seed, epoch, rank, worker), a shuffle buffer and optional horizontal flips. Every rank
-  yields exactly ``batches_per_epoch`` batches, so data-parallel training never hangs on
-  uneven data, and re-creating epoch ``e`` gives the same batches (exact resume).
+- :class:`TrainStream` — shards drawn with replacement by webdataset's ``ResampledShards``
+  and webdataset's shuffle buffer, both with RNGs we seed from (seed, epoch, rank, worker),
+  and optional horizontal flips. Every rank yields exactly ``batches_per_epoch`` batches,
+  so data-parallel training never hangs on uneven data, and re-creating epoch ``e`` gives
+  the same batches (exact mid-epoch resume: skip the batches done).
 - :func:`eval_batches` — every sample exactly once across all ranks and DataLoader workers,
   each with its global id (manifest offset + index in shard). The split is by sample
-  ranges, not whole shards, so it works with more ranks × workers than shards.
+  ranges, not whole shards (webdataset's ``split_by_node``/``split_by_worker`` hand out
+  whole shards: with fewer shards than ranks × workers, or unequal shards, they leave
+  consumers empty or uneven), so it works with more ranks × workers than shards.
 
 8-bit convention: pixels v ∈ {0..255} decode to x = v/127.5 − 1, so values lie on the
 256-level grid in [−1, 1] (the discretised likelihood relies on it).
@@ -27,12 +31,16 @@ Reading and decoding shards is :mod:`adpm_dist.io.shard_reader`. Importing this 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import shuffle as wds_shuffle
+from webdataset.shardlists import ResampledShards
 
 from adpm_dist.io.quality import BadDataError, DataSummary
 
@@ -42,7 +50,7 @@ from adpm_dist.io.shards import ShardInfo, ShardSetError, expand_urls, shard_tab
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalBatches", "TrainStream", "consumer_range", "eval_batches", "to_tensor",
+__all__ = ["EvalBatches", "TrainStream", "consumer_range", "eval_batches", "shard_draws", "to_tensor",
            "_iter_tar_groups", "_open_shard"]
 
 
@@ -75,37 +83,35 @@ class _TrainEpoch(IterableDataset):
         n_batches = self.worker_batches(worker, num_workers)
         if n_batches == 0:
             return
-        rng = np.random.default_rng([s.seed, self.epoch, s.rank, worker])
+        _, shuffle_seed, flip_seed = _worker_seeds(s.seed, self.epoch, s.rank, worker)
         reader = _ShardReader(s.resolution, s.channels)
-        samples = self._resampled(rng, reader)
-        buffer: list[np.ndarray] = []
-        for arr in samples:  # fill the shuffle buffer first
-            buffer.append(arr)
-            if len(buffer) >= s.shuffle_buffer:
-                break
-        batch: list[torch.Tensor] = []
-        done = 0
-        while done < n_batches:
-            j = int(rng.integers(len(buffer)))
-            arr = buffer[j]
-            nxt = next(samples, None)  # the stream is endless; None never happens in practice
-            if nxt is not None:
-                buffer[j] = nxt
-            x = to_tensor(arr)
-            if s.hflip and rng.random() < 0.5:
-                x = x.flip(-1)
-            batch.append(x)
-            if len(batch) == s.batch_size:
-                yield torch.stack(batch), reader.take_summary()
-                batch = []
-                done += 1
+        flip_rng = np.random.default_rng(flip_seed)
+        draws = shard_draws([shard.url for shard in s.shards], s.seed, self.epoch, s.rank, worker)
+        with contextlib.closing(self._resampled(draws, reader)) as samples:
+            # webdataset's shuffle buffer, filled completely before the first draw.
+            buffer = wds_shuffle(s.shuffle_buffer, s.shuffle_buffer, rng=random.Random(shuffle_seed))
+            shuffled = buffer(samples)
+            batch: list[torch.Tensor] = []
+            done = 0
+            for arr in shuffled:
+                x = to_tensor(arr)
+                if s.hflip and flip_rng.random() < 0.5:
+                    x = x.flip(-1)
+                batch.append(x)
+                if len(batch) == s.batch_size:
+                    yield torch.stack(batch), reader.take_summary()
+                    batch = []
+                    done += 1
+                    if done == n_batches:
+                        return
 
-    def _resampled(self, rng: np.random.Generator, reader: _ShardReader) -> Iterator[np.ndarray]:
-        """Endless samples from shards drawn with replacement; fails if nothing decodes."""
+    def _resampled(self, draws: Iterator[str], reader: _ShardReader) -> Iterator[np.ndarray]:
+        """Endless samples from the shards drawn; fails if nothing decodes."""
         shards = self.s.shards
+        by_url = {shard.url: shard for shard in shards}
         fruitless = 0
-        while True:
-            shard = shards[int(rng.integers(len(shards)))]
+        for url in draws:
+            shard = by_url[url]
             produced = 0
             for _i, arr in reader.read(shard):
                 produced += 1
@@ -115,6 +121,20 @@ class _TrainEpoch(IterableDataset):
                 raise BadDataError(
                     f"no decodable samples after reading {fruitless} shards: {reader.summary.report()}"
                 )
+
+
+def _worker_seeds(seed: int, epoch: int, rank: int, worker: int) -> tuple[int, int, int]:
+    """Independent seeds for the shard draws, the shuffle buffer and the flips of one
+    DataLoader worker: the same four numbers, the same batches."""
+    return tuple(int(x) for x in np.random.SeedSequence([seed, epoch, rank, worker]).generate_state(3))
+
+
+def shard_draws(urls: Sequence[str], seed: int, epoch: int, rank: int, worker: int) -> Iterator[str]:
+    """The shards a DataLoader worker of a rank reads in an epoch, in order and without end:
+    webdataset's ``ResampledShards`` (draws with replacement) with our seed."""
+    shard_seed = _worker_seeds(seed, epoch, rank, worker)[0]
+    for draw in ResampledShards(list(urls), worker_seed=lambda: shard_seed, deterministic=True):
+        yield draw["url"]
 
 
 class TrainStream:
@@ -296,7 +316,13 @@ def eval_batches(
     dupes = sorted({u for u in expanded if expanded.count(u) > 1})
     if dupes:
         raise ShardSetError(f"evaluation shards listed twice would be counted twice: {dupes[:5]}")
-    shards, fmt = shard_table(expanded, require_manifest=True)
+    try:
+        shards, fmt = shard_table(expanded, require_manifest=True)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{exc}; evaluation needs it for the sample counts and ids. Shards written by another "
+            "tool (a plain webdataset.ShardWriter) get one from adpm_dist.io.shard_reader.index_shards "
+            "and adpm_dist.io.shards.write_manifest (docs/storage_data.md)") from None
     splits = {(s.manifest_url, s.split) for s in shards}
     if len(splits) > 1:
         raise ShardSetError(f"evaluation shards must come from one manifest and split, got {splits}")

@@ -5,7 +5,9 @@ members are ``{key}.png`` (uint8, 1 or 3 channels) plus per-sample fields such a
 ``{key}.cls`` (class index as ASCII) or ``{key}.json``, grouped by key, and a
 ``manifest.json`` written last: its presence means the set is complete. The manifest
 lists, per shard, its name, split, sample count, offset within the split, size and
-sha256, plus the image resolution and channels.
+sha256, plus the image resolution and channels. The tars are plain WebDataset shards,
+written by webdataset's ``TarWriter`` (:func:`write_shard`): ``webdataset.WebDataset``
+reads them as they are, and our streams read shards any webdataset writer made.
 
 :mod:`adpm_dist.io.data` streams these sets to training and evaluation;
 ``tools/make_shards.py`` and :mod:`adpm_dist.stages.sample` write them.
@@ -18,7 +20,6 @@ import io
 import json
 import posixpath
 import re
-import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
@@ -199,7 +200,10 @@ def shard_table(urls: Sequence[str], *, require_manifest: bool) -> tuple[list[Sh
 
 
 def decode_png(data: bytes, channels: int | None) -> np.ndarray:
-    """PNG bytes -> uint8 array (H, W, C); converted to ``channels`` (1 or 3) if given."""
+    """PNG bytes -> uint8 array (H, W, C); converted to ``channels`` (1 or 3) if given.
+
+    Any format PIL reads decodes the same way (JPEG shards from other writers included).
+    """
     with Image.open(io.BytesIO(data)) as img:
         img.load()  # decode now: a corrupt file raises here, not later
         if channels == 1 or (channels is None and len(img.getbands()) < 3):
@@ -243,30 +247,42 @@ class _HashingWriter(io.RawIOBase):
         return len(b)
 
 
-def write_shard(url: str, samples: Iterable[dict[str, bytes | str]]) -> dict:
-    """Write one tar shard atomically; returns {'count', 'sha256', 'bytes'}.
+def _tar_fields(sample: dict[str, Any]) -> dict[str, Any]:
+    """A sample for webdataset's TarWriter: checked key, every field bytes, meta fields kept out."""
+    key = str(sample["__key__"])
+    if not key or "." in posixpath.basename(key):
+        raise ValueError(f"sample key {key!r} must be non-empty and must not contain '.' (readers "
+                         "split the member name at the first dot)")
+    fields: dict[str, Any] = {"__key__": key}
+    for ext, value in sample.items():
+        if ext.startswith("_"):  # __key__, and meta fields a reader adds (__url__): not members
+            continue
+        if isinstance(value, str):
+            value = value.encode()
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise TypeError(f"sample {key!r}: field {ext!r} is {type(value).__name__}, not bytes or str")
+        fields[ext] = bytes(value)
+    return fields
 
-    Each sample is {'__key__': key, ext: bytes-or-str, ...}. Member metadata is fixed
-    (mtime 0, uid 0, no names), so equal samples give byte-identical shards and reruns
-    are idempotent.
+
+def write_shard(url: str, samples: Iterable[dict[str, Any]]) -> dict:
+    """Write one tar shard atomically with webdataset's TarWriter; returns {'count', 'sha256', 'bytes'}.
+
+    Each sample is {'__key__': key, ext: bytes-or-str, ...}; fields starting with '_' (such
+    as the '__url__' a reader adds) are not written. TarWriter writes a sample's members
+    consecutively, sorted by extension. Member metadata is fixed (mtime 0, mode 0444, owner
+    'bigdata'), so equal samples give byte-identical shards and reruns are idempotent.
     """
+    from webdataset import TarWriter
+
     count = 0
     with storage.open_write(url) as raw:
         hashing = _HashingWriter(raw)
-        with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+        # encoder=False: fields are bytes already; webdataset's default encoders would
+        # re-encode by extension.
+        with TarWriter(hashing, encoder=False, mtime=0, mode=0o444) as tar:
             for sample in samples:
-                key = str(sample["__key__"])
-                if "." in posixpath.basename(key):
-                    raise ValueError(f"sample key {key!r} must not contain '.'")
-                for ext, value in sample.items():
-                    if ext == "__key__":
-                        continue
-                    data = value.encode() if isinstance(value, str) else bytes(value)
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    info.mtime = 0
-                    info.mode = 0o444
-                    tar.addfile(info, io.BytesIO(data))
+                tar.write(_tar_fields(sample))
                 count += 1
     return {"count": count, "sha256": hashing.sha.hexdigest(), "bytes": hashing.nbytes}
 
