@@ -10,12 +10,8 @@
 # OUT_DIR/report.json and OUT_DIR/report.md (plus each step's log). A step that fails is recorded
 # as failed in the report and the script goes on; the exit status is 1 if any failed.
 set -uo pipefail
-OUT=${1:?usage: tools/gpu_check.sh OUT_DIR [--dry-run]}
-MODE=${2:-gpu}
-PY=${PYTHON:-python3}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+source "$(dirname "$0")/gpu_common.sh"
+gpu_setup gpu_check.sh "$@"
 cd "$ROOT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 : >"$OUT/steps.tsv"
@@ -36,11 +32,7 @@ if [ "$MODE" = --dry-run ]; then
   B_SAMPLE=(--steps 2 --batch-size 8 --batches 1 --repeats 1 --skip-rss); B_DIFF=(--steps 2 --repeats 1 --size 8)
   DEVICE=cpu
 else
-  if [ -n "${WHEELS:-}" ]; then "$PY" -m pip install -q --no-index --no-deps "$WHEELS"/*.whl || exit 1; fi
-  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e "$ROOT" \
-    || { echo "error: pip install -e . failed (dependencies must be installed beforehand)"; exit 1; }
-  "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' \
-    || { echo "error: torch sees no CUDA device: install a CUDA build of torch"; exit 1; }
+  gpu_install
   B_TRAIN=(--preset mnist --steps 30 --rounds 3); B_EST=(--model mnist --timesteps 40)
   B_SAMPLE=(--model mnist --skip-rss); B_DIFF=(--size 32)
   DEVICE=cuda

@@ -19,12 +19,8 @@
 #   OUT_DIR/timings.jsonl    wall time per stage
 # The exit status is 0 only if every stage finished inside the budget.
 set -uo pipefail
-OUT=${1:?usage: tools/gpu_study.sh OUT_DIR [--dry-run]}
-MODE=${2:-gpu}
-PY=${PYTHON:-python3}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+source "$(dirname "$0")/gpu_common.sh"
+gpu_setup gpu_study.sh "$@"
 WORK="$OUT/work"   # shards, run dir, samples: left behind, not brought back
 export PYTHONUNBUFFERED=1 PYTHON="$PY"
 
@@ -37,11 +33,7 @@ if [ "$MODE" = --dry-run ]; then
     SAMPLE_STEPS=${SAMPLE_STEPS:-2}
   BUDGET_S=${BUDGET_S:-900}
 else
-  if [ -n "${WHEELS:-}" ]; then "$PY" -m pip install -q --no-index --no-deps "$WHEELS"/*.whl || exit 1; fi
-  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e "$ROOT" \
-    || { echo "error: pip install -e . failed (dependencies must be installed beforehand)"; exit 1; }
-  "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' \
-    || { echo "error: torch sees no CUDA device: install a CUDA build of torch"; exit 1; }
+  gpu_install
   # The study model at the paper's CIFAR-10 recipe (batch 128, lr 2e-4), as long as the budget
   # allows; Γ from 100 images per timestep; NLL on the whole test split.
   export TRAIN_STEPS=${TRAIN_STEPS:-12000} BATCH=${BATCH:-128} LR=${LR:-2e-4} WARMUP=${WARMUP:-500} \
