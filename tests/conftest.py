@@ -32,6 +32,17 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> str:
+    """WebDataset shards of scikit-learn's digits (400 per shard), written by the data layer's
+    tool; the URL pattern of the training split. Modules that need other shards define their own."""
+    from tests.tool_modules import load_tool
+
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    load_tool("make_shards").main(["digits", str(out), "--shard-size", "400"])
+    return str(out / "train-*.tar")
+
+
+@pytest.fixture(scope="module")
 def one_thread_module():
     """:func:`one_thread` for a whole module (``pytestmark = pytest.mark.usefixtures(...)``): the
     in-process Γ/NLL jobs of a module run on one intra-op thread."""

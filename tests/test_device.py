@@ -4,9 +4,6 @@ backend's device (NCCL: CUDA). The same paths on a GPU: tests/test_gpu.py."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -14,18 +11,6 @@ from adpm_dist.io import dist
 from adpm_dist.train import loop as train
 from adpm_dist.train.config import build_config, preset_path
 from adpm_dist.train.ema import EMA
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> str:
-    sys.path.insert(0, str(ROOT / "tools"))
-    import make_shards
-
-    out = tmp_path_factory.mktemp("digits") / "shards"
-    make_shards.main(["digits", str(out), "--shard-size", "400"])
-    return str(out / "train-*.tar")
 
 
 @pytest.mark.parametrize("backend, kind", [("nccl", "cuda"), ("gloo", "cpu")])

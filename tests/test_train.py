@@ -32,17 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TOTAL = 12
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> str:
-    """WebDataset shards of scikit-learn's digits, written by the data layer's tool."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    import make_shards
-
-    out = tmp_path_factory.mktemp("digits") / "shards"
-    make_shards.main(["digits", str(out), "--shard-size", "400"])
-    return str(out / "train-*.tar")
-
-
 def tiny_args(digits: str, run_dir: str, *extra: str) -> list[str]:
     return [
         "--config", str(preset_path("tiny")),

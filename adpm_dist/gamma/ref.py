@@ -9,6 +9,8 @@ import numpy as np
 
 from adpm_dist.diffusion.residual import ErrorMoments
 from adpm_dist.gamma.file import GammaFile, GammaFileError, loads, read_raw
+from adpm_dist.io.storage import redact
+from adpm_dist.models.loading import mode_warning
 
 
 def check_schedule(gamma_file: GammaFile, schedule, source: str = "Γ file") -> None:
@@ -58,6 +60,12 @@ class GammaRef:
     def moments(self, clip_x0: bool = True) -> ErrorMoments | None:
         """The model-error moments (:meth:`GammaFile.error_moments`); None for a format-1 file."""
         return self.file.error_moments(clip_x0)
+
+    def mode_warning(self, wanted: str) -> str | None:
+        """The ``warning:`` line when this file was estimated in another numeric mode than
+        ``wanted`` (:func:`adpm_dist.models.loading.mode_warning`); None when they match."""
+        recorded = (self.file.extra.get("fingerprint") or {}).get("precision")
+        return mode_warning(recorded, wanted, f"--gamma {redact(self.url)}")
 
 
 def require_moments(ref_or_file: GammaRef | GammaFile, what: str, clip_x0: bool = True) -> ErrorMoments:

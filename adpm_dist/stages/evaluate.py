@@ -44,7 +44,6 @@ from adpm_dist.io import dist, storage
 from adpm_dist.models.loading import (
     eps_function,
     load_checkpoint,
-    mode_warning,
     recorded_mode,
     resolve_precision,
 )
@@ -289,9 +288,7 @@ class NllJob(ShardedJob):
     def _open(self) -> None:
         self.eps_fn = eps_function(self.loaded.model, self.device, self.precision, statistics=True)
         if self.ref is not None and self.rank == 0:
-            fingerprint = self.ref.file.extra.get("fingerprint") or {}
-            warning = mode_warning(fingerprint.get("precision"), self.precision,
-                                   f"--gamma {storage.redact(self.ref.url)}")
+            warning = self.ref.mode_warning(self.precision)
             if warning:
                 print(warning, file=sys.stderr)
         self.batches = iter(self.stream)

@@ -52,7 +52,6 @@ from adpm_dist.models.loading import (
     LoadedModel,
     eps_function,
     load_checkpoint,
-    mode_warning,
     resolve_precision,
 )
 from adpm_dist.stages.config_args import resolved_config
@@ -268,9 +267,7 @@ def _report_mode(args, ref) -> None:
     """
     if args.precision == "auto":
         return
-    wanted = resolve_precision(args.precision, dist.device_for(dist.env_info()))
-    fingerprint = ref.file.extra.get("fingerprint") or {}
-    warning = mode_warning(fingerprint.get("precision"), wanted, f"--gamma {storage.redact(ref.url)}")
+    warning = ref.mode_warning(resolve_precision(args.precision, dist.device_for(dist.env_info())))
     if warning:
         print(warning, file=sys.stderr)
 
