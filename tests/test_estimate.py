@@ -44,7 +44,8 @@ def test_single_process_file_is_complete_and_consistent(setup, tmp_path):
     gf = read_gamma(str(out))
     assert gf.is_complete() and set(gf.count.tolist()) == {60}  # 20% of 300 digits, every t
     assert 0 < gf.gamma.min() and np.all(gf.stderr > 0)
-    assert gf.has_moments() and json.loads(out.read_text())["format"] == "adpm-gamma/2"
+    assert gf.has_moments() and json.loads(out.read_text())["format"] == "adpm-gamma/3"
+    assert gf.half is not None and 0 < gf.half.count.min() < gf.count.min()  # the halves (sample-id parity)
     m = gf.error_moments()
     assert np.all(np.isfinite(m.a[1:])) and np.all(np.isfinite(m.c[1:])) and np.isfinite(m.decoder_nll)
     assert np.all(m.a[1:] <= gf.error_moments(clip_x0=False).a[1:])  # clamping to the data range helps

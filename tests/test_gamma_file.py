@@ -257,7 +257,7 @@ def _set(path: str, value):
     (_set("moments.x0_sq.count", 99), "field 'moments.x0_sq.count' is 99, but the file's 'count' gives 100"),
     (_set("moments.decoder_nll.sum", "1"), "field 'moments.decoder_nll.sum' must be a finite number"),
     (_set("moments.decoder_nll_raw.count", 3), "'moments.decoder_nll_raw.count' is 3.*gives 10"),
-    (_set("format", "adpm-gamma/3"), "format is 'adpm-gamma/3', expected one of"),
+    (_set("format", "adpm-gamma/9"), "format is 'adpm-gamma/9', expected one of"),
 ])
 def test_moment_fields_are_validated_naming_file_and_field(mutate, message):
     obj = json.loads(make_file(moments=True).to_json())

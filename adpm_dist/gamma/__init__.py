@@ -8,6 +8,7 @@
 from adpm_dist.gamma.file import (
     FORMAT,
     FORMAT_1,
+    FORMAT_3,
     FORMATS,
     PER_T_FIELDS,
     GammaFile,
@@ -21,7 +22,8 @@ from adpm_dist.gamma.merge import find_overlap, lacking_moments, merge, spans, s
 from adpm_dist.gamma.moments import Moments, pair_errors
 from adpm_dist.gamma.ref import GammaRef, check_model, check_schedule, load_for, require_moments
 
-__all__ = ["FORMAT", "FORMAT_1", "FORMATS", "PER_T_FIELDS", "GammaFile", "GammaFileError", "GammaRef",
+__all__ = ["FORMAT", "FORMAT_1", "FORMAT_3", "FORMATS", "PER_T_FIELDS", "GammaFile", "GammaFileError",
+           "GammaRef",
            "Moments", "check_model", "check_schedule", "find_overlap", "from_dict", "lacking_moments",
            "load_for", "loads", "merge", "pair_errors", "read_gamma", "require_moments", "spans", "summary",
            "write_gamma"]

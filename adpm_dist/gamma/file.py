@@ -1,11 +1,15 @@
 """The Γ file: one JSON object. Write, read, validate.
 
-Format "adpm-gamma/2" (written now) and "adpm-gamma/1" (still read). Γ_n := E_{x_n~q_n}
+Formats "adpm-gamma/3" and "/2" (written now) and "adpm-gamma/1" (still read). Γ_n := E_{x_n~q_n}
 ‖ε_θ(x_n, n)‖²/d (docs/architecture.md). The file keeps the sufficient statistics per
 n = 1..N — ``sum`` (Σ‖ε‖²/d), ``sum_sq`` (Σ(‖ε‖²/d)²), ``count`` — so that separate runs
 merge exactly; ``gamma`` and ``stderr`` are derived from them. Format 2 adds ``moments``:
 the same kind of sums for the model's own error (:mod:`adpm_dist.gamma.moments`). A file
-without them (an old one, or a merge with one) is written and read as format 1.
+without them (an old one, or a merge with one) is written and read as format 1. Format 3 adds
+``halves``: the same sums (Γ's and the moments') over the pairs whose sample id is even — half
+A; half B is the total minus half A. They let ``plan`` cross-fit its NELBO prediction (choose on
+one half, predict on the other: :mod:`adpm_dist.diffusion.limit`). A file whose halves are not
+known (format 2, a merge with one, a job resumed from an older partial state) is format 2.
 ``contributions`` records what went in (:mod:`adpm_dist.gamma.merge` says how it is used).
 
 JSON only — never pickle: a Γ file can come from anyone's bucket.
@@ -13,6 +17,7 @@ JSON only — never pickle: a Γ file can come from anyone's bucket.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 from dataclasses import dataclass, field
@@ -23,11 +28,13 @@ from adpm_dist import __version__
 from adpm_dist.diffusion.residual import ErrorMoments
 from adpm_dist.diffusion.stats import mean_stderr
 from adpm_dist.errors import UserError
-from adpm_dist.gamma.moments import Moments, finite_array, moments_from_dict
+from adpm_dist.gamma.moments import PER_T, SIGNED, Moments, finite_array, moments_from_dict
 
 FORMAT_1 = "adpm-gamma/1"  # Γ's sums only
 FORMAT = "adpm-gamma/2"  # + the model-error moments
-FORMATS = (FORMAT_1, FORMAT)
+FORMAT_3 = "adpm-gamma/3"  # + the two halves' sums (sample-id parity), for cross-fitting
+FORMATS = (FORMAT_1, FORMAT, FORMAT_3)
+HALF_RULE = "half A: the pairs whose sample id is even; half B: the total minus half A"
 PER_T_FIELDS = ("sum", "sum_sq", "count", "gamma", "stderr")
 
 
@@ -48,14 +55,18 @@ class GammaFile:
     adpm_dist_version: str = __version__
     extra: dict = field(default_factory=dict)
     moments: Moments | None = None  # None: a format-1 file
+    half: GammaFile | None = None  # half A's sums (format 3; module doc); None: halves unknown
     source: str = field(default="", compare=False)  # where it was read from (for messages)
 
     @classmethod
-    def empty(cls, schedule, model: dict, data: dict | None = None, moments: bool = False) -> GammaFile:
-        """No samples yet; ``moments`` True keeps the model-error moments too (the Γ job does)."""
+    def empty(cls, schedule, model: dict, data: dict | None = None, moments: bool = False,
+              halves: bool = False) -> GammaFile:
+        """No samples yet; ``moments`` True keeps the model-error moments too, ``halves`` (needs
+        ``moments``) half A's sums besides the totals (the Γ job keeps both)."""
         n = schedule.num_timesteps
+        half = cls.empty(schedule, model, data, moments=True) if halves and moments else None
         return cls(schedule.describe(), dict(model), np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64),
-                   data=dict(data or {}), moments=Moments.zeros(n) if moments else None)
+                   data=dict(data or {}), moments=Moments.zeros(n) if moments else None, half=half)
 
     @property
     def num_timesteps(self) -> int:
@@ -94,9 +105,16 @@ class GammaFile:
     def is_complete(self) -> bool:
         return bool(np.all(self.count > 0))
 
-    def add(self, t: np.ndarray, values: np.ndarray, errors: dict | None = None) -> None:
+    def add(self, t: np.ndarray, values: np.ndarray, errors: dict | None = None, half=None) -> None:
         """Accumulate per-sample ‖ε‖²/d ``values`` observed at timesteps ``t`` (1..N), and, when the
-        file keeps moments, the same pairs' :func:`~adpm_dist.gamma.moments.pair_errors` ``errors``."""
+        file keeps moments, the same pairs' :func:`~adpm_dist.gamma.moments.pair_errors` ``errors``;
+        when it keeps halves, ``half`` (per pair: its sample id's parity, 0 = half A) says which."""
+        if self.half is not None:
+            if half is None:
+                raise ValueError("this Γ file keeps the two halves' sums: add() needs each pair's half")
+            rows = np.flatnonzero(np.asarray(half) == 0)
+            self.half.add(_rows(t, rows), _rows(values, rows), {k: _rows(v, rows) for k, v in errors.items()}
+                          if errors is not None else None)
         t = np.asarray(t, dtype=np.int64) - 1
         v = np.asarray(values, dtype=np.float64)
         if self.moments is not None:
@@ -116,15 +134,49 @@ class GammaFile:
 
         from adpm_dist.io import dist
 
-        n = self.sum.shape[0]
+        self.unpack(dist.all_reduce_sum(torch.from_numpy(self.pack())).numpy())
+        return self
+
+    def pack(self) -> np.ndarray:
+        """Every sum and count (the moments' and half A's too) as one float64 vector."""
         parts = [self.sum, self.sum_sq, self.count.astype(np.float64)]
         parts += [self.moments.pack()] if self.moments is not None else []
-        total = dist.all_reduce_sum(torch.from_numpy(np.concatenate(parts))).numpy()
-        self.sum, self.sum_sq = total[:n].copy(), total[n:2 * n].copy()
-        self.count = np.rint(total[2 * n:3 * n]).astype(np.int64)
+        parts += [self.half.pack()] if self.half is not None else []
+        return np.concatenate(parts)
+
+    def unpack(self, flat: np.ndarray) -> None:
+        """Set every sum from :meth:`pack`'s vector (new arrays and objects, never written into)."""
+        n = self.sum.shape[0]
+        self.sum, self.sum_sq = flat[:n].copy(), flat[n:2 * n].copy()
+        self.count = np.rint(flat[2 * n:3 * n]).astype(np.int64)
+        cut = 3 * n
         if self.moments is not None:
-            self.moments = Moments.unpack(total[3 * n:], n)
-        return self
+            cut += self.moments.pack().size
+            self.moments = Moments.unpack(flat[3 * n:cut], n)
+        if self.half is not None:
+            half = dataclasses.replace(self.half)
+            half.unpack(flat[cut:])
+            self.half = half
+
+    def halves(self) -> tuple[GammaFile, GammaFile] | None:
+        """(half A, half B) as Γ files of their own (the schedule and model of this one), or None
+        when the halves are unknown. B = total − A: sums that cannot be negative are clamped at 0
+        (float rounding), counts are exact."""
+        if self.half is None:
+            return None
+        a = self.half
+        b_moments = Moments(self.moments.per_t - a.moments.per_t, self.moments.scalars - a.moments.scalars)
+        signed = [PER_T.index(k) for k in SIGNED]
+        keep = b_moments.per_t[signed, 0].copy()
+        b_moments.per_t = np.maximum(b_moments.per_t, 0.0)
+        b_moments.per_t[signed, 0] = keep
+        b_moments.scalars = np.maximum(b_moments.scalars, 0.0)
+        b = GammaFile(dict(self.schedule), dict(self.model), np.maximum(self.sum - a.sum, 0.0),
+                      np.maximum(self.sum_sq - a.sum_sq, 0.0), self.count - a.count, data=dict(self.data),
+                      moments=b_moments, source=f"{self.source or 'Γ file'} (half B)")
+        half_a = dataclasses.replace(a, schedule=dict(self.schedule), model=dict(self.model), half=None,
+                                     source=f"{self.source or 'Γ file'} (half A)")
+        return half_a, b
 
     def to_dict(self) -> dict:
         mean, stderr = mean_stderr(self.sum, self.sum_sq, self.count)
@@ -135,12 +187,26 @@ class GammaFile:
                "created": self.created or _now(), "adpm_dist_version": self.adpm_dist_version}
         if self.moments is not None:
             out["moments"] = self.moments.to_dict(self.count)
+        if self.half is not None and self.moments is not None:
+            out["format"] = FORMAT_3
+            h = self.half
+            out["halves"] = {"rule": HALF_RULE, "sum": h.sum.tolist(), "sum_sq": h.sum_sq.tolist(),
+                             "count": h.count.tolist(), "moments": h.moments.to_dict(h.count)}
         if self.extra:
             out["extra"] = self.extra
         return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, allow_nan=False)
+
+
+def _rows(v, rows: np.ndarray):
+    """``v``'s entries at ``rows`` (NumPy arrays, lists, or tensors on any device)."""
+    if hasattr(v, "index_select"):  # a torch tensor
+        import torch
+
+        return v.index_select(0, torch.as_tensor(rows, device=v.device))
+    return np.asarray(v)[rows]
 
 
 def _now() -> str:
@@ -192,9 +258,9 @@ def _check_header(obj, fail) -> int:
     if obj.get("format") not in FORMATS:
         fail(f"format is {obj.get('format')!r}, expected one of {list(FORMATS)}")
     required = ("schedule", "model", "sum", "sum_sq", "count", "contributions")
-    for key in required + (("moments",) if obj["format"] == FORMAT else ()):
+    for key in required + {FORMAT: ("moments",), FORMAT_3: ("moments", "halves")}.get(obj["format"], ()):
         if key not in obj:
-            fail(f"missing field '{key}' (format {obj['format']!r})" if key == "moments"
+            fail(f"missing field '{key}' (format {obj['format']!r})" if key in ("moments", "halves")
                  else f"missing field '{key}'")
     sched = obj["schedule"]
     if not isinstance(sched, dict) or not {"name", "num_timesteps", "betas_sha256"} <= set(sched):
@@ -216,13 +282,32 @@ def from_dict(obj, source: str = "<Γ file>", require_complete: bool = True) -> 
     n = _check_header(obj, fail)
     arrays = _per_t_arrays(obj, n, fail, require_complete)
     count = arrays["count"].astype(np.int64)
-    moments = moments_from_dict(obj["moments"], count, fail) if obj["format"] == FORMAT else None
+    moments = moments_from_dict(obj["moments"], count, fail) if obj["format"] != FORMAT_1 else None
+    half = _half_from_dict(obj, count, fail) if obj["format"] == FORMAT_3 else None
     contributions = _contributions(obj["contributions"], fail)
     return GammaFile(dict(obj["schedule"]), dict(obj["model"]), arrays["sum"], arrays["sum_sq"], count,
                      data=dict(obj.get("data") or {}), contributions=list(contributions),
                      created=str(obj.get("created", "")),
                      adpm_dist_version=str(obj.get("adpm_dist_version", "")),
-                     extra=dict(obj.get("extra") or {}), moments=moments, source=source)
+                     extra=dict(obj.get("extra") or {}), moments=moments, half=half, source=source)
+
+
+def _half_from_dict(obj: dict, count: np.ndarray, fail) -> GammaFile:
+    """Half A's sums (format 3), validated like the totals and against them (counts ≤ the file's)."""
+    halves = obj["halves"]
+    if not isinstance(halves, dict) or not {"sum", "sum_sq", "count", "moments"} <= set(halves):
+        fail("field 'halves' must be an object with sum, sum_sq, count and moments")
+
+    def fail_half(msg: str):
+        fail(msg.replace("field '", "field 'halves.").replace("moments.", "halves.moments."))
+
+    arrays = _per_t_arrays(halves, count.shape[0], fail_half, require_complete=False)
+    half_count = arrays["count"].astype(np.int64)
+    if np.any(half_count > count):
+        fail("field 'halves.count' exceeds the file's 'count' (half A is part of the total)")
+    moments = moments_from_dict(halves["moments"], half_count, fail_half)
+    return GammaFile(dict(obj["schedule"]), dict(obj["model"]), arrays["sum"], arrays["sum_sq"], half_count,
+                     moments=moments)
 
 
 def loads(text: str, source: str = "<Γ file>", require_complete: bool = True) -> GammaFile:

@@ -10,7 +10,9 @@ their run ids are equal and their sample ranges intersect, as before; an old and
 contribution are never compared.
 
 Sums and counts add, the model-error moments' too; when any input lacks the moments (a
-format-1 file) the merge has none (it is format 1) — :func:`summary` says so.
+format-1 file) the merge has none (it is format 1) — :func:`summary` says so. Half A's sums
+(format 3) add likewise; when any input lacks them the merge has none (format 2): the parity
+rule is by sample id, so the merged halves are again "even ids" and "the rest".
 """
 
 from __future__ import annotations
@@ -110,9 +112,20 @@ def merge(files: list[GammaFile], sources: list[str] | None = None) -> GammaFile
     sums = (np.sum([getattr(gf, k) for gf in files], axis=0) for k in ("sum", "sum_sq", "count"))
     total, total_sq, count = sums
     moments = None if lacking_moments(files) else Moments.total([gf.moments for gf in files])
+    half = None
+    if moments is not None and all(gf.half is not None for gf in files):
+        half = merge_sums([gf.half for gf in files])
     return GammaFile(dict(first.schedule), dict(first.model), total, total_sq, count.astype(np.int64),
                      data={"merged_from": [gf.data for gf in files]}, contributions=[c for _, c in tagged],
-                     moments=moments)
+                     moments=moments, half=half)
+
+
+def merge_sums(files: list[GammaFile]) -> GammaFile:
+    """The sums and counts (Γ's and the moments') of ``files`` added; no checks (half A's of a merge)."""
+    total, total_sq, count = (np.sum([getattr(gf, k) for gf in files], axis=0)
+                              for k in ("sum", "sum_sq", "count"))
+    return GammaFile(dict(files[0].schedule), dict(files[0].model), total, total_sq, count.astype(np.int64),
+                     moments=Moments.total([gf.moments for gf in files]))
 
 
 def lacking_moments(files: list[GammaFile]) -> list[int]:
@@ -124,4 +137,5 @@ def summary(gf: GammaFile) -> dict:
     se = gf.stderr
     return {"num_timesteps": gf.num_timesteps, "samples_per_t_min": int(gf.count.min()),
             "samples_per_t_max": int(gf.count.max()), "max_stderr": float(se.max()) if se.size else math.nan,
-            "contributions": len(gf.contributions), "moments": gf.has_moments()}
+            "contributions": len(gf.contributions), "moments": gf.has_moments(),
+            "halves": gf.half is not None}

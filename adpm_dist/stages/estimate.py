@@ -119,10 +119,12 @@ class PairEvaluator:
         self.buf_x: list[torch.Tensor] = []
         self.buf_t: list[torch.Tensor] = []
         self.buf_noise: list[torch.Tensor] = []
+        self.buf_half: list[torch.Tensor] = []  # per pair: sample id parity (the Γ file's halves)
         self.pending = 0
         self.evaluations = 0
 
-    def add(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> None:
+    def add(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, half: torch.Tensor) -> None:
+        self.buf_half.append(half)
         self.buf_x.append(x0)
         self.buf_t.append(t)
         self.buf_noise.append(noise)
@@ -135,15 +137,17 @@ class PairEvaluator:
             self._run(self.pending)
 
     def _run(self, size: int) -> None:
-        x, t, noise = (torch.cat(b) for b in (self.buf_x, self.buf_t, self.buf_noise))
-        rest = (x[size:], t[size:], noise[size:])
-        x, t, noise = x[:size], t[:size], noise[:size]
+        x, t, noise, half = (torch.cat(b) for b in (self.buf_x, self.buf_t, self.buf_noise, self.buf_half))
+        rest, rest_half = (x[size:], t[size:], noise[size:]), half[size:]
+        x, t, noise, half = x[:size], t[:size], noise[:size], half[:size]
         eps = self.eps_fn(q_sample(self.schedule, x, t, noise), t)
         flat = eps.reshape(size, -1).to(torch.float64)
         errors = pair_errors(self.schedule, x, t, noise, eps)
-        self.sums.add(t.cpu().numpy(), (flat.pow(2).sum(dim=1) / flat.shape[1]).cpu().numpy(), errors)
+        self.sums.add(t.cpu().numpy(), (flat.pow(2).sum(dim=1) / flat.shape[1]).cpu().numpy(), errors,
+                      half=half.numpy())
         self.evaluations += size
         self.buf_x, self.buf_t, self.buf_noise = ([r] if len(r) else [] for r in rest)
+        self.buf_half = [rest_half] if len(rest_half) else []
         self.pending = len(rest[0])
 
 
@@ -160,7 +164,7 @@ def process_unit(ev: PairEvaluator, ids: torch.Tensor, x0: torch.Tensor, timeste
         k = len(ts)
         xs = x0[:, None].expand(-1, k, *shape).reshape(-1, *shape)
         tt = torch.as_tensor(ts, device=device).repeat(len(ids))
-        ev.add(xs, tt, noise.reshape(-1, *shape))
+        ev.add(xs, tt, noise.reshape(-1, *shape), (ids.cpu() % 2).repeat_interleave(k))
 
 
 def settled(gf: GammaFile, timesteps: np.ndarray, target: float) -> bool:
@@ -213,7 +217,8 @@ class GammaJob(ShardedJob):
         self.progress_total = self.per_t * len(self.timesteps)
         data = {"urls": storage.redact(str(args.data)), "manifest": self.plan.manifest_url,
                 "split": self.plan.split, "samples_per_t": self.per_t}
-        self.sums = GammaFile.empty(self.loaded.schedule, self.loaded.describe(), data, moments=True)
+        self.sums = GammaFile.empty(self.loaded.schedule, self.loaded.describe(), data, moments=True,
+                                    halves=True)
         self.totals = self.sums
         self.units_done, self.ids_seen, self.units, self.ev = 0, [], None, None
         self.data_summary = DataSummary()
@@ -272,7 +277,8 @@ class GammaJob(ShardedJob):
     def state_dict(self) -> dict:
         return {"units_done": self.units_done, "sum": self.sums.sum.tolist(),
                 "sum_sq": self.sums.sum_sq.tolist(), "count": self.sums.count.tolist(),
-                "moments": self.sums.moments.pack().tolist(), "ranges": id_ranges(self.ids_seen)}
+                "moments": self.sums.moments.pack().tolist(), "ranges": id_ranges(self.ids_seen),
+                **({"half": self.sums.half.pack().tolist()} if self.sums.half is not None else {})}
 
     def load_state(self, state: dict, source: str) -> None:
         n = self.sums.num_timesteps
@@ -282,6 +288,10 @@ class GammaJob(ShardedJob):
         if "moments" not in state:  # resuming would leave the earlier pairs out of the moments
             raise ValueError("written by a version without the model-error moments")
         self.sums.moments = Moments.unpack(state["moments"], n)
+        if "half" in state:  # else: written before the halves were kept, so they are unknown (format 2)
+            self.sums.half.unpack(np.asarray(state["half"], dtype=np.float64))
+        else:
+            self.sums.half = None
         self.sums.sum, self.sums.sum_sq, self.sums.count = arrays[0], arrays[1], arrays[2].astype(np.int64)
         self.units_done = int(state["units_done"])
         self.ids_seen = [i for lo, hi in state["ranges"] for i in range(lo, hi)]
