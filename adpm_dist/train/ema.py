@@ -5,14 +5,17 @@ saved with ``models.io.model_to_bytes`` and loaded by the later stages as an
 ordinary model. It lives on the device of the weights it follows (``to``: the
 trainer moves it next to the engine's module once DeepSpeed has placed that),
 so an update is one on-device lerp per tensor and never a host copy. Each update
-reads the *full* training weights. Under ZeRO-3 the trainer uses
-:class:`adpm_dist.train.ema_sharded.ShardedEMA` instead, which averages each rank's own
-partition and so never gathers the weights per step (docs/train.md).
+reads the *full* fp32 training weights: the trainer binds it (``source``, set by
+:func:`adpm_dist.train.ema_sharded.bind_ema`) to DeepSpeed's fp32 master weights, which
+under bf16 are not the module's bf16-rounded weights. Under ZeRO-3 (and bf16 under ZeRO-1/2)
+the trainer uses :mod:`adpm_dist.train.ema_sharded` instead, which averages each rank's own
+piece of the fp32 master weights and so never gathers them per step (docs/train.md).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -29,6 +32,8 @@ class EMA:
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
+        # () -> (params, buffers) the argument-less update reads (bind_ema sets it).
+        self.source: Callable[[], tuple[list[torch.Tensor], list[torch.Tensor] | None]] | None = None
         self.model = copy.deepcopy(model).float().eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -49,8 +54,13 @@ class EMA:
         return self.decay
 
     @torch.no_grad()
-    def update(self, params: list[torch.Tensor], buffers: list[torch.Tensor] | None = None) -> None:
-        """One step; ``params`` in the order of ``self.model.parameters()``."""
+    def update(self, params: list[torch.Tensor] | None = None,
+               buffers: list[torch.Tensor] | None = None) -> None:
+        """One step; ``params`` in the order of ``self.model.parameters()`` (None: from ``source``)."""
+        if params is None:
+            if self.source is None:
+                raise ValueError("EMA.update() without weights needs a bound source (bind_ema)")
+            params, buffers = self.source()
         d = self.current_decay()
         mine = list(self.model.parameters())
         if len(mine) != len(params):

@@ -2,9 +2,11 @@
 
 DeepSpeed wraps the model on every path (one process included): ZeRO stage from the
 config, fp32 on CPU and bf16 on GPU, torch AdamW with explicit weight decay, a linear
-learning-rate warm-up and gradient clipping. Its checkpoints are loaded with
-``weights_only=True`` (a small allow-list of DeepSpeed's data classes), never by
-unpickling arbitrary objects. The CPU traps this works around are in docs/train.md.
+learning-rate warm-up and gradient clipping. Under bf16 the module's weights are bf16 while
+DeepSpeed's optimizer keeps the fp32 master weights it updates (:func:`master_weights` finds
+them; the EMA averages those), and gradients are reduced in fp32 (``communication_data_type``).
+Its checkpoints are loaded with ``weights_only=True`` (a small allow-list of DeepSpeed's data
+classes), never by unpickling arbitrary objects. The CPU traps this works around are in docs/train.md.
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "bf16": {"enabled": use_bf16(cfg)},
+        # Reduce gradients in fp32 (DeepSpeed's default under bf16 is bf16): ZeRO-0 casts each
+        # bucket to fp32 for the all-reduce, ZeRO-1/2/3 reduce(-scatter) in fp32.
+        "communication_data_type": "fp32",
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
@@ -180,3 +185,52 @@ def grad_norm_zero0(engine) -> float:
         if p.grad is not None:
             total += p.grad.detach().double().pow(2).sum()  # on device: one sync, below
     return float(total.sqrt())
+
+
+def master_layout(engine) -> str:
+    """How this rank holds the fp32 weights the optimizer updates (see :func:`master_weights`):
+    ``module`` (fp32 training: the module's own parameters, full on every rank), ``full`` (bf16
+    under ZeRO-0: a full fp32 copy of every parameter), ``fragment`` (bf16 under ZeRO-1/2: a
+    contiguous piece of each flattened parameter, possibly empty) or ``partition`` (ZeRO-3:
+    this rank's zero-padded partition of each flattened parameter, like ``ds_tensor``)."""
+    if engine.zero_optimization_stage() == 3:
+        return "partition"
+    if not engine.bfloat16_enabled():
+        return "module"
+    return "full" if engine.zero_optimization_stage() == 0 else "fragment"
+
+
+def master_weights(engine) -> list[torch.Tensor]:
+    """This rank's fp32 master values of every parameter of ``engine.module``, in its order:
+    views into DeepSpeed's optimizer state (no copy, no collective, no host sync), shaped as
+    :func:`master_layout` says. ``deepspeed.utils.safe_get_full_fp32_param`` assembles the same
+    values with one collective per parameter (tests/test_bf16_master.py checks they agree)."""
+    params = list(engine.module.parameters())
+    layout, opt = master_layout(engine), engine.optimizer
+    if layout == "module":
+        return params
+    if layout == "partition":
+        out = []
+        for p in params:
+            group, offset, numel = opt.grad_position[opt.get_param_id(p)]
+            out.append(opt.fp32_partitioned_groups_flat[group].narrow(0, offset, numel))
+        return out
+    if layout == "fragment":
+        return [p._hp_mapping.get_hp_fragment() if p._hp_mapping is not None
+                else torch.empty(0, dtype=torch.float32, device=p.device) for p in params]
+    if not hasattr(opt, "fp32_groups"):  # FusedAdam's FP16_Optimizer: never built here
+        raise RuntimeError(f"no per-parameter fp32 master weights in {type(opt).__name__}")
+    hp = {id(lp): m for lps, hps in zip(opt.fp16_groups, opt.fp32_groups) for lp, m in zip(lps, hps)}
+    return [hp[id(p)] for p in params]
+
+
+def master_offsets(engine) -> list[int]:
+    """Where each tensor of :func:`master_weights` starts in its flattened parameter."""
+    params = list(engine.module.parameters())
+    layout = master_layout(engine)
+    if layout == "fragment":
+        return [p._hp_mapping.lp_fragment_address.start if p._hp_mapping is not None else 0
+                for p in params]
+    if layout == "partition":
+        return [p.ds_tensor.numel() * torch.distributed.get_rank(p.ds_process_group) for p in params]
+    return [0] * len(params)
