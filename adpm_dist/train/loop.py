@@ -51,13 +51,11 @@ from adpm_dist.train import checkpoint
 from adpm_dist.train.batches import batches_from, check_data, make_stream
 from adpm_dist.train.config import Config, ConfigError, build_config, config_to_yaml
 from adpm_dist.train.ema import EMA
-from adpm_dist.train.ema_sharded import ShardedEMA
+from adpm_dist.train.ema_sharded import bind_ema
 from adpm_dist.train.engine import (
     build_engine,
     forget_deepspeed_groups,
-    full_parameters,
     grad_norm_zero0,
-    module_device,
     per_rank_batch,
     prepare_deepspeed,
 )
@@ -113,10 +111,9 @@ class Trainer:
         # where DeepSpeed put the module: updates and sample grids stay on that device.
         self.ema = EMA(model, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
         self.engine = build_engine(cfg, model, info.world_size)
-        if self.engine.zero_optimization_stage() == 3:  # average each rank's partition only
-            self.ema = ShardedEMA(self.ema, list(self.engine.module.parameters()))
-        else:
-            self.ema.to(module_device(self.engine))
+        # Fed from DeepSpeed's fp32 master weights (not bf16 ones); sharded under ZeRO-3 and
+        # bf16 ZeRO-1/2 (each rank averages its own piece of them).
+        self.ema = bind_ema(self.ema, self.engine)
         self.state = State()
         self.schedule_info = {
             "name": self.schedule.name,
@@ -192,11 +189,7 @@ class Trainer:
         if norm is None and want_norm:
             g = engine.get_global_grad_norm()
             norm = float(g) if g is not None else None
-        if self.ema.sharded:  # ZeRO-3: from this rank's partitions, no gather
-            self.ema.update()
-        else:
-            with full_parameters(engine):
-                self.ema.update(list(engine.module.parameters()), list(engine.module.buffers()))
+        self.ema.update()  # from the fp32 master weights (bind_ema): no gather, no host copy
         self.state.bad_in_row = 0
         out["grad_norm"] = norm
         out["skipped"] = False
