@@ -1,7 +1,7 @@
 """``plan``: print a trajectory and each step's σ² for a Γ file, without a network.
 
     python -m adpm_dist.launch plan --gamma G.json --steps K --method analytic-ddpm \
-        --trajectory optimal [--eta 0] [--clip-pixel y] [--json]
+        --trajectory optimal [--eta 0] [--clip-pixel y] [--json] [--report DIR]
 
 The schedule comes from the Γ file itself, so the plan is the one the sampler
 will run with that file. For a DDPM-family method and a Γ file with the model-error
@@ -9,6 +9,11 @@ moments (format 2) it also prints the expected negative ELBO in bits/dim, with i
 standard error, predicted from the file's statistics alone (diffusion/residual.py):
 what ``evaluate nll`` would measure on the data the Γ job read. Statistics from the
 training split describe other images: estimate them on the split you evaluate.
+With the halves of a format-3 file the prediction is cross-fitted (chosen on one half,
+scored on the other: honest where the in-sample one is biased low), and the model's
+likelihood limit (K = N with the KL-optimal σ², and the continuous-time integral) and
+the gap to it are reported (:mod:`adpm_dist.stages.plan_predict`). ``--report DIR``
+writes one page (markdown and PNG plots) comparing every method and K.
 """
 
 from __future__ import annotations
@@ -16,20 +21,15 @@ from __future__ import annotations
 import json
 import sys
 
-from adpm_dist.diffusion.analytic import METHODS, is_ddpm_family
+from adpm_dist.diffusion.analytic import METHODS
 from adpm_dist.diffusion.conventions import OURS, Conventions
-from adpm_dist.diffusion.residual import predicted_nelbo
 from adpm_dist.diffusion.trajectory import TRAJECTORIES
 from adpm_dist.errors import fraction, int_at_least, positive_float
 from adpm_dist.gamma import load_for
 from adpm_dist.stages.config_args import ConfigParser, add_config_options
-from adpm_dist.stages.conventions import (
-    add_convention_flags,
-    conventions_from,
-    trajectory_options,
-    variance_options,
-)
-from adpm_dist.stages.job import main_wrapper, resolve_trajectory, resolve_variances
+from adpm_dist.stages.conventions import add_convention_flags, conventions_from
+from adpm_dist.stages.job import main_wrapper
+from adpm_dist.stages.plan_predict import choose, crossfit, gaps, limit, predicted
 
 # The sampler's own flags and checks: the plan is the one `sample` would run.
 from adpm_dist.stages.sample_args import CLIP_HELP, ETA_HELP, METHOD_HELP, TRAJECTORY_HELP, check_eta
@@ -48,39 +48,34 @@ def build_parser() -> ConfigParser:
     p.add_argument("--clip-pixel", type=positive_float, default=None, metavar="Y", help=CLIP_HELP)
     p.add_argument("--json", action="store_true",
                    help='print {"trajectory": [τ_1..τ_K], "steps": [{s, t, sigma2}, …], "dp_cost", '
-                        '"predicted_nelbo_bpd", …} instead of a table')
+                        '"predicted_nelbo_bpd", "predicted_nelbo_crossfit_bpd", "limit", …} instead of a '
+                        'table')
+    p.add_argument("--report", metavar="DIR", default=None,
+                   help="also write DIR/report.md and its PNG plots: Γ_t and its infeasible region, A_t "
+                        "against Analytic-DPM's assumption, σ² per method, τ, predicted NELBO vs K with "
+                        "the likelihood limit (local path, file:// or s3://)")
     add_convention_flags(p)
     add_config_options(p)
     return p
 
 
+DP_COST_LABELS = {"paper": "the paper's J(s, t)",
+                  "official": "the official code's _dp_seg (timeline cut where Γ > 1, J(s, t) before it)"}
+
+
 def make_plan(gamma_url: str, steps: int, method: str, trajectory: str, eta=0.0, clip_pixel=None,
               conv: Conventions = OURS) -> dict:
     ref = load_for(None, gamma_url)  # partial files: checked per trajectory
-    topts = trajectory_options(conv, method, trajectory, ref, conv.nll_clip_x0)
-    tau = resolve_trajectory(trajectory, ref.schedule, steps, ref.gamma, **topts)
-    var = resolve_variances(ref.schedule, tau, method, ref.gamma, eta, clip_pixel,
-                            **variance_options(conv, method, ref))
+    tau, var, topts = choose(ref, steps, method, trajectory, eta, clip_pixel, conv)
     plan = {"trajectory": [int(t) for t in tau], "steps": var.rows(), "conventions": conv.describe()}
     if trajectory == "optimal":
         cost = topts["cost"]
-        plan["dp_cost"] = "the paper's J(s, t)" if cost == "paper" else f"expected NELBO of {topts['method']}"
+        plan["dp_cost"] = DP_COST_LABELS.get(cost) or f"expected NELBO of {topts['method']}"
     plan.update(predicted(ref, var, method, conv.nll_clip_x0))
+    plan.update(crossfit(ref, steps, method, trajectory, eta, clip_pixel, conv))
+    plan.update(limit(ref, conv.nll_clip_x0))
+    plan.update(gaps(plan))
     return plan
-
-
-def predicted(ref, var, method: str, clip_x0: bool) -> dict:
-    """The expected −ELBO (bits/dim ± s.e.) from the Γ file's statistics, or why there is none."""
-    if not is_ddpm_family(method):
-        return {"predicted_nelbo": "defined for the DDPM family only"}
-    moments = ref.moments(clip_x0)
-    if moments is None:
-        return {"predicted_nelbo": "the Γ file has no model-error moments (format 1)"}
-    try:
-        bits, se = predicted_nelbo(ref.schedule, var.s, var.t, var.lambda2, var.sigma2, moments)
-    except ValueError as exc:  # e.g. t = 1 or a step's t not estimated
-        return {"predicted_nelbo": str(exc)}
-    return {"predicted_nelbo_bpd": bits, "predicted_nelbo_stderr": se, "nll_clip_x0": clip_x0}
 
 
 def print_table(plan: dict, args) -> None:
@@ -98,12 +93,28 @@ def print_table(plan: dict, args) -> None:
     console.print(f"trajectory: {plan['trajectory']}")
     if "dp_cost" in plan:
         console.print(f"optimal trajectory by: {plan['dp_cost']}")
+    print_predictions(console, plan)
+
+
+def print_predictions(console, plan: dict) -> None:
+    crossfitted = "predicted_nelbo_crossfit_bpd" in plan
+    if crossfitted:
+        bits, se = plan["predicted_nelbo_crossfit_bpd"], plan["predicted_nelbo_crossfit_stderr"]
+        console.print(f"expected −ELBO: {bits:.4f} ± {se:.4f} bits/dim (cross-fitted from the Γ file's "
+                      "statistics: it holds for the images the Γ job read)")
     if "predicted_nelbo_bpd" in plan:
         bits, se = plan["predicted_nelbo_bpd"], plan["predicted_nelbo_stderr"]
-        console.print(f"expected −ELBO: {bits:.4f} ± {se:.4f} bits/dim (predicted from the Γ file's "
-                      "statistics: it holds for the images the Γ job read)")
+        label = ("in-sample: the statistics that chose the plan score it, biased low" if crossfitted else
+                 "predicted from the Γ file's statistics: it holds for the images the Γ job read")
+        console.print(f"expected −ELBO: {bits:.4f} ± {se:.4f} bits/dim ({label})")
     else:
         console.print(f"expected −ELBO: not predicted ({plan['predicted_nelbo']})")
+    lim = plan.get("limit")
+    if isinstance(lim, dict):
+        gap = f"; this plan is {plan['gap_to_limit_bpd']:.4f} above it" if "gap_to_limit_bpd" in plan else ""
+        console.print(f"likelihood limit (K = N, KL-optimal σ²): {lim['n_step_bpd']:.4f} ± "
+                      f"{lim['n_step_stderr']:.4f} bits/dim; continuous time: "
+                      f"{lim['continuous']['bpd']:.4f}{gap}")
 
 
 def _main(argv) -> int:
@@ -111,6 +122,10 @@ def _main(argv) -> int:
     check_eta(args.method, args.eta)
     plan = make_plan(args.gamma, args.steps, args.method, args.trajectory, args.eta, args.clip_pixel,
                      conventions_from(args))
+    if args.report:
+        from adpm_dist.stages.plan_report import write_report
+
+        plan["report"] = write_report(args.report, args.gamma, plan, args, conventions_from(args))
     if args.json:
         print(json.dumps(plan))
     else:
