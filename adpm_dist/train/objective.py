@@ -4,6 +4,12 @@ n ~ U{1..N}, ε ~ N(0, I), x_n = √ᾱ_n x_0 + √β̄_n ε, loss = ‖ε_θ(x_
 or the L1 norm. The timesteps, the noise and the dropout RNG of step s on rank r
 come from generators seeded by (seed, s, r): nothing random depends on history,
 which is what makes a resumed run equal an uninterrupted one.
+
+The timesteps and the noise are drawn on the device of the batch, by a generator on that
+device (no host-to-device copy per step). CPU and CUDA generators give different numbers
+for the same seed, so training on a GPU draws another noise stream than on the CPU (the CPU
+stream is unchanged from earlier versions; the CUDA stream changed in issue 22, when noise
+moved from the host to the device): runs are reproducible and resumable per device type.
 """
 
 from __future__ import annotations
@@ -23,16 +29,18 @@ def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
 
 
 def draw_noise(
-    shape: tuple[int, ...], num_timesteps: int, seed: int, step: int, rank: int
+    shape: tuple[int, ...], num_timesteps: int, seed: int, step: int, rank: int,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, ε) for one step on one rank: n ~ U{1..N} (int64, [B]), ε ~ N(0, I) (float32).
-
-    Drawn on the CPU so the numbers do not depend on the device.
+    """(n, ε) for one step on one rank: n ~ U{1..N} (int64, [B]), ε ~ N(0, I) (float32),
+    drawn on ``device`` by a generator on that device seeded by (seed, step, rank). The
+    numbers depend on the device type (CPU and CUDA generators differ), not on the device index.
     """
-    g = torch.Generator(device="cpu")
+    g = torch.Generator(device=device)
     g.manual_seed(step_seed(seed, step, rank))
-    n = torch.randint(1, num_timesteps + 1, (shape[0],), generator=g, dtype=torch.int64)
-    eps = torch.randn(shape, generator=g, dtype=torch.float32)
+    n = torch.randint(1, num_timesteps + 1, (shape[0],), generator=g, dtype=torch.int64,
+                      device=device)
+    eps = torch.randn(shape, generator=g, dtype=torch.float32, device=device)
     return n, eps
 
 
@@ -64,8 +72,7 @@ def training_loss(
     kind: str = "mse",
 ) -> torch.Tensor:
     """The loss of one step on one rank (what the engine backpropagates)."""
-    n, eps = draw_noise(tuple(x0.shape), schedule.num_timesteps, seed, step, rank)
-    n, eps = n.to(x0.device), eps.to(x0.device)
+    n, eps = draw_noise(tuple(x0.shape), schedule.num_timesteps, seed, step, rank, device=x0.device)
     x_n = diffuse(x0.float(), n, eps, schedule)
     dtype = next(model.parameters()).dtype
     # Dropout draws from the global RNG: seed it per step too, or resume would differ.
