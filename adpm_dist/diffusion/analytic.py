@@ -150,14 +150,27 @@ def covariance_estimate(
     if fit != "clip":
         weights = None
         if fit == "weighted":
-            se_gamma = np.ones(n) if gamma_stderr is None else as_gamma_vector(gamma_stderr, n, True)[1:]
-            se = (bbar / abar) * np.maximum(se_gamma[known], 1e-300)
+            se = (bbar / abar) * _usable_stderr(gamma_stderr, n)[known]
             weights = 1.0 / se**2
         # Clip first so that wild estimates at large t cannot drag the fit down.
         cov_known = np.clip(isotonic_increasing(cov_known, weights), 0.0, upper)
     cov = np.full(n, np.nan)
     cov[known] = cov_known
     return np.concatenate([[0.0], cov])
+
+
+def _usable_stderr(gamma_stderr, n: int) -> np.ndarray:
+    """s.e.(Γ_t) for t = 1..N as weights can use: ones when not given (every t has the same
+    number of draws); a missing, infinite or zero entry (a timestep with one draw, or none) gets
+    the largest finite positive s.e., so that an unknown precision never outweighs a known one."""
+    if gamma_stderr is None:
+        return np.ones(n)
+    se = np.asarray(gamma_stderr, dtype=np.float64).reshape(-1)
+    se = se[1:] if se.shape[0] == n + 1 else se
+    if se.shape[0] != n:
+        raise ValueError(f"the Γ standard errors have {se.shape[0]} entries; the schedule has N={n}")
+    good = np.isfinite(se) & (se > 0)
+    return np.where(good, se, se[good].max() if good.any() else 1.0)
 
 
 def pixel_clip_bound(clip_pixel: float) -> float:
@@ -176,6 +189,7 @@ def step_variances(
     fit: str = "weighted",
     moments: ErrorMoments | None = None,
     direction: str = "network",
+    gamma_stderr=None,
 ) -> StepVariances:
     """σ² for every step s → t of ``trajectory`` (ascending τ_1 = 1 < … < τ_K = N).
 
@@ -184,7 +198,8 @@ def step_variances(
     the noise added there reaches the output. It applies to every method, as in the
     paper's Table 2 (App. F.2 clips p(x_1|x_2) for the baselines too); for DDIM
     (σ² = 0) it changes nothing.
-    ``fit``: see :func:`covariance_estimate`. ``moments`` (residual methods) and
+    ``fit``, ``gamma_stderr`` (the Γ file's standard errors, the ``weighted`` fit's weights): see
+    :func:`covariance_estimate`. ``moments`` (residual methods) and
     ``direction`` (residual-ddim's DDIM direction): see :mod:`residual`.
     """
     tau = _checked_trajectory(schedule, trajectory, method, gamma, moments, eta)
@@ -199,13 +214,13 @@ def step_variances(
     if ddpm:
         cov = None
         if method == "analytic-ddpm":
-            cov = _covariance_on_steps(schedule, gamma, t, data_range, fit)
+            cov = _covariance_on_steps(schedule, gamma, t, data_range, fit, gamma_stderr)
         a_t = None if moments is None else moments.a[t]
         sigma2 = ddpm_family_sigma2(method, coef, cov, a_t, data_range)
     elif method == "ddim":
         sigma2 = lam2.copy()
     elif method == "analytic-ddim":
-        cov = _covariance_on_steps(schedule, gamma, t, data_range, fit)
+        cov = _covariance_on_steps(schedule, gamma, t, data_range, fit, gamma_stderr)
         sigma2 = lam2 + ddim_gamma2(schedule, s, t, lam2) * cov
     else:
         sigma2 = _residual_ddim_sigma2(schedule, s, t, lam2, moments, direction, data_range)
@@ -241,9 +256,9 @@ def _residual_ddim_sigma2(schedule, s, t, lam2, moments, direction, data_range) 
     return kl_optimal_variance(lam2, mean_error(schedule, s, t, moments, "ddim", lam2, direction), upper)
 
 
-def _covariance_on_steps(schedule, gamma, t, data_range, fit) -> np.ndarray:
+def _covariance_on_steps(schedule, gamma, t, data_range, fit, gamma_stderr) -> np.ndarray:
     """:func:`covariance_estimate` at the steps' sources t; ValueError naming missing Γ_t."""
-    cov = covariance_estimate(schedule, gamma, data_range, fit)
+    cov = covariance_estimate(schedule, gamma, data_range, fit, gamma_stderr)
     missing = np.unique(t[~np.isfinite(cov[t])])
     if missing.size:
         raise ValueError(

@@ -17,7 +17,14 @@ but the DDIM direction.
   ``half-up`` (exact nodes, halves up); official ``official`` (float accumulation, half to even).
 - ``dp_cost`` — what the optimal trajectory minimises (:func:`trajectory.optimal_trajectory`):
   ours ``auto`` (the method's expected NELBO from the model-error moments when the Γ file has
-  them, else the paper's J); official ``paper`` (J(s, t), Analytic-DPM's variance for every method).
+  them, else the paper's J); official ``official`` (the official code's ``_dp_seg``: the timeline cut
+  where Γ_t first exceeds 1, the paper's J(s, t) minimised before the cut, even nodes after it).
+- ``decoder`` — the NELBO's discretised-Gaussian decoder (:func:`likelihood.log_discretized_gaussian`):
+  ours ``exact`` (Φ by ``log_ndtr``, no floor); official ``official`` (the official code's tanh
+  approximation of Φ and a 1e-12 floor on each bin's probability: 2e-3 to 5e-3 bits/dim apart).
+- ``zero_noise`` — a sampling step with σ² = 0 (:func:`samplers.run_reverse`): ours ``skip`` (no
+  draw); official ``draw`` (drawn and multiplied by 0, so same-seed chains match the official code's
+  draw for draw).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ class Conventions:
     nll_clip_x0: bool = False
     even_rounding: str = "half-up"
     dp_cost: str = "auto"
+    decoder: str = "exact"
+    zero_noise: str = "skip"
 
     def describe(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -46,4 +55,5 @@ class Conventions:
 
 OURS = Conventions()
 OFFICIAL = Conventions(covariance_fit="clip", ddim_direction="network", nll_clip_x0=True,
-                       even_rounding="official", dp_cost="paper")
+                       even_rounding="official", dp_cost="official", decoder="official",
+                       zero_noise="draw")

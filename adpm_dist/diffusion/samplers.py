@@ -70,6 +70,7 @@ def run_reverse(
     clip_range: tuple[float, float] | None = (-1.0, 1.0),
     progress: Callable[[], None] | None = None,
     direction: str = "network",
+    zero_noise: str = "skip",
 ) -> torch.Tensor:
     """Sample x_N ~ N(0, I) and run every step of ``steps``; the last step returns x̂₀.
 
@@ -78,7 +79,13 @@ def run_reverse(
     direction, re-derived from the clipped x̂₀ (``'x0'``) or the network's ε̂
     (``'network'``, the official code and diffusers' ``use_clipped_model_output=False``);
     DDPM-family steps always use the posterior mean μ̃(x_t, x̂₀), i.e. ``'x0'``.
+    ``zero_noise``: a step with σ² = 0 draws no noise (``'skip'``) or draws it and multiplies
+    it by 0 (``'draw'``, the official code's samplers, e.g. ``reverse_ddim_naive`` in
+    baofff/Analytic-DPM ``core/inference/sampler/reverse_ddim.py``), so that same-seed chains
+    match the official code's draw for draw.
     """
+    if zero_noise not in ("skip", "draw"):
+        raise ValueError(f"unknown zero_noise {zero_noise!r}; choose 'skip' or 'draw'")
     x = per_image_normal(generators, shape, dtype, device)
     batch = x.shape[0]
 
@@ -94,8 +101,9 @@ def run_reverse(
     for s, t, lam2, sig2 in zip(steps.s, steps.t, steps.lambda2, steps.sigma2):
         x0, eps = predict(x, int(t))
         mean = reverse_mean(schedule, x, x0, int(s), int(t), float(lam2), eps if network_direction else None)
-        if sig2 > 0:
-            mean = mean + math.sqrt(float(sig2)) * per_image_normal(generators, shape, dtype, device)
+        if sig2 > 0 or zero_noise == "draw":
+            noise = per_image_normal(generators, shape, dtype, device)
+            mean = mean + math.sqrt(max(float(sig2), 0.0)) * noise
         x = mean
     # Last step τ_1 → 0: p(x₀|x_{τ_1}) has mean x̂₀(x_{τ_1}); we return the mean, as is usual.
     return predict(x, int(steps.s[-1]))[0]
@@ -119,13 +127,18 @@ def sample(
     progress: Callable[[], None] | None = None,
     moments: ErrorMoments | None = None,
     direction: str = "network",
+    fit: str = "weighted",
+    gamma_stderr=None,
+    zero_noise: str = "skip",
 ) -> torch.Tensor:
-    """Draw ``len(generators)`` samples of ``shape`` with any method on any trajectory."""
+    """Draw ``len(generators)`` samples of ``shape`` with any method on any trajectory
+    (``fit``, ``gamma_stderr``: :func:`~adpm_dist.diffusion.analytic.covariance_estimate`)."""
     steps = step_variances(
         schedule, trajectory, method, gamma=gamma, eta=eta, data_range=data_range,
-        clip_pixel=clip_pixel, moments=moments, direction=direction,
+        clip_pixel=clip_pixel, moments=moments, direction=direction, fit=fit, gamma_stderr=gamma_stderr,
     )
     return run_reverse(
         eps_fn, schedule, steps, generators, shape, dtype=dtype, device=device,
         clip_range=data_range if clip_x0 else None, progress=progress, direction=direction,
+        zero_noise=zero_noise,
     )

@@ -57,6 +57,14 @@ class GammaRef:
     file: GammaFile
     schedule: object
 
+    @property
+    def stderr(self) -> np.ndarray:
+        """s.e.(Γ_n) laid out like ``gamma`` (length N+1, index 0 and missing timesteps NaN): the
+        weights of the ``weighted`` covariance fit (:func:`adpm_dist.diffusion.analytic.covariance_estimate`),
+        passed wherever σ² or a trajectory is built."""
+        f = self.file
+        return np.concatenate([[np.nan], np.where(f.count > 0, f.stderr, np.nan)])
+
     def moments(self, clip_x0: bool = True) -> ErrorMoments | None:
         """The model-error moments (:meth:`GammaFile.error_moments`); None for a format-1 file."""
         return self.file.error_moments(clip_x0)

@@ -30,7 +30,10 @@ HELP = {
                      "to even; differs at single nodes, e.g. N=1000 K=25)",
     "dp_cost": "--trajectory optimal minimises: auto (ours: the method's expected NELBO from the Γ file's "
                "model-error moments, the paper's J when it has none), expected (require them), paper "
-               "(official: the paper's J(s,t) for every method)",
+               "(the paper's J(s,t) for every method, scored with a feasible covariance), official (the "
+               "official code's _dp_seg: the timeline cut where Γ first exceeds 1, J on the rest)",
+    "decoder": "NELBO decoder: exact (ours: Φ by log_ndtr) or official (the official code's tanh "
+               "approximation of Φ with a 1e-12 probability floor; 2e-3 to 5e-3 bits/dim apart)",
 }
 
 
@@ -40,7 +43,8 @@ def add_convention_flags(parser: argparse.ArgumentParser, which=ALL) -> None:
     group.add_argument("--official", action="store_true",
                        help="make every choice below as the official Analytic-DPM code does")
     choices = {"covariance_fit": COVARIANCE_FITS, "ddim_direction": DIRECTIONS,
-               "even_rounding": ("half-up", "official"), "dp_cost": ("auto", *DP_COSTS)}
+               "even_rounding": ("half-up", "official"), "dp_cost": ("auto", *DP_COSTS),
+               "decoder": ("exact", "official")}
     for name in which:
         flag = "--clip-x0" if name == "nll_clip_x0" else "--" + name.replace("_", "-")
         if name == "nll_clip_x0":
@@ -52,7 +56,7 @@ def add_convention_flags(parser: argparse.ArgumentParser, which=ALL) -> None:
 
 def conventions_from(args: argparse.Namespace) -> Conventions:
     base = OFFICIAL if getattr(args, "official", False) else OURS
-    return base.with_overrides(**{name: getattr(args, name, None) for name in ALL})
+    return base.with_overrides(**{name: getattr(args, name, None) for name in base.describe()})
 
 
 def relevant(conv: Conventions, method: str, trajectory: str) -> dict:
@@ -63,6 +67,8 @@ def relevant(conv: Conventions, method: str, trajectory: str) -> dict:
         out["covariance_fit"] = conv.covariance_fit
     if not is_ddpm_family(method):
         out["ddim_direction"] = conv.ddim_direction
+        if conv.zero_noise != "skip":  # where σ² = 0 the official code still draws (and wastes) noise
+            out["zero_noise"] = conv.zero_noise
     return out
 
 
@@ -78,11 +84,17 @@ def trajectory_options(conv: Conventions, method: str, kind: str, ref, clip_x0: 
     opts: dict = {"rounding": conv.even_rounding}
     if kind == "optimal":
         cost = dp_cost_for(conv, ref)
-        opts.update(fit=conv.covariance_fit, cost=cost)
+        opts.update(fit=conv.covariance_fit, cost=cost, gamma_stderr=gamma_stderr(ref))
         if cost == "expected":
             what = "--trajectory optimal with the expected-NELBO cost (--dp-cost paper does without)"
             opts.update(method=dp_method(method), moments=require_moments(ref, what, clip_x0))
     return opts
+
+
+def gamma_stderr(ref):
+    """The Γ file's standard errors (length N+1), the weights of the ``weighted`` covariance fit;
+    None without a Γ file."""
+    return None if ref is None else ref.stderr
 
 
 def dp_method(method: str) -> str:
@@ -95,7 +107,8 @@ def dp_method(method: str) -> str:
 
 def variance_options(conv: Conventions, method: str, ref, clip_x0: bool = True) -> dict:
     """Keyword options of :func:`adpm_dist.stages.job.resolve_variances` for ``method``."""
-    opts: dict = {"fit": conv.covariance_fit, "direction": conv.ddim_direction}
+    opts: dict = {"fit": conv.covariance_fit, "direction": conv.ddim_direction,
+                  "gamma_stderr": gamma_stderr(ref)}
     if method in RESIDUAL_METHODS:
         if ref is None:
             raise UsageError(f"--method {method} needs --gamma (a Γ file with the model-error moments)")

@@ -52,6 +52,7 @@ from adpm_dist.stages.conventions import (
     LEGACY,
     conventions_from,
     dp_cost_for,
+    gamma_stderr,
     trajectory_options,
 )
 from adpm_dist.stages.evaluate_args import build_parser
@@ -250,6 +251,8 @@ class NllJob(ShardedJob):
             out["dp_cost"] = dp_cost_for(conv, self.ref)
         if "even" in self.trajectories:
             out["even_rounding"] = conv.even_rounding
+        if conv.decoder != "exact":  # recorded only when not ours, so earlier files still match
+            out["decoder"] = conv.decoder
         return out
 
     def existing(self) -> bool:
@@ -321,7 +324,8 @@ class NllJob(ShardedJob):
             gens = make_generators([image_seed(self.args.seed, i) for i in ids], device=self.device)
             outs = negative_elbos(self.eps_fn, self.loaded.schedule, tau, methods, x0, gens,
                                   gamma=self.gamma, clip_x0=conv.nll_clip_x0, moments=self.moments,
-                                  fit=conv.covariance_fit)
+                                  fit=conv.covariance_fit, gamma_stderr=gamma_stderr(self.ref),
+                                  decoder=conv.decoder)
             for method in methods:
                 key = config_key(traj, k, method)
                 out, s = outs[method], self.sums[key]

@@ -53,7 +53,7 @@ def _nll_parser(sub) -> None:
                         "makes the result bit-stable across world sizes and batch sizes; the mode is "
                         "recorded in the output (default: %(default)s)")
     n.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_convention_flags(n, ("covariance_fit", "nll_clip_x0", "even_rounding", "dp_cost"))
+    add_convention_flags(n, ("covariance_fit", "nll_clip_x0", "even_rounding", "dp_cost", "decoder"))
     add_config_options(n)
 
 

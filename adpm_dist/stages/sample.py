@@ -333,7 +333,8 @@ class SampleJob(ShardedJob):
         def sampler(seeds: list[int]) -> torch.Tensor:
             gens = make_generators(seeds, device=device)
             return run_reverse(eps_fn, self.loaded.schedule, self.steps, gens, self.shape, dtype=dtype,
-                               device=device, direction=self.conventions.ddim_direction)
+                               device=device, direction=self.conventions.ddim_direction,
+                               zero_noise=self.conventions.zero_noise)
 
         self.sampler = sampler
         mine = range(self.rank, self.num_shards, self.world)

@@ -6,7 +6,9 @@ into a ``DDIMScheduler``). The variances and means come from
 :mod:`adpm_dist.diffusion.analytic` and :mod:`adpm_dist.diffusion.samplers`.
 
 Timesteps are exposed 0-based and descending like diffusers' (t = τ_k − 1);
-Γ is kept in the config like ``trained_betas`` (a list of N floats, Γ_1..Γ_N).
+Γ is kept in the config like ``trained_betas`` (a list of N floats, Γ_1..Γ_N), and so are
+its standard errors (``gamma_stderr``, the weights of the ``weighted`` covariance fit;
+``from_gamma_file`` copies them from the Γ file).
 
 Per-image noise: pass the pipeline a *list* of generators (one per image) and
 the scheduler draws image i's step noise from generator i alone, exactly as
@@ -86,6 +88,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         ddim_direction: str = "network",
         model_error_moments: dict | None = None,
         covariance_fit: str = "weighted",
+        gamma_stderr: list[float] | None = None,
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method '{method}'; choose one of {list(METHODS)}")
@@ -102,6 +105,10 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         self.gamma_vector = None if gamma is None else np.asarray(gamma, dtype=np.float64)
         if self.gamma_vector is not None and self.gamma_vector.shape != (num_train_timesteps,):
             raise ValueError(f"gamma has {self.gamma_vector.shape[0]} entries; need N={num_train_timesteps}")
+        self.gamma_stderr = None if gamma_stderr is None else np.asarray(gamma_stderr, dtype=np.float64)
+        if self.gamma_stderr is not None and self.gamma_stderr.shape != (num_train_timesteps,):
+            raise ValueError(f"gamma_stderr has {self.gamma_stderr.shape[0]} entries; "
+                             f"need N={num_train_timesteps}")
         self.moments = _moments_from_config(model_error_moments, num_train_timesteps)
         if method in RESIDUAL_METHODS and self.moments is None:
             raise ValueError(f"method '{method}' needs model_error_moments (build the scheduler with "
@@ -137,6 +144,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         if moments is not None:
             kw.setdefault("model_error_moments", {k: [float(v) for v in getattr(moments, k)[1:]]
                                                   for k in ("a", "b", "c")})
+        kw.setdefault("gamma_stderr", [float(v) for v in gamma_file.stderr])
         sched = cls(**base, gamma=[float(v) for v in gamma_file.gamma], **kw)
         check_schedule(gamma_file, sched.schedule, "Γ file")
         return sched
@@ -144,7 +152,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """K steps on the configured trajectory; ``timesteps`` = τ_K−1, …, τ_1−1."""
         tau = make_trajectory(self.config.trajectory, self.schedule, num_inference_steps,
-                              gamma=self.gamma_vector)
+                              gamma=self.gamma_vector, fit=self.config.covariance_fit,
+                              gamma_stderr=self.gamma_stderr)
         self._build(tau, self.config.eta)
         self.num_inference_steps = num_inference_steps
         self.timesteps = torch.from_numpy(np.ascontiguousarray(tau[::-1] - 1)).to(device)
@@ -152,7 +161,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
     def _build(self, tau: np.ndarray, eta: float) -> None:
         sv = step_variances(self.schedule, tau, self.config.method, gamma=self.gamma_vector, eta=eta,
                             clip_pixel=self.config.clip_pixel, fit=self.config.covariance_fit,
-                            moments=self.moments, direction=self.config.ddim_direction)
+                            moments=self.moments, direction=self.config.ddim_direction,
+                            gamma_stderr=self.gamma_stderr)
         self._tau, self._eta = tau, eta
         self._steps = {int(t): (int(s), float(l2), float(v))
                        for s, t, l2, v in zip(sv.s, sv.t, sv.lambda2, sv.sigma2)}
