@@ -1,6 +1,7 @@
-"""The numeric-mode policy (issue 16, item 2), on CPU: the Γ job and the NLL run fp32 with TF32
-off unless asked otherwise, record the mode they ran in, and a Γ file estimated in another mode
-is accepted with one ``warning:`` line. bf16 autocast and the TF32 switches exist on CPU torch
+"""The numeric-mode policy (issue 16 item 2, issue 22 item 2), on CPU: every stage (the Γ job, the
+NLL, sampling, FID) runs fp32 with TF32 off unless asked otherwise, records the mode it ran in
+(``numeric_mode``: precision, dtype, autocast, TF32 switch, device), and a Γ file estimated in
+another mode is accepted with one ``warning:`` line. bf16 autocast and the TF32 switches exist on CPU torch
 too, so the recording and the switching are real here; what they do to Γ on a GPU is
 tools/gpu_check.sh's to measure."""
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from adpm_dist.gamma import read_gamma, write_gamma
-from adpm_dist.models.loading import eps_function, mode_warning, resolve_precision
+from adpm_dist.models.loading import eps_function, mode_warning, numeric_mode, resolve_precision
 from adpm_dist.stages import estimate, evaluate, sample
 from tests.estimate_helpers import tiny_job_inputs
 
@@ -35,11 +36,24 @@ def nll_argv(setup, gamma, out, *extra):
             "--limit", "4", "--num-workers", "0", "--no-progress", *extra]
 
 
-@pytest.mark.parametrize("device, statistics, want", [
-    ("cuda", True, "fp32"), ("cuda", False, "bf16"), ("cpu", True, "fp32"), ("cpu", False, "fp32")])
-def test_auto_is_fp32_for_statistics_and_bf16_only_for_sampling_on_cuda(device, statistics, want):
-    assert resolve_precision("auto", device, statistics) == want
-    assert resolve_precision("tf32", device, statistics) == "tf32"
+FP32_CPU = {"precision": "fp32", "dtype": "float32", "autocast": False, "tf32": False, "device": "cpu"}
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+@pytest.mark.parametrize("statistics", [True, False])
+def test_auto_is_fp32_with_tf32_off_for_every_stage_on_every_device(device, statistics):
+    """One policy (issue 22): sampling's ``auto`` used to be bf16 on CUDA while Γ was fp32."""
+    assert resolve_precision("auto", device, statistics) == "fp32"
+    for mode in ("fp32", "tf32", "bf16", "fp64"):
+        assert resolve_precision(mode, device, statistics) == mode
+
+
+@pytest.mark.parametrize("mode, dtype, autocast, tf32", [
+    ("fp32", "float32", False, False), ("tf32", "float32", False, True), ("bf16", "bfloat16", True, False),
+    ("fp64", "float64", False, False)])
+def test_numeric_mode_record(mode, dtype, autocast, tf32):
+    assert numeric_mode(mode, torch.device("cuda", 1)) == {
+        "precision": mode, "dtype": dtype, "autocast": autocast, "tf32": tf32, "device": "cuda"}
 
 
 class FlagProbe(torch.nn.Module):
@@ -73,15 +87,40 @@ def test_tf32_switches_are_set_while_the_network_runs_and_restored(precision, du
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+class FeatureProbe(FlagProbe):
+    def forward(self, x):
+        super().forward(x, None)
+        return torch.zeros(x.shape[0], 2048)
+
+
+@pytest.mark.parametrize("precision, during", [
+    ("auto", (False, False, False)), ("fp32", (False, False, False)), ("tf32", (True, True, False)),
+    ("bf16", (False, False, True))])
+def test_fid_network_runs_in_an_explicit_mode_tf32_off_by_default(precision, during):
+    """FID used to leave TF32 as PyTorch has it (cuDNN's on); now it is set while the net runs."""
+    from adpm_dist.models.fid import InceptionFeatures
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        feats = InceptionFeatures("cpu", batch_size=2, precision=precision)
+        feats.net = probe = FeatureProbe()
+        assert feats(torch.zeros(3, 1, 8, 8)).shape == (3, 2048)
+        assert probe.seen == [during, during]  # two chunks of ≤ 2 images
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def test_the_gamma_file_and_the_nll_record_the_mode_they_ran_in(setup, tmp_path, capsys):
     out = tmp_path / "g.json"
     assert estimate.main(gamma_argv(setup, out)) == 0  # default: auto
     extra = read_gamma(str(out), require_complete=False).extra
     assert extra["fingerprint"]["precision"] == "fp32"
-    assert extra["numeric_mode"] == {"precision": "fp32", "device": "cpu"}
+    assert extra["numeric_mode"] == FP32_CPU
     assert evaluate.main(nll_argv(setup, out, tmp_path / "nll")) == 0
     doc = json.loads((tmp_path / "nll" / "nll.json").read_text())
-    assert doc["numeric_mode"] == {"precision": "fp32", "device": "cpu"}
+    assert doc["numeric_mode"] == FP32_CPU
     assert doc["fingerprint"]["precision"] == "fp32"
     assert "warning:" not in capsys.readouterr().err
 
@@ -103,8 +142,7 @@ def sample_argv(setup, gamma, out, *extra):
 
 
 def test_sample_reports_an_explicit_mode_that_differs_from_gammas_and_not_auto(setup, tmp_path, capsys):
-    """Sampling's ``auto`` is bf16 on CUDA by design while Γ is fp32: only an explicit
-    --precision other than Γ's is reported, once, and the run still succeeds."""
+    """Only an explicit --precision other than Γ's is reported, once, and the run still succeeds."""
     out = tmp_path / "g.json"
     assert estimate.main(gamma_argv(setup, out)) == 0  # fp32
     capsys.readouterr()

@@ -7,6 +7,11 @@ package's defaults exactly (its ``FIDHelper.extract_feats`` with
 ``resample_mode='nv_bilinear_float'``, TF input range): pixels to [0, 1],
 bilinear resize to 299×299 by ``grid_sample`` with a half-pixel shift,
 then v·(255/128) − 1, i.e. x/128 − 1 for 8-bit x. Grayscale is repeated to 3 channels.
+
+The network's arithmetic is explicit (the precision policy of
+:func:`adpm_dist.models.loading.resolve_precision`): fp32 with TF32 off by default — PyTorch
+leaves cuDNN's TF32 on, which moves the features of the same images by ~1e-3 on an
+Ampere/Hopper GPU — or, when asked for, tf32 or bf16 autocast.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 
 from adpm_dist.errors import UserError
+from adpm_dist.models.loading import FID_PRECISIONS, tf32
 
 NET_FILE = "default_1.pt"
 NET_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # as published by the package
@@ -72,9 +78,15 @@ def resize_bilinear(x: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
 
 
 class InceptionFeatures:
-    """Callable: images in [−1, 1] (B, 1|3, H, W) → float64 (B, 2048) pool features."""
+    """Callable: images in [−1, 1] (B, 1|3, H, W) → float64 (B, 2048) pool features.
 
-    def __init__(self, device: torch.device | str = "cpu", batch_size: int = 50):
+    ``precision``: fp32 (TF32 off), tf32 or bf16 (autocast); ``auto`` is fp32.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", batch_size: int = 50, precision: str = "fp32"):
+        if precision not in FID_PRECISIONS:
+            raise ValueError(f"unknown FID precision {precision!r}; choose one of {list(FID_PRECISIONS)}")
+        self.precision = "fp32" if precision == "auto" else precision
         path = network_path()
         with open(path, "rb") as f:
             data = f.read()
@@ -96,7 +108,8 @@ class InceptionFeatures:
             if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
                 x = resize_bilinear(x)
             x = (x * INPUT_SCALE - 1.0).clamp(-1.0, INPUT_SCALE - 1.0)
-            with torch.inference_mode():
+            with tf32(self.precision == "tf32"), torch.inference_mode(), \
+                    torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
                 feats = self.net(x)
             if feats.ndim > 2:
                 feats = feats.mean(dim=tuple(range(2, feats.ndim)))

@@ -63,20 +63,35 @@ def load_checkpoint(spec: str) -> LoadedModel:
 
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp64")
+FID_PRECISIONS = ("auto", "fp32", "tf32", "bf16")  # the Inception network has no float64 path here
 FULL_PRECISION = {"fp32", "fp64"}
+PRECISION_POLICY = ("auto = fp32 with TF32 off, for every stage on every device; tf32, bf16 (autocast) and "
+                    "fp64 only when asked for")
 
 
 def resolve_precision(precision: str, device: torch.device | str, statistics: bool = False) -> str:
-    """The numeric mode ``precision`` means on ``device``: fp32, tf32, bf16 or fp64.
+    """The numeric mode ``precision`` means: fp32, tf32, bf16 or fp64 (the one policy of every stage).
 
-    ``auto`` is fp32 (TF32 off) for statistics (the Γ job, the NLL): near t = N, 1 − Γ_t is
-    ~1e-5 while bf16 and TF32 perturb ε by ~1e-3. For sampling it is bf16 on CUDA, fp32 elsewhere.
+    ``auto`` is fp32 with TF32 off everywhere — the Γ job, the NLL, FID and sampling, on CPU and
+    on CUDA. Near t = N, 1 − Γ_t is ~1e-5 while bf16 and TF32 perturb ε by ~1e-3
+    (tools/bench_modes.py measures it), and the variances of sampling are computed from a Γ
+    estimated in fp32, so sampling too stays in fp32 unless a faster mode is asked for
+    (``--precision bf16``; until 2026-12 ``auto`` meant bf16 for sampling on CUDA). ``device``
+    and ``statistics`` are kept for the callers; they no longer change the answer.
     """
+    del device, statistics
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
-    if precision != "auto":
-        return precision
-    return "bf16" if torch.device(device).type == "cuda" and not statistics else "fp32"
+    return "fp32" if precision == "auto" else precision
+
+
+def numeric_mode(mode: str, device: torch.device | str) -> dict:
+    """What a stage records about the arithmetic it ran in (``numeric_mode`` in every output):
+    the resolved mode, the network's dtype (bf16: float32 weights under bf16 autocast), whether
+    the TF32 switches were on (they act on CUDA only) and the device type."""
+    dtype = {"fp64": "float64", "bf16": "bfloat16"}.get(mode, "float32")
+    return {"precision": mode, "dtype": dtype, "autocast": mode == "bf16", "tf32": mode == "tf32",
+            "device": torch.device(device).type}
 
 
 def recorded_mode(precision: str | None) -> str | None:

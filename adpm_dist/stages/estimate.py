@@ -56,7 +56,13 @@ from adpm_dist.errors import UsageError, UserError
 from adpm_dist.gamma import GammaFile, GammaFileError, Moments, pair_errors, read_gamma, spans, write_gamma
 from adpm_dist.io import dist, storage
 from adpm_dist.io.quality import DataSummary
-from adpm_dist.models.loading import eps_function, load_checkpoint, recorded_mode, resolve_precision
+from adpm_dist.models.loading import (
+    eps_function,
+    load_checkpoint,
+    numeric_mode,
+    recorded_mode,
+    resolve_precision,
+)
 from adpm_dist.stages.config_args import resolved_config
 from adpm_dist.stages.estimate_args import build_parser, id_ranges, parse_timesteps
 from adpm_dist.stages.estimate_data import data_plan, work_units
@@ -352,7 +358,7 @@ class GammaJob(ShardedJob):
         gf.extra = {"fingerprint": self.fingerprint, "wall_time_s": wall,
                     "evaluations_per_s": evaluations / max(wall, 1e-9),
                     "timesteps": self.args.timesteps, "model_error": warnings,
-                    "numeric_mode": {"precision": self.precision, "device": self.device.type},
+                    "numeric_mode": numeric_mode(self.precision, self.device),
                     "config": resolved_config(self.args)}  # how it was run; not its identity
         write_gamma(gf, self.args.out)
         warn_model_error(warnings)

@@ -44,6 +44,7 @@ from adpm_dist.io import dist, storage
 from adpm_dist.models.loading import (
     eps_function,
     load_checkpoint,
+    numeric_mode,
     recorded_mode,
     resolve_precision,
 )
@@ -360,7 +361,7 @@ class NllJob(ShardedJob):
         doc = {"format": "adpm-nll/1", "fingerprint": self.fingerprint, "model": self.loaded.describe(),
                "schedule": self.loaded.schedule.describe(), "gamma_sha256": self.fingerprint["gamma_sha256"],
                "trajectories": trajectories_record(self.taus), "conventions": self.conventions.describe(),
-               "numeric_mode": {"precision": self.precision, "device": self.device.type},
+               "numeric_mode": numeric_mode(self.precision, self.device),
                "results": results, "num_images": count, "wall_time_s": self.wall, "world_size": self.world,
                "config": resolved_config(self.args)}  # how it was run; the fingerprint is its identity
         if self.args.per_image:

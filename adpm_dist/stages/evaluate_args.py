@@ -4,7 +4,7 @@ which methods it applies to; every number is checked when parsed (one ``error:``
 from __future__ import annotations
 
 from adpm_dist.errors import nonnegative_int, positive_int
-from adpm_dist.models.loading import PRECISIONS
+from adpm_dist.models.loading import FID_PRECISIONS, PRECISIONS
 from adpm_dist.stages.config_args import ConfigParser, add_config_options
 from adpm_dist.stages.conventions import add_convention_flags
 
@@ -49,9 +49,9 @@ def _nll_parser(sub) -> None:
                         "size). Default: all")
     n.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="network arithmetic: fp32 (TF32 off), tf32, bf16 (autocast) or fp64; auto = fp32 "
-                        "here on any device (Γ near t = N is ~1e-5 from 1, below bf16/TF32 error); fp64 "
-                        "makes the result bit-stable across world sizes and batch sizes; the mode is "
-                        "recorded in the output (default: %(default)s)")
+                        "with TF32 off on any device, as in every stage (Γ near t = N is ~1e-5 from 1, "
+                        "below bf16/TF32 error); fp64 makes the result bit-stable across world sizes and "
+                        "batch sizes; recorded as numeric_mode in nll.json (default: %(default)s)")
     n.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_convention_flags(n, ("covariance_fit", "nll_clip_x0", "even_rounding", "dp_cost", "decoder"))
     add_config_options(n)
@@ -69,6 +69,10 @@ def _fid_parser(sub) -> None:
     f.add_argument("--batch-size", type=positive_int, default=50, metavar="B",
                    help="images per Inception call (>= 1). Default: %(default)s")
     f.add_argument("--num-workers", type=nonnegative_int, default=1, help=WORKERS_HELP)
+    f.add_argument("--precision", default="auto", choices=FID_PRECISIONS,
+                   help="Inception arithmetic: fp32 (TF32 off), tf32 or bf16 (autocast); auto = fp32 with "
+                        "TF32 off, as in every stage. A mode other than fp32 gets its own reference cache; "
+                        "recorded as numeric_mode in the result (default: %(default)s)")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_options(f)
 

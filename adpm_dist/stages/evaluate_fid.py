@@ -7,8 +7,15 @@ job and every image carries that job's seed (seed + index). A folder changed or 
 after its job wrote it is refused with one line naming the file (exit 2), never scored.
 
 Inception statistics of the reference set are cached beside its manifest
-(``fid-stats-<key>.npz``, key = shard list + manifest + network digest). With ``--out``,
-a rerun over the same finished sample folder is a no-op.
+(``fid-stats-<key>.npz``, key = shard list + manifest + network digest, + the numeric mode
+when it is not fp32). With ``--out``, a rerun over the same finished sample folder is a no-op.
+
+The stage runs on the job core (:mod:`adpm_dist.stages.job`), like ``estimate``, ``sample``
+and ``evaluate nll``: rank 0 alone verifies the samples and decides whether the result is
+already done and whether the reference statistics are cached, and every rank learns both
+decisions; the features are extracted in rounds of one batch per rank (any rank's failure
+ends every rank within a round); the per-rank feature sums are all-reduced once, as the first
+statement of :meth:`FidJob.payload`, and rank 0 writes the cache and the result.
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ import torch
 from adpm_dist.errors import UserError
 from adpm_dist.io import dist, storage
 from adpm_dist.io.shards import MANIFEST_NAME
+from adpm_dist.models.loading import numeric_mode
 from adpm_dist.stages.config_args import resolved_config
-from adpm_dist.stages.job import Progress, together
+from adpm_dist.stages.job import ShardedJob, run_job, together
 
 SAMPLE_JOB_NAME = "job.json"  # written by adpm_dist.sample beside its manifest
 
@@ -117,27 +125,13 @@ def verify_samples(urls: list[str]) -> None:
 # ---------------------------------------------------------------------------- FID
 
 
-def _features_over(urls, extractor, rank: int, world: int, batch_size: int, num_workers: int,
-                   progress_label: str, show: bool):
-    """FeatureStats of every image of ``urls`` (each once across ranks), all-reduced."""
-    from adpm_dist.io.data import eval_batches
-    from adpm_dist.models.fid import FeatureStats
-
-    stream = eval_batches(urls, batch_size=batch_size, rank=rank, world_size=world, num_workers=num_workers)
-    stats = FeatureStats.empty()
-    with Progress(show, progress_label, stream.total // max(world, 1)) as progress:
-        for _ids, x in stream:
-            stats.add(extractor(x))
-            progress.update(stats.count)
-    packed = torch.tensor(np.concatenate([[stats.count], stats.sum, stats.outer.reshape(-1)]))
-    packed = dist.all_reduce_sum(packed).numpy()
-    d = stats.sum.shape[0]
-    return FeatureStats(packed[1:1 + d], packed[1 + d:].reshape(d, d), int(round(packed[0])))
-
-
-def reference_cache_url(urls: list[str], manifest_sha: str, net_digest: str) -> str:
-    key = hashlib.sha256(json.dumps([sorted(storage.basename(u) for u in urls), manifest_sha,
-                                     net_digest]).encode()).hexdigest()[:16]
+def reference_cache_url(urls: list[str], manifest_sha: str, net_digest: str, precision: str = "fp32") -> str:
+    """``fid-stats-<key>.npz`` beside the reference shards; fp32's key is the one of every
+    earlier version (the mode joins the key only when it is another one)."""
+    parts = [sorted(storage.basename(u) for u in urls), manifest_sha, net_digest]
+    if precision != "fp32":
+        parts.append(precision)
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
     return storage.join(storage.dirname(urls[0]), f"fid-stats-{key}.npz")
 
 
@@ -147,11 +141,11 @@ def _manifest_sha(urls: list[str]) -> str:
     return hashlib.sha256(storage.read_bytes(manifest)).hexdigest() if storage.exists(manifest) else ""
 
 
-def _fid_already_done(out: str | None, samples_sha: str, cache: str, net_digest: str) -> bool:
-    """True when ``out`` holds the FID of these very samples against these statistics.
+def _fid_already_done(out: str | None, samples_sha: str, cache: str, net_digest: str, mode: str) -> bool:
+    """True when ``out`` holds the FID of these very samples against these statistics, in this mode.
 
     Only a finished sample folder (one with a manifest) can be recognised; shard lists
-    without one are always evaluated afresh.
+    without one are always evaluated afresh. A result without ``numeric_mode`` is fp32's.
     """
     if not out or not samples_sha or not storage.exists(out):
         return False
@@ -159,62 +153,141 @@ def _fid_already_done(out: str | None, samples_sha: str, cache: str, net_digest:
         done = json.loads(storage.read_text(out))
     except json.JSONDecodeError:
         return False  # a torn or foreign file: recompute and overwrite it atomically
+    if not isinstance(done, dict):
+        return False
+    recorded = (done.get("numeric_mode") or {}).get("precision", "fp32")
     return (done.get("samples_manifest_sha256") == samples_sha
             and done.get("reference_stats") == storage.redact(cache)
-            and done.get("network_sha256") == net_digest)
+            and done.get("network_sha256") == net_digest and recorded == mode)
 
 
-def _reference_stats(args, ref_urls, cache, extractor, rank, world, show):
-    """(μ, Σ, count, cached?) of the reference set: from the cache, or computed and cached."""
-    from adpm_dist.models.fid import load_stats_npz
-
-    if storage.exists(cache):
-        mu, sig, n_ref = load_stats_npz(storage.read_bytes(cache), cache)
-        return mu, sig, n_ref, True
-    ref = _features_over(ref_urls, extractor, rank, world, args.batch_size, args.num_workers,
-                         "FID reference", show)
-    together(lambda: storage.write_bytes(cache, ref.to_npz()), rank0_only=True)
-    mu, sig = ref.mean_cov()
-    return mu, sig, ref.count, False
+def _pack(stats) -> np.ndarray:
+    return np.concatenate([[stats.count], stats.sum, stats.outer.reshape(-1)])
 
 
-def run_fid(args) -> int:
-    from adpm_dist.io.shards import expand_urls
-    from adpm_dist.models.fid import InceptionFeatures, frechet_distance
+def _unpack(packed: np.ndarray, dim: int):
+    from adpm_dist.models.fid import FeatureStats
 
-    info = dist.init()
-    rank, world = info.rank, info.world_size
-    samples = args.samples
-    if not samples.endswith(".tar") and "*" not in samples and "{" not in samples:
-        samples = storage.join(samples, "samples-*.tar")
-    ref_urls = expand_urls(args.reference)
-    extractor = InceptionFeatures(dist.device_for(info), batch_size=args.batch_size)
-    cache = reference_cache_url(ref_urls, _manifest_sha(ref_urls), extractor.digest)
-    sample_urls = expand_urls(samples)
-    together(lambda: verify_samples(sample_urls), rank0_only=True)
-    samples_sha = _manifest_sha(sample_urls)
-    if _fid_already_done(args.out, samples_sha, cache, extractor.digest):
-        if rank == 0:
-            print(f"{storage.redact(args.out)}: already complete, nothing to do")
-        dist.shutdown()
-        return 0
-    start, show = time.time(), not args.no_progress
-    mu_r, sig_r, n_ref, cached = _reference_stats(args, ref_urls, cache, extractor, rank, world, show)
-    gen = _features_over(sample_urls, extractor, rank, world, args.batch_size, args.num_workers,
-                         "FID samples", show)
-    mu_s, sig_s = gen.mean_cov()
-    result = {"fid": frechet_distance(mu_s, sig_s, mu_r, sig_r), "num_samples": gen.count,
-              "num_reference": n_ref, "samples": storage.redact(args.samples),
-              "reference": storage.redact(args.reference), "reference_stats": storage.redact(cache),
-              "reference_stats_cached": cached, "network_sha256": extractor.digest,
-              "samples_manifest_sha256": samples_sha, "wall_time_s": round(time.time() - start, 3),
-              "config": resolved_config(args)}
+    return FeatureStats(packed[1:1 + dim], packed[1 + dim:].reshape(dim, dim), int(round(packed[0])))
 
-    def write() -> None:
+
+class FidJob(ShardedJob):
+    """FID on the job core: rounds of one batch per rank over the reference shards (unless their
+    statistics are cached) and then the sample shards; every image once across ranks."""
+
+    label = "FID features (images)"
+
+    def __init__(self, args, rank: int, world: int):
+        from adpm_dist.io.shards import expand_urls
+        from adpm_dist.models.fid import InceptionFeatures
+
+        self.args, self.rank, self.world, self.start_time = args, rank, world, time.time()
+        samples = args.samples
+        if not samples.endswith(".tar") and "*" not in samples and "{" not in samples:
+            samples = storage.join(samples, "samples-*.tar")
+        self.ref_urls, self.sample_urls = expand_urls(args.reference), expand_urls(samples)
+        self.device = dist.device_for(dist.env_info())
+        self.extractor = InceptionFeatures(self.device, batch_size=args.batch_size, precision=args.precision)
+        self.mode = numeric_mode(self.extractor.precision, self.device)
+        self.show_progress = not args.no_progress
+        self.plan: dict = {}
+        self.sets: list = []  # [name, batch iterator, FeatureStats]
+        self.current = self.images = 0
+        self.totals: np.ndarray | None = None
+        self.reference = None  # rank 0: (μ, Σ, count) read from the cache
+
+    def decide(self) -> dict:
+        """Rank 0: verify the samples; is the result done, are the reference statistics cached?"""
+        from adpm_dist.models.fid import load_stats_npz
+
+        verify_samples(self.sample_urls)
+        self.samples_sha = _manifest_sha(self.sample_urls)
+        digest, precision = self.extractor.digest, self.extractor.precision
+        self.cache = reference_cache_url(self.ref_urls, _manifest_sha(self.ref_urls), digest, precision)
+        if _fid_already_done(self.args.out, self.samples_sha, self.cache, digest, precision):
+            return {"done": True, "cached": True}
+        if storage.exists(self.cache):
+            self.reference = load_stats_npz(storage.read_bytes(self.cache), self.cache)
+        return {"done": False, "cached": self.reference is not None}
+
+    def open(self, plan: dict) -> None:
+        """Every rank: the batch streams the plan needs (this rank's share of each set)."""
+        from adpm_dist.io.data import eval_batches
+        from adpm_dist.models.fid import FeatureStats
+
+        self.plan = plan
+        if plan["done"]:
+            return
+        names = ["samples"] if plan["cached"] else ["reference", "samples"]
+        for name in names:
+            urls = self.ref_urls if name == "reference" else self.sample_urls
+            stream = eval_batches(urls, batch_size=self.args.batch_size, rank=self.rank,
+                                  world_size=self.world, num_workers=self.args.num_workers)
+            self.progress_total += stream.total // max(self.world, 1)
+            self.sets.append([name, iter(stream), FeatureStats.empty()])
+
+    def existing(self) -> bool:
+        return bool(self.plan["done"])
+
+    def done_message(self) -> str:
+        return f"{storage.redact(self.args.out)}: already complete, nothing to do"
+
+    def step(self, round_index: int) -> bool:
+        """One batch of this rank's share through the network; True while any is left."""
+        while self.current < len(self.sets):
+            _, batches, stats = self.sets[self.current]
+            batch = next(batches, None)
+            if batch is not None:
+                stats.add(self.extractor(batch[1]))
+                self.images += len(batch[1])
+                return True
+            self.current += 1
+        return False
+
+    def reduce(self, rounds: int) -> tuple[int, bool]:
+        return self.images, False  # this rank's progress (the bar is rank 0's); no collective
+
+    def payload(self):
+        """All-reduce every rank's Σf, Σffᵀ, n (its first statement, so every rank reaches the one
+        collective); rank 0 keeps the sums, nothing is gathered."""
+        packed = torch.from_numpy(np.concatenate([_pack(stats) for _, _, stats in self.sets]))
+        self.totals = dist.all_reduce_sum(packed).numpy()
+        return None
+
+    def write(self, gathered: list) -> None:
+        from adpm_dist.models.fid import frechet_distance
+
+        dim = self.sets[0][2].sum.shape[0]
+        size = 1 + dim + dim * dim
+        stats = {name: _unpack(self.totals[i * size:(i + 1) * size], dim)
+                 for i, (name, _, _) in enumerate(self.sets)}
+        if "reference" in stats:
+            ref = stats["reference"]
+            storage.write_bytes(self.cache, ref.to_npz())
+            mu_r, sig_r = ref.mean_cov()
+            n_ref = ref.count
+        else:
+            mu_r, sig_r, n_ref = self.reference
+        gen = stats["samples"]
+        mu_s, sig_s = gen.mean_cov()
+        args = self.args
+        result = {"fid": frechet_distance(mu_s, sig_s, mu_r, sig_r), "num_samples": gen.count,
+                  "num_reference": n_ref, "samples": storage.redact(args.samples),
+                  "reference": storage.redact(args.reference), "reference_stats": storage.redact(self.cache),
+                  "reference_stats_cached": "reference" not in stats,
+                  "network_sha256": self.extractor.digest, "samples_manifest_sha256": self.samples_sha,
+                  "numeric_mode": self.mode, "wall_time_s": round(time.time() - self.start_time, 3),
+                  "config": resolved_config(args)}
         if args.out:
             storage.write_text(args.out, json.dumps(result, indent=1) + "\n")
         print(json.dumps(result))
 
-    together(write, rank0_only=True)
-    dist.shutdown()
-    return 0
+
+def run_fid(args) -> int:
+    """``evaluate fid`` on every rank: the job (one phase), rank 0's plan shared with every rank,
+    each rank's streams opened (one phase), then :func:`run_job`."""
+    info = dist.init()
+    job = together(lambda: FidJob(args, info.rank, info.world_size))
+    plan = together(job.decide, rank0_only=True, share=True)
+    together(lambda: job.open(plan))
+    return run_job(job)
