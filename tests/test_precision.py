@@ -150,10 +150,12 @@ def test_sample_reports_an_explicit_mode_that_differs_from_gammas_and_not_auto(s
     warnings = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
     assert len(warnings) == 1, warnings
     assert "--precision fp32" in warnings[0] and "uses bf16" in warnings[0]
-    for precision in ("auto", "fp64"):
+    for precision, recorded in (("auto", FP32_CPU), ("fp64", numeric_mode("fp64", "cpu"))):
         argv = sample_argv(setup, out, tmp_path / f"s_{precision}", "--precision", precision)
         assert sample.main(argv) == 0
         assert "warning:" not in capsys.readouterr().err
+        manifest = json.loads((tmp_path / f"s_{precision}" / "manifest.json").read_text())
+        assert manifest["numeric_mode"] == recorded
 
 
 def test_a_gamma_file_of_the_earlier_auto_counts_as_fp32(setup, tmp_path, capsys):

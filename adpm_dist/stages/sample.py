@@ -52,6 +52,7 @@ from adpm_dist.models.loading import (
     LoadedModel,
     eps_function,
     load_checkpoint,
+    numeric_mode,
     resolve_precision,
 )
 from adpm_dist.stages.config_args import resolved_config
@@ -260,13 +261,8 @@ def remove_stale_temporaries(out: str) -> None:
 
 
 def _report_mode(args, ref) -> None:
-    """Warn when the user asked for a numeric mode other than the one Γ was estimated in.
-
-    Only an explicit --precision is compared: ``auto`` samples in bf16 on CUDA by design while
-    Γ is estimated in fp32, and warning on every default run would teach users to ignore it.
-    """
-    if args.precision == "auto":
-        return
+    """Warn when this run's numeric mode differs from the one Γ was estimated in (``auto`` is
+    fp32 here as in the Γ job, so a default run pairs with a default Γ file silently)."""
     warning = ref.mode_warning(resolve_precision(args.precision, dist.device_for(dist.env_info())))
     if warning:
         print(warning, file=sys.stderr)
@@ -375,8 +371,11 @@ class SampleJob(ShardedJob):
         storage.write_bytes(storage.join(args.out, GRID_NAME), make_grid(grid))
         # The options of the run that finished the job, beside it (the manifest holds the job only).
         storage.write_text(storage.join(args.out, CONFIG_NAME), json.dumps(resolved_config(args)) + "\n")
+        device = dist.device_for(dist.env_info())  # the arithmetic of the run that finished the job
+        mode = numeric_mode(resolve_precision(args.precision, device), device)
         write_manifest(args.out, {"resolution": shape[-1], "channels": shape[0], "shards": entries,
-                                  "splits": {SPLIT: args.num_samples}, "job": self.record})
+                                  "splits": {SPLIT: args.num_samples}, "job": self.record,
+                                  "numeric_mode": mode})
         print(json.dumps({"out": storage.redact(args.out), "num_samples": args.num_samples,
                           "drawn_now": drawn, "shards": len(entries), "wall_time_s": round(self.wall, 3),
                           "images_per_s": round(drawn / max(self.wall, 1e-9), 2)}))

@@ -24,8 +24,9 @@ ETA_HELP = ("DDIM η in [0, 1] (ddim, analytic-ddim, residual-ddim only): σ² =
             "deterministic DDIM. The DDPM family (ddpm-beta, ddpm-tilde, analytic-ddpm, residual-ddpm) "
             "has no η: nonzero is refused. "
             "Default: %(default)s")
-PRECISION_HELP = ("arithmetic of the network: auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16, or "
-                  "fp64 (slow; makes the images independent of --batch-size). Default: %(default)s")
+PRECISION_HELP = ("arithmetic of the network: auto (= fp32 with TF32 off, on any device, as in every stage), "
+                  "fp32, tf32, bf16 (autocast; faster on a GPU), or fp64 (slow; makes the images independent "
+                  "of --batch-size); recorded as numeric_mode in manifest.json. Default: %(default)s")
 
 
 def check_eta(method: str, eta: float) -> None:
