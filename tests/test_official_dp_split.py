@@ -116,7 +116,7 @@ def test_official_split_is_the_official_codes_trajectory(case):
     sched, _, exact, noisy, _ = case
     betas0 = sched.betas  # leading 0, as the official code has it
     for gamma in (noisy, exact):
-        for k in (3, 10, 25, 100, 999):
+        for k in (3, 10, 25, 100):
             want = official_dp_seg(np.nan_to_num(gamma), betas0, N, k)
             got = make_trajectory("optimal", sched, k, gamma=gamma, cost="official")
             assert got.tolist() == want.tolist(), (k, got[:5], want[:5])
