@@ -111,7 +111,8 @@ def print_predictions(console, plan: dict) -> None:
         console.print(f"expected −ELBO: not predicted ({plan['predicted_nelbo']})")
     lim = plan.get("limit")
     if isinstance(lim, dict):
-        gap = f"; this plan is {plan['gap_to_limit_bpd']:.4f} above it" if "gap_to_limit_bpd" in plan else ""
+        key = "gap_to_limit_crossfit_bpd" if "gap_to_limit_crossfit_bpd" in plan else "gap_to_limit_bpd"
+        gap = f"; this plan's gap to it: {plan[key]:+.4f}" if key in plan else ""
         console.print(f"likelihood limit (K = N, KL-optimal σ²): {lim['n_step_bpd']:.4f} ± "
                       f"{lim['n_step_stderr']:.4f} bits/dim; continuous time: "
                       f"{lim['continuous']['bpd']:.4f}{gap}")
