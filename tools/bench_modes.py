@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""What the numeric mode does to Γ and to the K = 10 analytic NELBO (issue 16); one JSON file.
+"""What the numeric mode costs: Γ, the K = 10 analytic NELBO and time (issues 16, 22); one JSON file.
 
 Runs the Γ job (timesteps of the even K = 10 trajectory, N = 1000) and ``evaluate nll``
-(analytic-ddpm, even, K = 10) once per mode — fp64 (the reference), fp32 (TF32 off), tf32,
-bf16 — on a small random-weight UNet and digit shards, and writes per mode the largest
-|Γ − Γ_fp64|, the largest relative error of 1 − Γ (what the variances use) and the NELBO.
+(analytic-ddpm, even, K = 10) once per mode — fp64 (the reference), fp32 (TF32 off, the
+default of every stage), tf32, bf16 — on a small random-weight UNet and digit shards, and
+writes per mode the largest |Γ − Γ_fp64| and |Γ − Γ_fp32|, the largest relative error of
+1 − Γ (what the variances use), the NELBO and its difference to fp64's and fp32's, and the
+wall time of the Γ job and the NLL with their ratio to fp32's (all measured in this one run).
+On CPU, TF32 does not exist (tf32 = fp32 there); bf16 is autocast.
 
     python tools/bench_modes.py OUT.json [--device cuda] [--model tiny|mnist]
 """
@@ -16,6 +19,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -48,21 +52,26 @@ def inputs(base: str, preset: str, samples: int) -> tuple[str, str]:
     return path, f"{base}/shards/test-*.tar"
 
 
-def run_mode(base: str, model: str, data: str, mode: str) -> tuple[np.ndarray, float]:
+def run_mode(base: str, model: str, data: str, mode: str,
+             tag: str = "") -> tuple[np.ndarray, float, float, float]:
+    """(Γ, NELBO bits/dim, Γ-job seconds, NLL seconds) in ``mode``."""
     from adpm_dist.gamma import read_gamma
     from adpm_dist.stages import estimate, evaluate
 
-    g = f"{base}/g_{mode}.json"
+    g, nll = f"{base}/g_{mode}{tag}.json", f"{base}/nll_{mode}{tag}"
     common = ["--checkpoint", model, "--data", data, "--num-workers", "0", "--no-progress",
               "--precision", mode]
+    t0 = time.perf_counter()
     if estimate.main([*common, "--out", g, "--timesteps", "even:10"]) != 0:
         raise SystemExit(f"Γ job failed in mode {mode}")
+    t1 = time.perf_counter()
     if evaluate.main(["nll", *common, "--gamma", g, "--steps", "10", "--methods", "analytic-ddpm",
-                      "--trajectory", "even", "--out", f"{base}/nll_{mode}"]) != 0:
+                      "--trajectory", "even", "--out", nll]) != 0:
         raise SystemExit(f"NLL failed in mode {mode}")
-    with open(f"{base}/nll_{mode}/nll.json") as f:
+    t2 = time.perf_counter()
+    with open(f"{nll}/nll.json") as f:
         bpd = next(iter(json.load(f)["results"].values()))["bpd"]
-    return read_gamma(g, require_complete=False).gamma, float(bpd)
+    return read_gamma(g, require_complete=False).gamma, float(bpd), t1 - t0, t2 - t1
 
 
 def main() -> int:
@@ -76,14 +85,20 @@ def main() -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the stages pick CUDA whenever they see it
     with tempfile.TemporaryDirectory() as base:
         model, data = inputs(base, args.model, args.samples)
+        run_mode(base, model, data, "fp32", tag="warmup")  # imports, allocator and kernel caches
         results = {m: run_mode(base, model, data, m) for m in ("fp64", "fp32", "tf32", "bf16")}
-    g64, b64 = results["fp64"]
+    g64, b64 = results["fp64"][:2]
+    g32, b32, tg32, tn32 = results["fp32"]
     ok = ~np.isnan(g64)
     modes = {}
-    for m, (g, bpd) in results.items():
+    for m, (g, bpd, tg, tn) in results.items():
         modes[m] = {"gamma_max_abs_diff": float(np.max(np.abs(g[ok] - g64[ok]))),
+                    "gamma_max_abs_diff_vs_fp32": float(np.max(np.abs(g[ok] - g32[ok]))),
                     "one_minus_gamma_max_rel_diff": float(np.max(np.abs((g[ok] - g64[ok]) / (1 - g64[ok])))),
-                    "nelbo_bpd": bpd, "nelbo_bpd_diff": bpd - b64}
+                    "nelbo_bpd": bpd, "nelbo_bpd_diff": bpd - b64, "nelbo_bpd_diff_vs_fp32": bpd - b32,
+                    "gamma_job_s": round(tg, 3), "nll_s": round(tn, 3),
+                    "gamma_job_time_ratio_vs_fp32": round(tg / tg32, 3),
+                    "nll_time_ratio_vs_fp32": round(tn / tn32, 3)}
     doc = {"device": args.device, "model": args.model, "samples": args.samples,
            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "modes": modes}
     with open(args.out, "w") as f:

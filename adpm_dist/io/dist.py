@@ -119,12 +119,26 @@ def device_for(info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
+BACKEND_ENV = "ADPM_DIST_BACKEND"
+
+
+def default_backend() -> str:
+    """NCCL on GPU, gloo on CPU; ``ADPM_DIST_BACKEND=gloo`` forces gloo on a GPU machine (the
+    network still runs on the GPU; collectives go through host memory): e.g. two ranks sharing
+    one GPU, which NCCL refuses ("Duplicate GPU detected")."""
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced and forced not in ("nccl", "gloo"):
+        raise ValueError(f"{BACKEND_ENV}={forced!r}: use nccl or gloo")
+    return forced or ("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def init(timeout_s: float = 600.0) -> DistInfo:
-    """Set up torch.distributed when world_size > 1 (NCCL on GPU, gloo on CPU). Idempotent."""
+    """Set up torch.distributed when world_size > 1 (NCCL on GPU, gloo on CPU; see
+    :func:`default_backend`). Idempotent."""
     info = env_info()
     if info.distributed and not tdist.is_initialized():
         export_env(info)
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = default_backend()
         if backend == "nccl":
             torch.cuda.set_device(device_for(info))
         tdist.init_process_group(
@@ -147,7 +161,7 @@ def init_group(timeout_s: float = 600.0) -> DistInfo:
     info = init(timeout_s)
     if not info.distributed and not tdist.is_initialized():
         export_env(info)  # DeepSpeed reads RANK/LOCAL_RANK/... from the environment
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = default_backend()
         if backend == "nccl":
             torch.cuda.set_device(device_for(info))
         tdist.init_process_group(
