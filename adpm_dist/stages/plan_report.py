@@ -11,7 +11,8 @@ Not a stage: :mod:`adpm_dist.stages.plan` calls :func:`write_report`. The page h
 - ``nelbo_vs_k.png``: the predicted NELBO against K for every DDPM-family method (even and
   optimal trajectories; cross-fitted with ±2 s.e. where the Γ file keeps its halves), with the
   likelihood limit (K = N, KL-optimal σ²) and the continuous-time value as lines;
-- ``report.md``: the plan, the limit, and a table of the predictions and their gaps to the limit.
+- the page itself (DIR/report.md): the plan, the limit, and a table of the predictions and their gaps to
+  the limit.
 
 Predictions for the optimal trajectory are computed for K ≤ ``OPTIMAL_MAX_K`` (the DP costs
 O(K N²) per half and method). Plots use matplotlib's Agg backend (no display needed).
