@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gf = read_gamma(args.gamma)
         sched = schedule_from_description(gf.schedule, args.gamma)
-        tau = make_trajectory(args.trajectory, sched, args.steps, gamma=gf.gamma_vector())
+        tau = make_trajectory(args.trajectory, sched, args.steps, gamma=gf.gamma_vector(),
+                              gamma_stderr=gf.stderr)
     except (GammaFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ax1.set_title(f"{gf.model.get('name', '')} — {gf.schedule['name']}, N={gf.num_timesteps}")
     ax1.legend()
     for method in METHODS:
-        v = step_variances(sched, tau, method, gamma=gf.gamma_vector())
+        v = step_variances(sched, tau, method, gamma=gf.gamma_vector(), gamma_stderr=gf.stderr)
         ax2.semilogy(v.t, v.sigma2, marker="o", ms=3, label=method)
     ax2.set_xlabel(f"t (step t → s, {args.trajectory} trajectory)")
     ax2.set_ylabel("σ²")
