@@ -19,6 +19,17 @@ x̂₀ the mean uses and ε̂ the network output, per timestep t (docs/architect
 For ε* without clipping A_t = (β̄_t/ᾱ_t)(1 − Γ_t) and γ² A_t is Analytic-DPM's own term
 (Thm. 1), so σ*² reduces to the paper's optimum. Nothing here calls a network: the
 moments come from the Γ job's one pass over data.
+
+Where it comes from: σ*² = λ² + γ²A_t (``residual-ddpm``) is the scalar, state-independent
+case of the NPR-DPM variance of Bao et al., ICML 2022, "Estimating the optimal covariance
+with imperfect mean in diffusion probabilistic models" (there E[‖ε − ε̂‖² | x_t] is fitted by
+a second network; here its mean over x_t is one number per t). The expected-KL cost matrix
+(:func:`expected_cost_matrix`) extends the official Analytic-DPM code's NELBO-term
+trajectory from the perfect-model KL to each method's KL under the measured error.
+"KL-optimal" holds where σ*² is used as is: :func:`ddpm_family_sigma2` caps residual-ddpm's
+σ² at Theorem 2's bound λ² + γ²((b−a)/2)², which binds where A_t > ((b−a)/2)²
+(:func:`adpm_dist.diffusion.limit.cap_binds`); there σ² is below σ*² and the step KL above
+its minimum.
 """
 
 from __future__ import annotations
