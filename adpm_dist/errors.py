@@ -48,6 +48,29 @@ def is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, USER_ERRORS)
 
 
+def raised_by_check(exc: BaseException, package: str) -> bool:
+    """True when ``exc`` comes from an explicit ``raise`` of ``package``'s own code (its argument
+    checks), not from a library call failing inside it (numpy's broadcasting error, torch's
+    shape checks), nor from code outside ``package``.
+
+    Only :class:`UserError` is a user error. A caller that knows a lower layer's argument
+    came from the user translates that layer's argument checks, and nothing else, into a
+    UserError: ``except ValueError as exc: if not raised_by_check(exc, "adpm_dist.diffusion"):
+    raise``. Any other ValueError stays a bug (traceback, exit 1).
+    """
+    import linecache
+
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = str(tb.tb_frame.f_globals.get("__name__", ""))
+    if module != package and not module.startswith(package + "."):
+        return False
+    return linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).lstrip().startswith("raise ")
+
+
 def print_error_line(message: object) -> None:
     """``error: MESSAGE`` on stderr in ONE write, newline included: ranks that fail together
     share a stderr pipe, and ``print`` (text, then newline) let their lines run into each other."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from adpm_dist.diffusion.residual import ErrorMoments
+from adpm_dist.errors import raised_by_check
 from adpm_dist.gamma.file import GammaFile, GammaFileError, loads, read_raw
 from adpm_dist.io.storage import redact
 from adpm_dist.models.loading import mode_warning
@@ -106,7 +107,9 @@ def load_for(model, url: str, schedule=None) -> GammaRef:
     if sched is None:
         try:
             sched = schedule_from_description(gf.schedule, source)
-        except ValueError as exc:
+        except ValueError as exc:  # the schedule layer's checks of the file's description
+            if not raised_by_check(exc, "adpm_dist.diffusion"):
+                raise
             raise GammaFileError(str(exc)) from None
     check_schedule(gf, sched, source=source)
     if model is not None:

@@ -16,52 +16,41 @@ A job is a :class:`ShardedJob` subclass; :func:`run_job` drives it on every rank
 4. **Final write** — the ranks' payloads are gathered and rank 0 writes the result.
 5. **Cleanup** — partial state removed, the process group shut down.
 
-Failure of ANY rank ends every rank quickly. Each phase runs through
+Failure of ANY rank ends every rank quickly, by the one protocol of
+:mod:`adpm_dist.io.collective` (training uses it too). Each local phase runs through
 :func:`together`: a rank that raises still joins the phase's all-reduce, with its
 flag set; the failing rank re-raises its own error (exit 2 for a user error, else
 1 with its traceback) and the others raise :class:`RankFailed` ("rank N failed: …",
-same kind of exit status). An error outside any phase (before the first collective)
-ends the process at once (:func:`main_wrapper` uses ``os._exit`` once a process group
-exists), so gloo peers see the connection close instead of waiting for the timeout.
+same kind of exit status). An error outside any phase (in :meth:`ShardedJob.reduce`'s
+collectives, before the first collective) is reported through the rendezvous store and
+ends the process at once (``os._exit``); the peers read the report wherever they wait.
+A rank that hangs is named by the collective timeout (``--collective-timeout`` where a
+stage has the flag, else ``$ADPM_COLLECTIVE_TIMEOUT``; auto by default).
 
-Test hook: ``ADPM_TEST_FAIL_RANK=R:K`` makes rank R raise a RuntimeError in its
-K-th round (0-based), ``ADPM_TEST_FAIL_RANK=0:write`` makes rank 0 raise one in the
-final write: the propagation above is tested with faults that cannot be produced
-for real (as root, an unwritable output location does not exist).
+Test hook: ``ADPM_TEST_FAIL_RANK=R:K[:hang|kill|user]`` acts on rank R in its K-th
+round (0-based); ``R:reduce`` in the job's reduction, ``0:write`` in the final write:
+the propagation above is tested with faults that cannot be produced for real (as
+root, an unwritable output location does not exist).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import torch
 
 from adpm_dist.diffusion.analytic import step_variances
 from adpm_dist.diffusion.trajectory import make_trajectory
-from adpm_dist.errors import (
-    UsageError,
-    UserError,
-    is_user_error,
-    print_error_line,
-    run_cli,
-)
-from adpm_dist.io import dist, storage
+from adpm_dist.errors import UsageError, UserError, print_error_line, raised_by_check, run_cli
+from adpm_dist.io import collective, dist, storage
+from adpm_dist.io.collective import FAIL_RANK_ENV, RankFailed, injected_fault, settle, together
 from adpm_dist.train.progress import progress
 
-FAIL_RANK_ENV = "ADPM_TEST_FAIL_RANK"
-
-
-class RankFailed(RuntimeError):
-    """Another rank failed; ``status`` is the exit status this rank should end with."""
-
-    def __init__(self, rank: int, kind: str, message: str, user_error: bool):
-        super().__init__(f"rank {rank} failed: {kind}: {message}")
-        self.rank, self.status = rank, 2 if user_error else 1
+__all__ = ["FAIL_RANK_ENV", "RankFailed", "ShardedJob", "job_main", "main_wrapper", "run_job", "together"]
 
 
 class PartialStateError(UserError, ValueError):
@@ -69,53 +58,11 @@ class PartialStateError(UserError, ValueError):
 
 
 # ---------------------------------------------------------------- failure propagation
+# The protocol lives in the io layer (adpm_dist.io.collective) so training uses it too;
+# these names stay importable from here.
 
-
-def _settle(err: BaseException | None, extra: Sequence[float] = ()) -> np.ndarray:
-    """All-reduce (which ranks failed, *extra*); raise on every rank if any failed.
-
-    Returns the summed ``extra``. Alone (no process group) it just re-raises ``err``.
-    """
-    if not dist.is_initialized():
-        if err is not None:
-            raise err
-        return np.asarray(extra, dtype=np.float64)
-    world, rank = dist.world_size(), dist.rank()
-    packed = torch.zeros(world + len(extra), dtype=torch.float64)
-    packed[world:] = torch.tensor(list(extra), dtype=torch.float64)
-    if err is not None:
-        packed[rank] = 1.0
-    total = dist.all_reduce_sum(packed).numpy()
-    failed = np.flatnonzero(total[:world] > 0)
-    if failed.size:
-        report = None if err is None else (type(err).__name__, str(err), is_user_error(err))
-        reports = dist.all_gather_object(report)
-        if err is not None:
-            raise err
-        first = int(failed[0])
-        raise RankFailed(first, *reports[first])
-    return total[world:]
-
-
-def together(fn: Callable[[], object], rank0_only: bool = False, share: bool = False):
-    """Run ``fn`` on every rank (or on rank 0 only) as one phase; any failure ends every rank.
-
-    With ``share`` the others receive rank 0's result (broadcast) instead of None.
-    """
-    result, err = None, None
-    if not rank0_only or dist.rank() == 0:
-        try:
-            result = fn()
-        except BaseException as exc:  # noqa: BLE001 - every failure must reach the peers
-            err = exc
-    _settle(err)
-    return dist.broadcast_object(result) if share else result
-
-
-def _injected_fault(rank: int, phase) -> None:
-    spec = os.environ.get(FAIL_RANK_ENV)
-    if spec and spec == f"{rank}:{phase}":
-        raise RuntimeError(f"injected failure ({FAIL_RANK_ENV}={spec})")
+_settle = settle
+_injected_fault = injected_fault
 
 
 # ---------------------------------------------------------------- progress
@@ -259,14 +206,33 @@ def _round(job: ShardedJob, index: int) -> bool:
     return bool(_settle(err, [float(more)])[0] > 0)
 
 
-def run_job(job: ShardedJob) -> int:
-    """Drive ``job`` through verdict, resume, rounds, final write and cleanup (see module doc)."""
+def _final_write(job: ShardedJob) -> None:
+    """Gather the payloads (pickled inside a phase, so a payload that cannot travel fails
+    there, not in the gather) and let rank 0 write the result."""
+    blob = together(lambda: pickle.dumps(job.payload()))
+    with collective.slow():
+        blobs = dist.all_gather_object(blob)
+
+        def write() -> None:
+            injected_fault(job.rank, "write")
+            job.write([pickle.loads(b) for b in blobs])
+
+        together(write, rank0_only=True)
+
+
+def run_job(job: ShardedJob, collective_timeout: float | None = None) -> int:
+    """Drive ``job`` through verdict, resume, rounds, final write and cleanup (see module doc).
+
+    ``collective_timeout``: seconds (None/0: ``$ADPM_COLLECTIVE_TIMEOUT``, else auto;
+    :mod:`adpm_dist.io.collective`).
+    """
     info = dist.init()
     job.rank, job.world = info.rank, info.world_size
+    collective.start(collective_timeout)
     if together(job.existing, rank0_only=True, share=True):
         if job.rank == 0:
             print(job.done_message())
-        dist.shutdown()
+        collective.shutdown()
         return 0
     resumed = _resume_phase(job)
     rounds = 0
@@ -274,21 +240,20 @@ def run_job(job: ShardedJob) -> int:
         while True:
             more = _round(job, rounds)
             rounds += 1
+            # The job's own collectives: a rank raising in them reports through the store and
+            # leaves (io.collective.run_protected); its peers read the report and leave too.
+            injected_fault(job.rank, "reduce")
+            collective.arrive()
             completed, enough = job.reduce(rounds)
+            collective.progress()
             bar.update(completed)
             if not more or enough:
                 break
-    gathered = dist.all_gather_object(together(job.payload))
-
-    def write() -> None:
-        _injected_fault(job.rank, "write")
-        job.write(gathered)
-
-    together(write, rank0_only=True)
+    _final_write(job)
     if job.partial_dir is not None:
         together(lambda: storage.remove(partial_url(job)))
         together(lambda: storage.remove(job.partial_dir, recursive=True), rank0_only=True)
-    dist.shutdown()
+    collective.shutdown()
     return 0
 
 
@@ -309,15 +274,19 @@ def resolve_trajectory(kind: str, schedule, steps: int, gamma, **options) -> np.
     try:
         return make_trajectory(kind, schedule, steps, gamma=gamma, **options)
     except ValueError as exc:  # the diffusion layer's argument checks (e.g. Γ missing at t)
+        if not raised_by_check(exc, "adpm_dist.diffusion"):
+            raise  # a bug in the maths (numpy's own error): traceback, exit 1
         raise UsageError(str(exc)) from None
 
 
 def resolve_variances(schedule, tau, method: str, gamma, eta: float = 0.0, clip_pixel=None, **options):
     """:func:`step_variances` (``options``: ``fit``, ``moments``, ``direction``), its argument
-    checks (Γ or moments missing on τ, η < 0) as UsageError."""
+    checks (Γ or moments missing on τ, η < 0) as UsageError; any other ValueError is a bug."""
     try:
         return step_variances(schedule, tau, method, gamma=gamma, eta=eta, clip_pixel=clip_pixel, **options)
     except ValueError as exc:
+        if not raised_by_check(exc, "adpm_dist.diffusion"):
+            raise
         raise UsageError(str(exc)) from None
 
 
@@ -326,19 +295,15 @@ def main_wrapper(main: Callable[[Sequence[str] | None], int], argv: Sequence[str
 
     User errors: one ``error:`` line, exit 2. A peer's failure: one ``error: rank N
     failed: …`` line, exit 2 or 1 like the failed rank. Anything else propagates
-    (traceback, exit 1). Once a process group exists, a failing rank leaves with
-    ``os._exit`` after printing, so no exit-time hook can leave its peers waiting.
+    (traceback, exit 1). Once a process group exists, a failing rank reports its failure
+    (:func:`adpm_dist.io.collective.run_protected`) and leaves with ``os._exit``, so no
+    exit-time hook can leave its peers waiting.
     """
     try:
-        status = run_cli(main, argv)
+        status = run_cli(lambda a: collective.run_protected(lambda: main(a)), argv)
     except RankFailed as exc:
         print_error_line(exc)
         status = exc.status
-    except BaseException:
-        if not dist.is_initialized():
-            raise
-        traceback.print_exc()
-        status = 1
     if status != 0 and dist.is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()
@@ -355,6 +320,8 @@ def job_main(make_job: Callable, build_parser: Callable, argv: Sequence[str] | N
     def run(args_argv: Sequence[str] | None) -> int:
         args = build_parser().parse_args(args_argv)
         info = dist.init()
-        return run_job(together(lambda: make_job(args, info.rank, info.world_size)))
+        collective.start(getattr(args, "collective_timeout", None))
+        return run_job(together(lambda: make_job(args, info.rank, info.world_size)),
+                       getattr(args, "collective_timeout", None))
 
     return main_wrapper(run, argv)

@@ -8,7 +8,8 @@ import os
 import shutil
 from typing import Any
 
-from adpm_dist.io import dist, storage
+from adpm_dist.io import collective, storage
+from adpm_dist.io.collective import together
 from adpm_dist.train.config import ConfigError
 from adpm_dist.train.run_dir import EMA_FILE, LATEST, RunDir, checkpoint_tag, read_latest
 
@@ -25,7 +26,18 @@ def ema_bytes(t: Trainer) -> bytes:
 
 
 def save(t: Trainer) -> None:
-    """Collective: DeepSpeed state → stage, upload, then ema, metrics, latest.json (last)."""
+    """Collective: DeepSpeed state → stage, upload, then ema, metrics, latest.json (last).
+
+    The local writes run as phases of the failure protocol (:func:`collective.together`,
+    whose all-reduce is also the barrier between them): a write failing on any rank ends
+    every rank, and latest.json is only written once every rank's part is safe. A failure
+    inside DeepSpeed's own save ends the run through the protocol's store report.
+    """
+    with collective.slow():
+        _save(t)
+
+
+def _save(t: Trainer) -> None:
     step = t.state.step
     tag = checkpoint_tag(step)
     client = {
@@ -39,16 +51,22 @@ def save(t: Trainer) -> None:
     )
     t.ema.sync(list(t.engine.module.buffers()))  # collective under ZeRO-3 (sharded EMA)
     weights = ema_bytes(t) if t.info.is_main else b""
-    if t.info.is_main:
-        storage.write_bytes(os.path.join(t.run.stage_ckpt(), tag, EMA_FILE), weights)
-    dist.barrier()
-    if t.run.remote and t.info.local_rank == 0:
-        # Each node uploads what its ranks wrote (ZeRO shards are per rank).
-        storage.upload_dir(
-            os.path.join(t.run.stage_ckpt(), tag), t.run.join("ckpt", tag)
-        )
-    dist.barrier()
-    if t.info.is_main:
+
+    def stage() -> None:
+        collective.injected_fault(t.info.rank, "ckpt")
+        if t.info.is_main:
+            storage.write_bytes(os.path.join(t.run.stage_ckpt(), tag, EMA_FILE), weights)
+
+    together(stage)
+
+    def upload() -> None:
+        if t.run.remote and t.info.local_rank == 0:
+            # Each node uploads what its ranks wrote (ZeRO shards are per rank).
+            storage.upload_dir(os.path.join(t.run.stage_ckpt(), tag), t.run.join("ckpt", tag))
+
+    together(upload)
+
+    def publish() -> None:
         storage.write_bytes(t.run.join(EMA_FILE), weights)
         t.metrics.flush(step)
         latest = {
@@ -60,7 +78,8 @@ def save(t: Trainer) -> None:
         }
         storage.write_text(t.run.join(LATEST), json.dumps(latest, indent=2) + "\n")
         prune_run(t.run, tag, keep_last=t.cfg.train.keep_ckpts)
-    dist.barrier()
+
+    together(publish, rank0_only=True)
     if t.run.remote and t.info.local_rank == 0:
         prune_stage(t.run, keep=tag)
     t.state.last_saved = step
@@ -92,10 +111,37 @@ def prune_stage(run: RunDir, keep: str) -> None:
 
 
 def resume(t: Trainer) -> bool:
-    """Load latest.json's checkpoint if there is one; True when resumed."""
+    """Load latest.json's checkpoint if there is one; True when resumed.
+
+    Reading and checking latest.json, the download and the EMA load are phases of the
+    failure protocol; DeepSpeed's load between them ends the run through its store report.
+    """
+    with collective.slow():
+        latest = together(lambda: _checked_latest(t))
+        if latest is None:
+            return False
+        tag = os.path.basename(latest["deepspeed"].rstrip("/"))
+        local = os.path.join(t.run.stage_ckpt(), tag)
+
+        def download() -> None:
+            if t.run.remote and t.info.local_rank == 0:
+                shutil.rmtree(local, ignore_errors=True)
+                storage.download_dir(t.run.join(latest["deepspeed"]), local)
+
+        together(download)
+        path, client = t.engine.load_checkpoint(
+            t.run.stage_ckpt(), tag=tag, load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        together(lambda: _load_rest(t, latest, path, client, local))
+    return True
+
+
+def _checked_latest(t: Trainer) -> dict | None:
+    """latest.json, checked against this run's schedule and model (ConfigError), or None."""
     latest = read_latest(t.run)
     if latest is None:
-        return False
+        return None
     where = t.run.join(LATEST)
     if latest["schedule"] != t.schedule_info:
         raise ConfigError(
@@ -110,17 +156,11 @@ def resume(t: Trainer) -> bool:
             f"builds {model_name(t.model_config)!r} ({config_differences(latest['model'], t.model_config)};"
             " config keys 'model.*'); use a new train.run_dir"
         )
-    tag = os.path.basename(latest["deepspeed"].rstrip("/"))
-    local = os.path.join(t.run.stage_ckpt(), tag)
-    if t.run.remote:
-        if t.info.local_rank == 0:
-            shutil.rmtree(local, ignore_errors=True)
-            storage.download_dir(t.run.join(latest["deepspeed"]), local)
-        dist.barrier()
-    path, client = t.engine.load_checkpoint(
-        t.run.stage_ckpt(), tag=tag, load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )
+    return latest
+
+
+def _load_rest(t: Trainer, latest: dict, path, client, local: str) -> None:
+    """After DeepSpeed's load: the EMA and the loop counters."""
     if path is None:
         raise RuntimeError(f"{t.run.join(latest['deepspeed'])}: DeepSpeed could not load it")
     from adpm_dist.models.io import model_from_bytes
@@ -133,5 +173,4 @@ def resume(t: Trainer) -> bool:
     t.state.skipped_total = int(client["adpm_skipped_total"])
     t.state.last_saved = t.state.step
     if t.state.step != int(latest["step"]):
-        raise RuntimeError(f"{where}: step {latest['step']} but checkpoint has {t.state.step}")
-    return True
+        raise RuntimeError(f"{t.run.join(LATEST)}: step {latest['step']} but checkpoint has {t.state.step}")

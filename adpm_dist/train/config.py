@@ -105,6 +105,7 @@ class TrainConfig:
     sample_steps: int = 50
     stage_dir: str = ""  # local folder for DeepSpeed state when run_dir is remote; "" = temp
     progress: bool = True
+    collective_timeout: float = 0.0  # s without progress before a stuck rank ends the job; 0 = auto
 
 
 @dataclass
@@ -167,6 +168,7 @@ _VALUE_CHECKS: list[tuple[str, Any, str]] = [
      "must be two numbers in [0, 1)"),
     ("optim.eps", _number(0.0, above=True), "must be a finite number > 0"),
     ("optim.warmup_steps", _number(0), "must be >= 0"),
+    ("train.collective_timeout", _number(0.0), "must be >= 0 seconds (0 = auto)"),
     ("optim.grad_clip", _number(0.0), "must be a finite number >= 0 (0 = no clipping)"),
     ("train.run_dir", lambda v: bool(v.strip()), "must name a folder or s3:// URL"),
     ("train.seed", _number(0), "must be >= 0"),

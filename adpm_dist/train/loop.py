@@ -44,8 +44,9 @@ from typing import Any
 import torch
 
 from adpm_dist.diffusion.schedule import make_schedule
-from adpm_dist.errors import UserArgumentParser, run_cli
-from adpm_dist.io import dist, preempt, storage
+from adpm_dist.errors import UserArgumentParser, raised_by_check, run_cli
+from adpm_dist.io import collective, dist, preempt, storage
+from adpm_dist.io.collective import together
 from adpm_dist.io.quality import BadDataError
 from adpm_dist.train import checkpoint
 from adpm_dist.train.batches import batches_from, check_data, make_stream
@@ -101,7 +102,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         try:
             model = build_model(cfg.model.preset, **cfg.model.options)
-        except ValueError as exc:
+        except ValueError as exc:  # the registry's checks of the preset and its options
+            if not raised_by_check(exc, "adpm_dist.models"):
+                raise
             raise ConfigError(f"config key 'model': {exc}") from None
         self.model_config = dict(model.config)
         latest = read_latest(self.run)
@@ -145,24 +148,24 @@ class Trainer:
             self.run.join("samples", f"{checkpoint_tag(self.state.step)}.png"), png
         )
 
-    def step(self, x0: torch.Tensor, bad_data: bool = False) -> dict[str, Any]:
+    def step(self, x0: torch.Tensor | None, bad_data: bool = False,
+             failure: BaseException | None = None) -> dict[str, Any]:
         """Forward, agree across ranks, backward + update unless the loss is not finite or a
-        rank has no real batch (``bad_data``: then every rank returns ``bad_data`` True)."""
+        rank has no real batch (``bad_data``: then every rank returns ``bad_data`` True).
+
+        ``failure``: this rank's step already failed (its batch); it still joins the
+        agreement, which then raises on every rank (:func:`collective.raise_failures`)."""
         cfg, engine = self.cfg, self.engine
-        x0 = x0.to(self.device, non_blocking=True)
-        loss = training_loss(
-            engine, x0, self.schedule, seed=cfg.train.seed, step=self.state.step,
-            rank=self.info.rank, kind=cfg.train.loss,
-        )
-        # One all-reduce per step: the mean loss (NaN/inf on any rank poisons the sum, so
-        # all ranks skip together), the preemption flag (any rank ⇒ all ranks stop) and the
-        # bad-data flag (any rank ⇒ all ranks checkpoint and stop).
-        shared = torch.tensor(
-            [loss.detach().float().item(), 1.0 if preempt.requested() else 0.0,
-             1.0 if bad_data else 0.0],
-            dtype=torch.float64, device=dist.collective_device(),
-        )
-        dist.all_reduce_sum(shared)
+        loss = None
+        if failure is None:
+            try:
+                loss = training_loss(
+                    engine, x0.to(self.device, non_blocking=True), self.schedule, seed=cfg.train.seed,
+                    step=self.state.step, rank=self.info.rank, kind=cfg.train.loss,
+                )
+            except BaseException as exc:  # noqa: BLE001 - every failure must reach the peers
+                failure = exc
+        shared = self.agree(loss, bad_data, failure)
         mean_loss = float(shared[0]) / self.info.world_size
         out: dict[str, Any] = {"loss": mean_loss, "preempt": bool(shared[1] > 0),
                                "bad_data": bool(shared[2] > 0)}
@@ -195,35 +198,58 @@ class Trainer:
         out["skipped"] = False
         return out
 
+    def agree(self, loss: torch.Tensor | None, bad_data: bool, failure: BaseException | None):
+        """The step's ONE all-reduce, on the device: (loss, preempt, bad data, failed flag per
+        rank). NaN/inf on any rank poisons the loss sum, so all ranks skip together; preempt
+        or bad data on any rank stops all ranks; a failure on any rank raises on every rank.
+        The loss never leaves the device on its own (no ``.item()``): the one host read is
+        of the reduced vector, which the skip, stop and failure decisions need each step."""
+        world, device = self.info.world_size, dist.collective_device()
+        flags = torch.zeros(3 + world, dtype=torch.float64)
+        flags[1], flags[2] = float(preempt.requested()), float(bad_data)
+        if failure is not None:
+            flags[3 + self.info.rank] = 1.0
+        shared = flags.to(device, non_blocking=True)
+        if loss is not None:
+            shared[0] = loss.detach().to(device=device, dtype=torch.float64)
+        collective.arrive()
+        dist.all_reduce_sum(shared)
+        collective.progress()
+        shared = shared.cpu()
+        collective.raise_failures(shared[3:].numpy(), failure)
+        return shared
+
     # -- the loop -------------------------------------------------------------
 
     def fit(self) -> int:
         cfg, info, state = self.cfg, self.info, self.state
-        if info.is_main:
-            storage.makedirs(self.run.url)
-            storage.check_access(self.run.url)
-        dist.barrier()
+        together(lambda: (storage.makedirs(self.run.url), storage.check_access(self.run.url)),
+                 rank0_only=True)
         resumed = self.resume()
         self.metrics = Metrics(self.run, state.step, enabled=info.is_main)
-        if info.is_main:
+
+        def start() -> None:
             storage.write_text(self.run.join("config.yaml"), config_to_yaml(cfg))
             log.info("%s at step %d of %d in %s", "resumed" if resumed else "starting",
                      state.step, cfg.train.total_steps, self.run.url)
+
+        together(start, rank0_only=True)
         if state.step >= cfg.train.total_steps:
             if not resumed:
                 self.save()  # total_steps = 0: still leave a loadable run
             return 0
-        stream, bpe = make_stream(cfg, self.model_config, info)
+        stream, bpe = together(lambda: make_stream(cfg, self.model_config, info))
         batches = batches_from(stream, state.step, bpe)
         self.engine.train()
         self.rate_mark = (time.perf_counter(), state.step)
         with progress(info.is_main and cfg.train.progress) as bar:
             task = bar.add_task("train", total=cfg.train.total_steps, completed=state.step)
             while state.step < cfg.train.total_steps:
-                x0, bad = self.next_batch(batches)
-                out = self.step(x0, bad_data=bad is not None)
+                x0, bad, failure = self.next_batch(batches)
+                out = self.step(x0, bad_data=bad is not None, failure=failure)
                 if out["bad_data"]:
                     self.save()  # the batches so far were good: keep them (exit 2 follows)
+                    collective.stop()  # every rank raises its own line: no store report
                     raise stopped_on_bad_data(bad, state.step)
                 state.step += 1
                 bar.update(task, completed=state.step,
@@ -236,14 +262,20 @@ class Trainer:
             self.save()
         return 0
 
-    def next_batch(self, batches: Iterator[torch.Tensor]) -> tuple[torch.Tensor, Exception | None]:
-        """The next batch, or (when the data layer gives up on bad input) a stand-in of the
-        same shape and the error: this step's collectives must still run on every rank."""
+    def next_batch(self, batches: Iterator[torch.Tensor]
+                   ) -> tuple[torch.Tensor | None, Exception | None, BaseException | None]:
+        """(batch, bad input, failure): the next batch; when the data layer gives up on bad
+        input a stand-in of the same shape and that error; any other failure (a reader's bug,
+        the test hook ``ADPM_TEST_FAIL_RANK=R:K[:mode]`` at step K) comes back as ``failure``.
+        This step's collectives must still run on every rank."""
         try:
-            return next(batches), None
+            collective.injected_fault(self.info.rank, self.state.step)
+            return next(batches), None, None
         except BadDataError as exc:
             c, r = self.model_config["in_channels"], self.model_config["resolution"]
-            return torch.zeros(per_rank_batch(self.cfg, self.info.world_size), c, r, r), exc
+            return torch.zeros(per_rank_batch(self.cfg, self.info.world_size), c, r, r), exc, None
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the peers
+            return None, None, exc
 
     def log_step(self, out: dict[str, Any]) -> None:
         cfg, state = self.cfg, self.state
@@ -279,9 +311,9 @@ class Trainer:
                             preempt.REQUEUE_EXIT_CODE)
             return preempt.REQUEUE_EXIT_CODE
         if cfg.train.sample_every and state.step % cfg.train.sample_every == 0:
-            self.ema.sync(list(self.engine.module.buffers()))  # collective under ZeRO-3
-            if info.is_main:
-                self.sample_grid()
+            with collective.slow():
+                self.ema.sync(list(self.engine.module.buffers()))  # collective when sharded
+                together(self.sample_grid, rank0_only=True)
         if state.step % cfg.train.ckpt_every == 0:
             self.save()
         return None
@@ -308,16 +340,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def train(cfg: Config) -> int:
-    """Run (or resume) training with a resolved config; returns the exit status."""
+    """Run (or resume) training with a resolved config; returns the exit status.
+
+    Failures follow :mod:`adpm_dist.io.collective`'s protocol: with several ranks a failing
+    rank prints its error and leaves with ``os._exit`` (no barrier), its peers print
+    ``error: rank N failed: …``; a rank stuck longer than ``train.collective_timeout``
+    (or ``$ADPM_COLLECTIVE_TIMEOUT``; 0 = auto) is named and ends the job.
+    """
     prepare_deepspeed()
-    info = dist.init_group()
-    try:
+    timeout = collective.timeout_from(cfg.train.collective_timeout)
+    info = dist.init_group(max(collective.SLOW_TIMEOUT_S, timeout + 60.0))
+    collective.start(timeout)
+
+    def run() -> int:
         with preempt.PreemptionHandler():
-            trainer = Trainer(cfg, info)
-            return trainer.fit()
-    finally:
+            return Trainer(cfg, info).fit()
+
+    try:
+        status = collective.run_protected(run)
+    except BaseException:  # one process: free the group for the next run in this process
+        collective.stop()
         dist.shutdown()
         forget_deepspeed_groups()
+        raise
+    collective.shutdown()
+    forget_deepspeed_groups()
+    return status
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -1,0 +1,99 @@
+"""The job core's own reduction inside the failure protocol (issue 22 §1), and the error policy
+(issue 23): only UserError is a user error; a ValueError of the maths layer is a bug."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adpm_dist.errors import raised_by_check
+from adpm_dist.gamma import read_gamma
+from adpm_dist.io import collective
+from tests.estimate_helpers import launch_ranks, tiny_job_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _args(inputs, out) -> list[str]:
+    return ["--checkpoint", inputs["model"], "--data", inputs["data"], "--out", str(out),
+            "--num-workers", "0", "--no-progress", "--timesteps", "1-20", "--data-batch", "2",
+            "--flush-every", "1", "--batch-size", "16"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.usefixtures("one_thread_module")
+def test_an_exception_inside_reduce_on_one_rank_ends_both_and_the_rerun_finishes(tmp_path):
+    inputs = tiny_job_inputs(tmp_path)
+    ref, out = tmp_path / "ref.json", tmp_path / "out.json"
+    assert [r[0] for r in launch_ranks(2, "adpm_dist.estimate", _args(inputs, ref))] == [0, 0]
+    start = time.time()
+    ranks = launch_ranks(2, "adpm_dist.estimate", _args(inputs, out), {collective.FAIL_RANK_ENV: "1:reduce"})
+    (c0, t0, e0), (c1, t1, e1) = ranks
+    assert (c0, c1) == (1, 1), (e0[-2000:], e1[-2000:])
+    assert "Traceback" in e1 and "injected failure" in e1
+    assert "error: rank 1 failed: RuntimeError: injected failure" in e0 and "Traceback" not in e0, e0[-2000:]
+    fault = float(e1.split("adpm-test: injected exception on rank 1 at reduce t=")[1].split()[0])
+    assert start + max(t0, t1) - fault < 30
+    assert [r[0] for r in launch_ranks(2, "adpm_dist.estimate", _args(inputs, out))] == [0, 0]
+    got, want = read_gamma(str(out)), read_gamma(str(ref))
+    np.testing.assert_array_equal(got.sum, want.sum)
+    np.testing.assert_array_equal(got.sum_sq, want.sum_sq)
+    np.testing.assert_array_equal(got.count, want.count)
+
+
+# A numpy error inside the maths layer (σ² of a step built from coefficients of mismatched
+# length) while the `plan` stage runs: before, resolve_variances turned every ValueError into
+# "error: … exit 2" with no traceback.
+BROKEN_MATHS = """
+import sys, numpy as np
+import adpm_dist.diffusion.analytic as a
+from adpm_dist.diffusion.schedule import make_schedule
+from adpm_dist.gamma import GammaFile
+sched = make_schedule("linear", 50)
+gf = GammaFile.empty(sched, {"digest": "d0", "name": "toy"})
+n = np.arange(1, 51 if sys.argv[2] != "partial" else 21)
+for shift in (0.0, 0.01):
+    gf.add(n, 1 - 0.95 * np.exp(-n / 30) - shift)
+gf.contributions.append({"run_id": "t", "rank": 0, "world_size": 1, "samples": [0, 2]})
+open(sys.argv[1], "w").write(gf.to_json())
+if sys.argv[2] == "broken":
+    orig = a.step_coefficients
+    a.step_coefficients = lambda *x, **k: {n: np.append(v, 0.0) if n == "lam2" else v
+                                           for n, v in orig(*x, **k).items()}
+from adpm_dist.stages import plan
+sys.exit(plan.main(["--gamma", sys.argv[1], "--steps", sys.argv[3], "--method", "analytic-ddpm"]))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_maths_valueerror_in_a_stage_is_a_bug_and_an_argument_check_a_user_error(tmp_path):
+    def run(mode: str, steps: str):
+        return subprocess.run([sys.executable, "-c", BROKEN_MATHS, str(tmp_path / "g.json"), mode, steps],
+                              cwd=str(ROOT), capture_output=True, text=True, timeout=100)
+
+    bug = run("broken", "4")
+    assert bug.returncode == 1, bug.stderr[-2000:]
+    assert "Traceback" in bug.stderr and "ValueError: operands could not be broadcast" in bug.stderr
+    assert "error:" not in bug.stderr
+    # The same translation still reports the diffusion layer's own argument checks as one line.
+    user = run("partial", "4")  # Γ estimated at t = 1..20 only
+    assert user.returncode == 2, user.stderr[-2000:]
+    assert user.stderr.startswith("error: Γ is missing at timesteps") and "Traceback" not in user.stderr
+
+
+def test_raised_by_check_tells_an_explicit_check_from_a_library_error():
+    from adpm_dist.diffusion.trajectory import even_trajectory
+
+    with pytest.raises(ValueError) as check:
+        even_trajectory(10, 4, rounding="sideways")  # the layer's own `raise ValueError(...)`
+    assert raised_by_check(check.value, "adpm_dist.diffusion")
+    assert not raised_by_check(check.value, "adpm_dist.models")
+    with pytest.raises(ValueError) as library:
+        np.zeros(2) + np.zeros(3)
+    assert not raised_by_check(library.value, "tests")  # numpy's error on a non-raise line
