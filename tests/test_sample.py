@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from adpm_dist.diffusion.noise import CounterNoise
 from adpm_dist.diffusion.samplers import make_generators
 from adpm_dist.diffusion.samplers import sample as draw
 from adpm_dist.diffusion.schedule import make_schedule
@@ -100,22 +101,25 @@ def test_world_size_invariance_bytes_equal_and_metadata(model, tmp_path):
     np.testing.assert_array_equal(grid[2:66, 2:66], items[0][1].repeat(8, 0).repeat(8, 1))
 
 
-def test_batch_size_invariance_fp64_and_equal_to_direct_sampler(model, tmp_path):
-    """fp64: any batch size gives the same bytes, equal to samplers.sample on each seed alone."""
+@pytest.mark.parametrize("stream", [2, 1])
+def test_batch_size_invariance_fp64_and_equal_to_direct_sampler(model, tmp_path, stream):
+    """fp64: any batch size gives the same bytes, equal to samplers.sample on each seed alone —
+    with noise stream 2 (the default: CounterNoise, one draw per batch) and with stream 1 (a
+    generator per image, the images made before stream 2)."""
     a, b = tmp_path / "a", tmp_path / "b"
-    assert sample.main(args(model, a, "--batch-size", "5", "--shard-size", "7", "--precision", "fp64",
-                            n=14, method="ddpm-beta", steps=6)) == 0
-    assert sample.main(args(model, b, "--batch-size", "3", "--shard-size", "7", "--precision", "fp64",
-                            n=14, method="ddpm-beta", steps=6)) == 0
+    flags = ("--shard-size", "7", "--precision", "fp64", "--noise-stream", str(stream))
+    assert sample.main(args(model, a, "--batch-size", "5", *flags, n=14, method="ddpm-beta", steps=6)) == 0
+    assert sample.main(args(model, b, "--batch-size", "3", *flags, n=14, method="ddpm-beta", steps=6)) == 0
     assert shard_bytes(a) == shard_bytes(b)
     loaded = load_checkpoint(model)
     net = loaded.model.double()
     tau = make_trajectory("even", loaded.schedule, 6)
     got = {int(k.split("_")[1]): img for k, img, _ in read_samples(a)}
     for i in (0, 9, 13):
+        noise = CounterNoise([i]) if stream == 2 else make_generators([i])
         with torch.no_grad():
-            x = draw(lambda x, n: net(x, n), loaded.schedule, tau, "ddpm-beta", make_generators([i]),
-                     (1, 8, 8), dtype=torch.float64)
+            x = draw(lambda x, n: net(x, n), loaded.schedule, tau, "ddpm-beta", noise, (1, 8, 8),
+                     dtype=torch.float64)
         want = np.round((x[0, 0].numpy().clip(-1, 1) + 1) * 127.5).astype(np.uint8)
         np.testing.assert_array_equal(got[i], want)
 

@@ -1,8 +1,9 @@
 """One reverse loop for every method (DDPM-, DDIM- and Analytic-family).
 
 Samplers are pure functions of an ``eps_fn(x, n) -> ε̂`` (n = 1..N, a LongTensor
-of the batch size) and of per-image ``torch.Generator``s: image i's starting
-noise and every noise it receives come from generator i alone, so the output
+of the batch size) and of per-image noise: a list of ``torch.Generator``s (noise stream 1)
+or a :class:`~adpm_dist.diffusion.noise.CounterNoise` (stream 2, one draw per batch). Image
+i's starting noise and every noise it receives come from its own seed alone, so the output
 for an image does not depend on which batch or rank it was drawn in.
 """
 
@@ -30,8 +31,15 @@ def make_generators(seeds: Sequence[int], device="cpu") -> list[torch.Generator]
     return gens
 
 
-def per_image_normal(generators: Sequence[torch.Generator], shape, dtype, device) -> torch.Tensor:
-    """A (len(generators), *shape) standard normal tensor, row i drawn from generator i."""
+def per_image_normal(generators, shape, dtype, device, step: int = 0) -> torch.Tensor:
+    """A (len(generators), *shape) standard normal tensor, row i drawn from generator i.
+
+    ``generators`` may instead be a noise source with ``normal(shape, dtype, device, step)``
+    (:class:`~adpm_dist.diffusion.noise.CounterNoise`, noise stream 2: the whole batch in one
+    draw, row i a function of image i's seed and ``step`` alone); generators ignore ``step``.
+    """
+    if hasattr(generators, "normal"):
+        return generators.normal(shape, dtype, device, step)
     return torch.stack(
         [torch.randn(tuple(shape), generator=g, dtype=dtype, device=device) for g in generators]
     )
@@ -98,11 +106,11 @@ def run_reverse(
         return (x0.clamp(*clip_range) if clip_range is not None else x0), eps
 
     network_direction = direction == "network" and not is_ddpm_family(steps.method)
-    for s, t, lam2, sig2 in zip(steps.s, steps.t, steps.lambda2, steps.sigma2):
+    for k, (s, t, lam2, sig2) in enumerate(zip(steps.s, steps.t, steps.lambda2, steps.sigma2), start=1):
         x0, eps = predict(x, int(t))
         mean = reverse_mean(schedule, x, x0, int(s), int(t), float(lam2), eps if network_direction else None)
         if sig2 > 0 or zero_noise == "draw":
-            noise = per_image_normal(generators, shape, dtype, device)
+            noise = per_image_normal(generators, shape, dtype, device, k)  # stream 2: step k's noise
             mean = mean + math.sqrt(max(float(sig2), 0.0)) * noise
         x = mean
     # Last step τ_1 → 0: p(x₀|x_{τ_1}) has mean x̂₀(x_{τ_1}); we return the mean, as is usual.

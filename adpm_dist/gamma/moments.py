@@ -68,7 +68,32 @@ def pair_errors(schedule, x0, t, noise, eps) -> dict[str, np.ndarray]:
     """The per-pair statistics (module doc) of a forward batch, float64 NumPy arrays of its length.
 
     ``x0``, ``noise``, ``eps`` (ε̂) are tensors shaped (B, …), ``t`` the timesteps (1..N).
-    ``decoder_nll*`` are NaN except at t = 1.
+    ``decoder_nll*`` are NaN except at t = 1. (:func:`pair_errors_device` without the copy.)
+    """
+    out = pair_errors_device(schedule, x0, t, noise, eps, t.cpu().numpy())
+    return {k: v.cpu().numpy() for k, v in out.items()}
+
+
+_RATIO: dict = {}  # (schedule's ᾱ bytes, device) → √(β̄_t/ᾱ_t) for t = 0..N, float64 on the device
+
+
+def _ratio_table(schedule, device):
+    import torch
+
+    abar = np.asarray(schedule.alphas_cumprod, dtype=np.float64)
+    key = (abar.tobytes(), str(device))
+    if key not in _RATIO:
+        _RATIO.clear()  # one schedule at a time is all a job uses
+        _RATIO[key] = torch.from_numpy(np.sqrt((1.0 - abar) / abar)).to(device)
+    return _RATIO[key]
+
+
+def pair_errors_device(schedule, x0, t, noise, eps, t_host: np.ndarray) -> dict:
+    """:func:`pair_errors` as float64 tensors on x0's device, without a device→host copy.
+
+    ``t_host``: the same timesteps on the host (NumPy), for the host-side choice of the rows at
+    t = 1 (the decoder term); ``t`` itself stays on the device. The numbers are those of
+    :func:`pair_errors` bit for bit (same operations, same order).
     """
     from adpm_dist.diffusion.likelihood import log_discretized_gaussian
 
@@ -76,23 +101,25 @@ def pair_errors(schedule, x0, t, noise, eps) -> dict[str, np.ndarray]:
     x0 = x0.reshape(size, -1).double()
     e = noise.reshape(size, -1).double() - eps.reshape(size, -1).double()  # ε − ε̂
     d = x0.shape[1]
-    ts = t.cpu().numpy()
-    abar = schedule.alphas_cumprod
-    r = x0.new_tensor(np.sqrt((1.0 - abar[ts]) / abar[ts]))[:, None]
+    r = _ratio_table(schedule, x0.device)[t.to(x0.device)][:, None]
     raw = x0 + r * e  # x̂₀
     clamped = raw.clamp(*DATA_RANGE)
     delta, delta_raw = x0 - clamped, x0 - raw
     per_dim = {"a": delta.pow(2), "a_raw": delta_raw.pow(2), "b": delta * e, "b_raw": delta_raw * e,
                "c": e.pow(2), "x0_sq": x0.pow(2)}
-    out = {k: (v.sum(dim=1) / d).cpu().numpy() for k, v in per_dim.items()}
-    first = ts == 1
+    out = {k: v.sum(dim=1) / d for k, v in per_dim.items()}
+    rows = np.flatnonzero(np.asarray(t_host) == 1).tolist()
     for key, mean in (("decoder_nll", clamped), ("decoder_nll_raw", raw)):
-        out[key] = np.full(size, np.nan)
-        if first.any():  # (schedules have N >= 10: ᾱ_2 exists)
-            rows = np.flatnonzero(first).tolist()
+        out[key] = torch_full_nan(size, x0)
+        if rows:  # (schedules have N >= 10: ᾱ_2 exists)
             nll = -log_discretized_gaussian(x0[rows], mean[rows], decoder_variance(schedule)) / d
-            out[key][first] = nll.cpu().numpy()
+            out[key][rows] = nll
     return out
+
+
+def torch_full_nan(size: int, like):
+    """A length-``size`` float64 NaN tensor on ``like``'s device."""
+    return like.new_full((size,), float("nan"))
 
 
 @dataclass

@@ -7,9 +7,11 @@
 Work is (sample id × timestep) pairs. Each rank streams its share of the
 evaluation data (every sample once across ranks), reads each x₀ batch ONCE and
 reuses it for every requested timestep, packing pairs of mixed timesteps into
-full forward batches. The noise of a pair comes from a generator seeded by
-(seed, sample id, block of 16 timesteps), so the Γ file does not depend on
-world size, batch size or worker count (up to float64 summation order).
+full forward batches. The noise of a pair is a function of (seed, sample id, t) alone
+(:mod:`adpm_dist.stages.estimate_noise`: noise stream 2, one counter-based draw per batch;
+``--noise-stream 1`` for the generators of older Γ files), so the Γ file does not depend on
+world size, batch size or worker count (up to float64 summation order). The sums stay on the
+device and reach the host once per round (:class:`~adpm_dist.gamma.accumulate.DeviceSums`).
 
 State per t is (Σ v, Σ v², count) with v = ‖ε_θ‖²/d, float64/int64, and the same sums of
 the model-error statistics a, a_raw, b, b_raw, c of each pair, with three scalar ones
@@ -20,8 +22,8 @@ sums are all-reduced (for progress and early stopping). A rerun of the same job
 resumes each rank from its partial state, skipping the pair ids already in it; a
 rerun of a finished job is a no-op. "The same job" is its fingerprint: what
 determines the numbers (model digest, the data's identity and samples, seed, M,
-timesteps, --target-stderr, --precision), not how paths are spelled nor
---num-workers, --data-batch, --batch-size or --flush-every. Rank 0 writes the Γ
+timesteps, --target-stderr, --precision, --noise-stream), not how paths are spelled nor
+--num-workers, --data-batch, --batch-size, --flush-every or --compile. Rank 0 writes the Γ
 file atomically and removes the partial state; a job that evaluated nothing at
 some requested t is an error instead. Flags: :mod:`adpm_dist.stages.estimate_args`;
 which pair ids are read: :mod:`adpm_dist.stages.estimate_data`.
@@ -42,7 +44,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 import time
 from dataclasses import replace
@@ -53,9 +54,12 @@ import torch
 from adpm_dist.diffusion.forward import q_sample
 from adpm_dist.diffusion.stats import mean_stderr
 from adpm_dist.errors import UsageError, UserError
-from adpm_dist.gamma import GammaFile, GammaFileError, Moments, pair_errors, read_gamma, spans, write_gamma
+from adpm_dist.gamma import GammaFile, GammaFileError, Moments, read_gamma, spans, write_gamma
+from adpm_dist.gamma.accumulate import DeviceSums
+from adpm_dist.gamma.moments import pair_errors_device
 from adpm_dist.io import dist, storage
 from adpm_dist.io.quality import DataSummary
+from adpm_dist.models.compile import maybe_compiled
 from adpm_dist.models.loading import (
     eps_function,
     load_checkpoint,
@@ -66,60 +70,26 @@ from adpm_dist.models.loading import (
 from adpm_dist.stages.config_args import resolved_config
 from adpm_dist.stages.estimate_args import build_parser, id_ranges, parse_timesteps
 from adpm_dist.stages.estimate_data import data_plan, work_units
+from adpm_dist.stages.estimate_noise import (  # noqa: F401 (stream 1, re-exported)
+    NOISE_BLOCK,
+    _runs,
+    _seed_for,
+    block_noise,
+    pair_noise,
+    partial_draw_exact,
+)
 from adpm_dist.stages.job import ShardedJob, diff, job_main
 
 __all__ = ["GammaJob", "build_parser", "id_ranges", "main", "pair_noise", "parse_timesteps"]
 
-NOISE_BLOCK = 16  # timesteps per noise generator: noise depends on (seed, id, t) only
-
-
-def _seed_for(seed: int, sample_id: int, block: int) -> int:
-    digest = hashlib.blake2b(f"{seed}:{sample_id}:{block}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def partial_draw_exact(shape, device) -> bool:
-    """Can single rows of a block's 16-row draw be drawn alone, bit for bit?
-
-    True on CPU when a row holds a multiple of 16 numbers: torch's CPU ``randn`` takes one
-    float32 uniform per number, in order, then transforms them 16 at a time; so rows a..b
-    drawn after consuming rows 0..a−1's uniforms (float32 ``uniform_``) equal the full draw's.
-    """
-    return torch.device(device).type == "cpu" and math.prod(shape) % 16 == 0
-
-
-def _runs(offsets: list[int]) -> list[tuple[int, int]]:
-    """Sorted offsets → contiguous runs [(first, length), …]."""
-    return [(a, b - a) for a, b in id_ranges(offsets)]
-
-
-def pair_noise(seed: int, sample_id: int, block: int, shape, device, offsets=None) -> torch.Tensor:
-    """Rows ``offsets`` (sorted, unique; default all 16) of one sample's noise block.
-
-    The block covers timesteps 16·block+1 … 16·(block+1); its values never depend on which
-    rows are asked for: only those are drawn when exact (:func:`partial_draw_exact`).
-    """
-    g = torch.Generator(device=device)
-    g.manual_seed(_seed_for(seed, sample_id, block))
-    offsets = list(range(NOISE_BLOCK)) if offsets is None else [int(o) for o in offsets]
-    ordered = bool(offsets) and offsets == sorted(set(offsets)) and 0 <= offsets[0] < NOISE_BLOCK
-    ordered = ordered and offsets[-1] < NOISE_BLOCK
-    if not (ordered and partial_draw_exact(shape, device)):
-        return torch.randn((NOISE_BLOCK, *shape), generator=g, device=device)[offsets]
-    numel, pos, parts = math.prod(shape), 0, []
-    for first, length in _runs(offsets):
-        if first > pos:  # consume the skipped rows' uniforms, as randn would have
-            torch.empty((first - pos) * numel).uniform_(generator=g)
-        parts.append(torch.randn((length, *shape), generator=g))
-        pos = first + length
-    return torch.cat(parts)
-
 
 class PairEvaluator:
     """Packs (x₀, t) pairs into forward batches of ``batch_size``; v = ‖ε‖²/d and the model-error
-    statistics of each pair (:func:`~adpm_dist.gamma.pair_errors`, same pass) go to a GammaFile."""
+    statistics of each pair (:func:`~adpm_dist.gamma.moments.pair_errors_device`, same pass) go to
+    ``sums`` (:class:`~adpm_dist.gamma.accumulate.DeviceSums`: on the device, no host copy per
+    batch). ``t`` and ``half`` are buffered on the host; x₀ and the noise on the device."""
 
-    def __init__(self, eps_fn, schedule, batch_size: int, sums: GammaFile, device):
+    def __init__(self, eps_fn, schedule, batch_size: int, sums: DeviceSums, device):
         self.eps_fn, self.schedule, self.batch_size = eps_fn, schedule, batch_size
         self.sums, self.device = sums, device
         self.buf_x: list[torch.Tensor] = []
@@ -146,31 +116,33 @@ class PairEvaluator:
         x, t, noise, half = (torch.cat(b) for b in (self.buf_x, self.buf_t, self.buf_noise, self.buf_half))
         rest, rest_half = (x[size:], t[size:], noise[size:]), half[size:]
         x, t, noise, half = x[:size], t[:size], noise[:size], half[:size]
-        eps = self.eps_fn(q_sample(self.schedule, x, t, noise), t)
+        t_dev = t.to(self.device, non_blocking=True)
+        eps = self.eps_fn(q_sample(self.schedule, x, t_dev, noise), t_dev)
         flat = eps.reshape(size, -1).to(torch.float64)
-        errors = pair_errors(self.schedule, x, t, noise, eps)
-        self.sums.add(t.cpu().numpy(), (flat.pow(2).sum(dim=1) / flat.shape[1]).cpu().numpy(), errors,
-                      half=half.numpy())
+        errors = pair_errors_device(self.schedule, x, t_dev, noise, eps, t.numpy())
+        self.sums.add(t_dev, flat.pow(2).sum(dim=1) / flat.shape[1], errors,
+                      half=half.to(self.device, non_blocking=True))
         self.evaluations += size
         self.buf_x, self.buf_t, self.buf_noise = ([r] if len(r) else [] for r in rest)
         self.buf_half = [rest_half] if len(rest_half) else []
         self.pending = len(rest[0])
 
 
-def process_unit(ev: PairEvaluator, ids: torch.Tensor, x0: torch.Tensor, timesteps: np.ndarray, seed: int):
-    """All requested timesteps for one x₀ batch (read once), noise by (seed, id, t-block)."""
+def process_unit(ev: PairEvaluator, ids: torch.Tensor, x0: torch.Tensor, timesteps: np.ndarray, seed: int,
+                 stream: int = 2):
+    """All requested timesteps for one x₀ batch (read once), noise by (seed, id, t): one draw per
+    16-timestep block (noise ``stream`` 2, or 1 as before: :func:`block_noise`)."""
     device = ev.device
-    x0 = x0.to(device)
+    x0 = x0.to(device, non_blocking=True)
     shape = tuple(x0.shape[1:])
     blocks = (timesteps - 1) // NOISE_BLOCK
     for block in np.unique(blocks):
         ts = timesteps[blocks == block]
-        offsets = (ts - 1 - NOISE_BLOCK * block).tolist()
-        noise = torch.stack([pair_noise(seed, int(i), int(block), shape, device, offsets) for i in ids])
+        noise = block_noise(ids, ts, int(block), seed, shape, x0.dtype, device, stream)
         k = len(ts)
         xs = x0[:, None].expand(-1, k, *shape).reshape(-1, *shape)
-        tt = torch.as_tensor(ts, device=device).repeat(len(ids))
-        ev.add(xs, tt, noise.reshape(-1, *shape), (ids.cpu() % 2).repeat_interleave(k))
+        tt = torch.as_tensor(ts, dtype=torch.int64).repeat(len(ids))
+        ev.add(xs, tt, noise, (ids.cpu() % 2).repeat_interleave(k))
 
 
 def settled(gf: GammaFile, timesteps: np.ndarray, target: float) -> bool:
@@ -235,11 +207,13 @@ class GammaJob(ShardedJob):
         path, nor --num-workers, --data-batch, --batch-size, --flush-every, --max-bad-fraction, --run-id."""
         return {"version": 2, "model": self.loaded.digest, "data": data_key, "seed": seed,
                 "samples_per_t": per_t, "timesteps": id_ranges(timesteps),
-                "target_stderr": self.args.target_stderr, "precision": self.precision}
+                "target_stderr": self.args.target_stderr, "precision": self.precision,
+                "noise_stream": self.args.noise_stream}
 
     def known_fingerprint(self, got: dict) -> dict:
         """A fingerprint from before ``version`` 2 in today's form, when it names the same pairs:
         its --data spelling is resolved from here, and its sample rule must agree with today's."""
+        got = {"noise_stream": 1, **got} if isinstance(got, dict) else got  # before stream 2: stream 1
         if "version" in got:  # "auto" before modes were resolved: fp32 (recorded_mode)
             return {**got, "precision": recorded_mode(got["precision"])} if "precision" in got else got
         try:
@@ -251,7 +225,7 @@ class GammaJob(ShardedJob):
             return got  # cannot be the same job: refused, showing the old fingerprint
         new = self.make_fingerprint(plan.key(), got.get("seed"), got["samples_per_t"], ts)
         new.update({k: got.get(k) for k in ("model", "target_stderr")})
-        new["precision"] = recorded_mode(got.get("precision"))
+        new["precision"], new["noise_stream"] = recorded_mode(got.get("precision")), got["noise_stream"]
         return {**new, "world_size": got["world_size"]} if "world_size" in got else new
 
     def existing(self) -> bool:
@@ -305,23 +279,28 @@ class GammaJob(ShardedJob):
     def step(self, round_index: int) -> bool:
         args = self.args
         if self.units is None:
-            eps_fn = eps_function(self.loaded.model, self.device, self.precision, statistics=True)
-            self.ev = PairEvaluator(eps_fn, self.loaded.schedule, args.batch_size, self.sums, self.device)
+            model = maybe_compiled(self.loaded.model, args.compile)
+            eps_fn = eps_function(model, self.device, self.precision, statistics=True)
+            self.acc = DeviceSums(self.sums, self.device)  # the sums stay on the device until round end
+            self.ev = PairEvaluator(eps_fn, self.loaded.schedule, args.batch_size, self.acc, self.device)
             # Resume by pair id, not by batch count: batches depend on --num-workers/--data-batch.
             skip = np.array(sorted(self.ids_seen), dtype=np.int64)
             self.units = work_units(self.plan, args, self.rank, self.world, self.per_t, self.data_batch,
                                     self.data_summary, skip)
             self.start = time.time()
         done = 0
+        more = False
         for ids, x in self.units:
-            process_unit(self.ev, ids, x, self.timesteps, args.seed)
+            process_unit(self.ev, ids, x, self.timesteps, args.seed, args.noise_stream)
             self.ev.flush()
             self.units_done += 1
             self.ids_seen.extend(int(i) for i in ids)
             done += 1
             if done == args.flush_every:
-                return True
-        return False
+                more = True
+                break
+        self.acc.sync()  # once per round: the partial state and the reduce read the host copy
+        return more
 
     def reduce(self, rounds: int) -> tuple[int, bool]:
         self.totals = replace(self.sums).all_reduce()

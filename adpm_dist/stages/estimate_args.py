@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from adpm_dist.diffusion.noise import DEFAULT_NOISE_STREAM, NOISE_STREAMS
 from adpm_dist.diffusion.trajectory import even_trajectory, quadratic_trajectory
 from adpm_dist.errors import UsageError, fraction, nonnegative_int, positive_float, positive_int
 from adpm_dist.models.loading import PRECISIONS
@@ -65,10 +66,23 @@ def build_parser() -> ConfigParser:
                         "here on any device (Γ near t = N is ~1e-5 from 1, below bf16/TF32 error); fp64 "
                         "makes the result bit-stable across world sizes and batch sizes; the mode is "
                         "recorded in the output (default: %(default)s)")
+    add_noise_flags(p)
     p.add_argument("--no-progress", action="store_true",
                    help="no progress display (a bar on a terminal, progress lines otherwise)")
     add_config_options(p)
     return p
+
+
+def add_noise_flags(p) -> None:
+    """--noise-stream and --compile (neither changes which pairs are evaluated)."""
+    p.add_argument("--noise-stream", type=int, default=DEFAULT_NOISE_STREAM, choices=NOISE_STREAMS,
+                   help="how a pair's noise is drawn from (seed, id, t): 2 = one counter-based draw per "
+                        "batch (adpm_dist.diffusion.noise), 1 = a torch generator per (id, 16 timesteps), "
+                        "as before 2026-12 (to reproduce older Γ files); part of the job's identity "
+                        "(default: %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the network through torch.compile (off by default; worth it on a GPU for "
+                        "long jobs, slow to start on CPU); not part of the job's identity")
 
 
 def parse_timesteps(spec: str, num_timesteps: int) -> np.ndarray:

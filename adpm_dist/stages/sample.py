@@ -42,11 +42,13 @@ import torch
 
 from adpm_dist.diffusion.analytic import ANALYTIC_METHODS
 from adpm_dist.diffusion.conventions import OURS, Conventions
+from adpm_dist.diffusion.noise import CounterNoise
 from adpm_dist.diffusion.samplers import make_generators, run_reverse
 from adpm_dist.errors import UsageError
 from adpm_dist.gamma import load_for
 from adpm_dist.io import dist, storage
 from adpm_dist.io.shards import MANIFEST_NAME, encode_png, write_manifest, write_shard
+from adpm_dist.models.compile import maybe_compiled
 from adpm_dist.models.loading import (
     CheckpointError,
     LoadedModel,
@@ -186,6 +188,7 @@ def job_description(args, loaded: LoadedModel, tau: np.ndarray, gamma_digest: st
         "tau": [int(t) for t in tau], "eta": args.eta, "clip_pixel": args.clip_pixel,
         "seed": args.seed, "num_samples": args.num_samples, "shard_size": args.shard_size,
         "precision": args.precision, "shape": list(shape), "conventions": conventions,
+        "noise_stream": args.noise_stream,
     }
 
 
@@ -193,7 +196,7 @@ def job_identity(job: dict) -> dict:
     """The job less where its model and Γ file were read from: their digests determine the
     images, so ``g.json`` and ``/abs/g.json`` (or a moved checkpoint) are the same job."""
     model, gamma = job.get("model"), job.get("gamma")
-    ident = dict(job)
+    ident = {"noise_stream": 1, **job}  # written before noise stream 2: drawn with stream 1
     if "conventions" not in ident:  # written before the switches: made with the legacy choices
         ident["conventions"] = relevant(Conventions(**{**OURS.describe(), **LEGACY}),
                                         str(job.get("method")), str(job.get("trajectory")))
@@ -323,11 +326,12 @@ class SampleJob(ShardedJob):
 
     def _open(self) -> None:
         args, device = self.args, dist.device_for(dist.env_info())
-        eps_fn = eps_function(self.loaded.model, device, args.precision)
+        eps_fn = eps_function(maybe_compiled(self.loaded.model, args.compile), device, args.precision)
         dtype = torch.float64 if args.precision == "fp64" else torch.float32
 
         def sampler(seeds: list[int]) -> torch.Tensor:
-            gens = make_generators(seeds, device=device)
+            # stream 2: one counter-based draw per batch and step; 1: a generator per image
+            gens = CounterNoise(seeds) if args.noise_stream == 2 else make_generators(seeds, device=device)
             return run_reverse(eps_fn, self.loaded.schedule, self.steps, gens, self.shape, dtype=dtype,
                                device=device, direction=self.conventions.ddim_direction,
                                zero_noise=self.conventions.zero_noise)

@@ -4,6 +4,7 @@ methods it applies to; every number is checked when parsed (one ``error:`` line,
 from __future__ import annotations
 
 from adpm_dist.diffusion.analytic import DDPM_FAMILY, METHODS
+from adpm_dist.diffusion.noise import DEFAULT_NOISE_STREAM, NOISE_STREAMS
 from adpm_dist.diffusion.trajectory import TRAJECTORIES
 from adpm_dist.errors import UsageError, fraction, int_at_least, nonnegative_int, positive_float, positive_int
 from adpm_dist.models.loading import PRECISIONS
@@ -62,11 +63,18 @@ def build_parser() -> ConfigParser:
                    help="images per output .tar shard (>= 1), the unit of resume (part of the job). "
                         "Default: %(default)s")
     p.add_argument("--seed", type=nonnegative_int, default=0,
-                   help="image i is drawn with its own generator seeded SEED + i (>= 0). "
+                   help="image i is drawn from its own seed SEED + i (>= 0). "
                         "Default: %(default)s")
     p.add_argument("--eta", type=fraction, default=0.0, help=ETA_HELP)
     p.add_argument("--clip-pixel", type=positive_float, default=None, metavar="Y", help=CLIP_HELP)
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
+    p.add_argument("--noise-stream", type=int, default=DEFAULT_NOISE_STREAM, choices=NOISE_STREAMS,
+                   help="how image i's noise is drawn from its seed: 2 = one counter-based draw per batch "
+                        "and step (adpm_dist.diffusion.noise), 1 = a torch generator per image, as before "
+                        "2026-12 (to reproduce older images); part of the job. Default: %(default)s")
+    p.add_argument("--compile", action="store_true",
+                   help="run the network through torch.compile (off by default; slow to start on CPU; "
+                        "not part of the job)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_convention_flags(p, ("covariance_fit", "ddim_direction", "even_rounding", "dp_cost"))
     add_config_options(p)
