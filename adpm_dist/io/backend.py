@@ -88,6 +88,27 @@ def clear_cache() -> None:
         _cache.clear()
 
 
+_WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+               "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
+
+
+def settings_snapshot() -> dict[str, Any]:
+    """This process's S3 settings (environment, :func:`configure` overrides, retry policy), for a
+    process that does not inherit them: a DataLoader worker started by forkserver or spawn."""
+    return {"env": {k: os.environ[k] for k in _WORKER_ENV if k in os.environ},
+            "overrides": dict(_overrides), "retry": dict(_retry_policy)}
+
+
+def apply_settings(snapshot: dict[str, Any]) -> None:
+    """Adopt a :func:`settings_snapshot` (in the worker), with fresh clients."""
+    for k in _WORKER_ENV:
+        os.environ.pop(k, None)
+    os.environ.update(snapshot["env"])
+    _overrides.update(snapshot["overrides"])
+    _retry_policy.update(snapshot["retry"])
+    clear_cache()
+
+
 def _s3_settings() -> dict[str, str | None]:
     env = os.environ
     return {

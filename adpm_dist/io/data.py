@@ -27,6 +27,11 @@ would accept what was seen so far.
 Reading and decoding shards is :mod:`adpm_dist.io.shard_reader`. Importing this module
 (through it) registers an ``s3://`` opener in ``webdataset.gopen.gopen_schemes``
 (at import time, so DataLoader workers started with spawn get it too).
+
+DataLoader workers (:mod:`adpm_dist.io.workers`): the training stream keeps its workers
+across epochs (``persistent_workers``; each worker counts the epochs it is asked for, and
+every batch carries its epoch, checked in the main process); pinned batches on CUDA; and a
+``forkserver`` start when the shards are remote or fsspec's event loop runs in this process.
 """
 
 from __future__ import annotations
@@ -42,11 +47,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle as wds_shuffle
 from webdataset.shardlists import ResampledShards
 
+from adpm_dist.io import backend
 from adpm_dist.io.quality import BadDataError, DataSummary
 
 # Reading shards lives in shard_reader (which registers the s3:// opener on import).
 from adpm_dist.io.shard_reader import _iter_tar_groups, _open_shard, _ShardReader, to_tensor
 from adpm_dist.io.shards import ShardInfo, ShardSetError, expand_urls, shard_table
+from adpm_dist.io.workers import loader as _loader
 
 log = logging.getLogger(__name__)
 
@@ -69,24 +76,30 @@ class _TrainEpoch(IterableDataset):
         super().__init__()
         self.s = stream
         self.epoch = epoch
+        self.iters = 0  # a persistent worker is asked once per epoch, in order: epoch + iters
 
     def worker_batches(self, worker: int, num_workers: int) -> int:
         n = self.s.batches_per_epoch
         return n // num_workers + (1 if worker < n % num_workers else 0)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict, int]]:
         worker, num_workers = _worker()
-        return self.iter_worker(worker, num_workers)
+        epoch = self.epoch + self.iters
+        self.iters += 1
+        return self.iter_worker(worker, num_workers, epoch)
 
-    def iter_worker(self, worker: int, num_workers: int) -> Iterator[tuple[torch.Tensor, dict]]:
+    def iter_worker(self, worker: int, num_workers: int,
+                    epoch: int | None = None) -> Iterator[tuple[torch.Tensor, dict, int]]:
+        """(batch, bad-input counts, epoch) of one worker in one epoch (default: ``self.epoch``)."""
         s = self.s
+        epoch = self.epoch if epoch is None else epoch
         n_batches = self.worker_batches(worker, num_workers)
         if n_batches == 0:
             return
-        _, shuffle_seed, flip_seed = _worker_seeds(s.seed, self.epoch, s.rank, worker)
+        _, shuffle_seed, flip_seed = _worker_seeds(s.seed, epoch, s.rank, worker)
         reader = _ShardReader(s.resolution, s.channels)
         flip_rng = np.random.default_rng(flip_seed)
-        draws = shard_draws([shard.url for shard in s.shards], s.seed, self.epoch, s.rank, worker)
+        draws = shard_draws([shard.url for shard in s.shards], s.seed, epoch, s.rank, worker)
         with contextlib.closing(self._resampled(draws, reader)) as samples:
             # webdataset's shuffle buffer, filled completely before the first draw.
             buffer = wds_shuffle(s.shuffle_buffer, s.shuffle_buffer, rng=random.Random(shuffle_seed))
@@ -99,7 +112,7 @@ class _TrainEpoch(IterableDataset):
                     x = x.flip(-1)
                 batch.append(x)
                 if len(batch) == s.batch_size:
-                    yield torch.stack(batch), reader.take_summary()
+                    yield torch.stack(batch), reader.take_summary(), epoch
                     batch = []
                     done += 1
                     if done == n_batches:
@@ -187,15 +200,41 @@ class TrainStream:
         self.max_bad_fraction = float(max_bad_fraction)
         self.setting = setting
         self.summary = DataSummary()  # accumulated over all epochs of this rank
+        self._loader: DataLoader | None = None  # persistent workers, at epoch self._next_epoch
+        self._next_epoch = -1
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
+    def __getstate__(self) -> dict:
+        """What a worker gets: everything but the loader (and its worker processes)."""
+        return {**self.__dict__, "_loader": None, "_next_epoch": -1}
+
+    def close(self) -> None:
+        """Stop the DataLoader workers (they also stop when the stream is garbage collected)."""
+        self._loader, self._next_epoch = None, -1
+
+    def _batches(self, e: int) -> Iterable[tuple[torch.Tensor, dict, int]]:
+        """Epoch ``e`` from the persistent workers when they are at ``e`` (the next epoch after
+        the last one asked for), else from new workers that start at ``e``."""
+        if self.num_workers <= 0:
+            return iter(_TrainEpoch(self, e))
+        if self._loader is None or self._next_epoch != e:
+            self.close()
+            remote = any(backend.is_remote(u) for u in self.urls)
+            self._loader = _loader(_TrainEpoch(self, e), self.num_workers, remote=remote,
+                                   persistent=True)
+        self._next_epoch = e + 1
+        return self._loader
+
     def epoch(self, e: int) -> Iterator[torch.Tensor]:
         """The batches of epoch ``e`` for this rank (a fresh, reproducible pass)."""
-        dataset = _TrainEpoch(self, int(e))
+        e = int(e)
         produced = 0
-        for batch, delta in _loader(dataset, self.num_workers):
+        for batch, delta, got in self._batches(e):
+            if got != e:  # a persistent worker out of step would silently repeat data
+                self.close()
+                raise RuntimeError(f"training stream: a worker sent epoch {got} during epoch {e}")
             self.summary.merge(delta)
             self.summary.check(self.max_bad_fraction, min_seen=_MIN_SEEN_FOR_EARLY_STOP, setting=self.setting)
             produced += 1
@@ -267,7 +306,8 @@ class EvalBatches:
         self._it = self._run()
 
     def _run(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for ids, images, delta in _loader(self.dataset, self.num_workers):
+        remote = any(backend.is_remote(s.url) for s in self.dataset.shards)
+        for ids, images, delta in _loader(self.dataset, self.num_workers, remote=remote):
             self.summary.merge(delta)
             # Against the whole set's size: a rank cannot know the others' counts.
             if self.summary.bad_total > self.max_bad_fraction * self.total:
@@ -333,12 +373,6 @@ def eval_batches(
 # ============================================================================ shared helpers
 
 _MIN_SEEN_FOR_EARLY_STOP = 256  # don't stop a run on the first bad sample of a tiny prefix
-
-
-def _loader(dataset: IterableDataset, num_workers: int) -> Iterable:
-    if num_workers <= 0:
-        return iter(dataset)
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, prefetch_factor=4)
 
 
 def _finish(summary: DataSummary, max_bad_fraction: float, what: str, setting: str | None) -> None:
