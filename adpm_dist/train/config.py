@@ -99,6 +99,7 @@ class TrainConfig:
     ema_warmup: bool = True  # decay = min(ema_decay, (1 + k) / (10 + k)) at update k
     zero_stage: int = 0
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16"
+    compile: bool = False  # torch.compile the ε-network (DeepSpeed engine.compile); for GPUs
     max_bad_steps: int = 3  # consecutive non-finite losses before stopping
     sample_every: int = 0  # 0 = no sample grids
     sample_count: int = 16
