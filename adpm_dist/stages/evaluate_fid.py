@@ -14,8 +14,9 @@ The stage runs on the job core (:mod:`adpm_dist.stages.job`), like ``estimate``,
 and ``evaluate nll``: rank 0 alone verifies the samples and decides whether the result is
 already done and whether the reference statistics are cached, and every rank learns both
 decisions; the features are extracted in rounds of one batch per rank (any rank's failure
-ends every rank within a round); the per-rank feature sums are all-reduced once, as the first
-statement of :meth:`FidJob.payload`, and rank 0 writes the cache and the result.
+ends every rank within a round); each round's :meth:`FidJob.reduce` sums the images done
+and, once every rank's share is done, all-reduces the per-rank feature sums (once; nothing
+is gathered), and rank 0 writes the cache and the result.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from adpm_dist.errors import UserError
-from adpm_dist.io import dist, storage
+from adpm_dist.io import collective, dist, storage
 from adpm_dist.io.shards import MANIFEST_NAME
 from adpm_dist.models.loading import numeric_mode
 from adpm_dist.stages.config_args import resolved_config
@@ -223,7 +224,7 @@ class FidJob(ShardedJob):
             urls = self.ref_urls if name == "reference" else self.sample_urls
             stream = eval_batches(urls, batch_size=self.args.batch_size, rank=self.rank,
                                   world_size=self.world, num_workers=self.args.num_workers)
-            self.progress_total += stream.total // max(self.world, 1)
+            self.progress_total += stream.total
             self.sets.append([name, iter(stream), FeatureStats.empty()])
 
     def existing(self) -> bool:
@@ -245,14 +246,18 @@ class FidJob(ShardedJob):
         return False
 
     def reduce(self, rounds: int) -> tuple[int, bool]:
-        return self.images, False  # this rank's progress (the bar is rank 0's); no collective
+        """(images done on every rank, all done?); in the round where every rank's share is done,
+        also the one all-reduce of every rank's Σf, Σffᵀ, n (the job core runs it in its protocol)."""
+        done = self.current >= len(self.sets)
+        counts = dist.all_reduce_sum(torch.tensor([float(self.images), float(done)], dtype=torch.float64))
+        finished = int(counts[1]) == self.world
+        if finished and self.totals is None:
+            packed = torch.from_numpy(np.concatenate([_pack(stats) for _, _, stats in self.sets]))
+            self.totals = dist.all_reduce_sum(packed).numpy()
+        return int(counts[0]), finished
 
     def payload(self):
-        """All-reduce every rank's Σf, Σffᵀ, n (its first statement, so every rank reaches the one
-        collective); rank 0 keeps the sums, nothing is gathered."""
-        packed = torch.from_numpy(np.concatenate([_pack(stats) for _, _, stats in self.sets]))
-        self.totals = dist.all_reduce_sum(packed).numpy()
-        return None
+        return None  # the sums were all-reduced in the last round (reduce): nothing to gather
 
     def write(self, gathered: list) -> None:
         from adpm_dist.models.fid import frechet_distance
@@ -287,7 +292,9 @@ def run_fid(args) -> int:
     """``evaluate fid`` on every rank: the job (one phase), rank 0's plan shared with every rank,
     each rank's streams opened (one phase), then :func:`run_job`."""
     info = dist.init()
+    timeout = getattr(args, "collective_timeout", None)
+    collective.start(timeout)  # the watchdog, before the first phase (as job_main does)
     job = together(lambda: FidJob(args, info.rank, info.world_size))
     plan = together(job.decide, rank0_only=True, share=True)
     together(lambda: job.open(plan))
-    return run_job(job)
+    return run_job(job, timeout)
