@@ -24,9 +24,8 @@ Three mechanisms, from the cheapest to the last resort:
    model build, engine init) and phases marked :func:`slow` (checkpoints, sample grids,
    final writes) always allow at least 600 s.
 
-Test hook: ``ADPM_TEST_FAIL_RANK=R:K[:MODE]`` on rank R at phase K (a round number, or a
-phase name such as ``write``/``ckpt``/``data``): no MODE raises a RuntimeError, ``user``
-a UserError, ``hang`` sleeps forever, ``kill`` sends itself SIGKILL.
+Test hook: ``ADPM_TEST_FAIL_RANK=R:K[:MODE]`` on rank R at round K or phase K (``write``,
+``ckpt``, ``reduce``): a RuntimeError, or MODE ``user`` (UserError), ``hang``, ``kill`` (SIGKILL).
 """
 
 from __future__ import annotations
@@ -167,8 +166,7 @@ class Watchdog:
         self.stop = threading.Event()
         self.poll_s = 1.0 if not timeout else min(1.0, max(timeout / 10.0, 0.05))
         self._publish()
-        self.thread = threading.Thread(target=self._run, name="adpm-watchdog", daemon=True)
-        self.thread.start()
+        threading.Thread(target=self._run, name="adpm-watchdog", daemon=True).start()
 
     def limit(self) -> float:
         """Seconds this rank may wait without progress in its current round."""
@@ -194,7 +192,6 @@ class Watchdog:
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}"
-
     def _publish(self) -> None:
         code = 2 * self.round + int(self.waiting)
         if code != self.published:
@@ -219,9 +216,7 @@ class Watchdog:
         with self.lock:
             present = [r for r, k in zip(range(self.world), keys) if self.store.check([k])]
             values = self.store.multi_get([keys[r] for r in present]) if present else []
-        beats = {r: -1 for r in range(self.world)}
-        beats.update({r: int(v) for r, v in zip(present, values)})
-        return beats
+        return {r: -1 for r in range(self.world)} | {r: int(v) for r, v in zip(present, values)}
 
     def _run(self) -> None:
         lost = False
@@ -246,10 +241,12 @@ class Watchdog:
         beats = self.heartbeats()
         low = min(beats.values())
         behind = sorted(r for r, b in beats.items() if b == low)
-        if low < max(beats.values()):
+        high = max(beats.values())
+        if low < high:
             names = ", ".join(map(str, behind))
             what = f"{'rank' if len(behind) == 1 else 'ranks'} {names} did not arrive"
-            where = f"(stuck in round {max(low, 0) // 2}; others wait in round {max(beats.values()) // 2})"
+            where = (f"(still in round {max(low, 0) // 2}'s local work; the others wait in round "
+                     f"{high // 2}'s collectives)")
         else:
             what, where = "no rank made progress", f"(every rank is in round {low // 2})"
         text = (f"{self.rank}\tTimeoutError\tcollective timeout after {waited:.0f} s: {what} "
@@ -279,8 +276,10 @@ def _parse(text: str) -> tuple[int, str, str, bool]:
 def _leave_for_report(text: str) -> None:
     rank, kind, message, user = _parse(text)
     status = 2 if user else 1
+    if kind == "TimeoutError":  # the same line on every rank, whichever rank noticed first
+        _leave(f"error: {message}", status)
     if _WATCH is not None and rank == _WATCH.rank:
-        _leave(f"error: {message}" if kind == "TimeoutError" else f"error: {kind}: {message}", status)
+        _leave(f"error: {kind}: {message}", status)
     _leave(f"error: {RankFailed(rank, kind, message, user)}", status)
 
 
@@ -337,11 +336,12 @@ def slow():
         _WATCH.slow_depth -= 1
 
 
-def peer_report() -> RankFailed | None:
-    """Another rank's failure report in the store, if any (after a collective raised here)."""
+def peer_report(wait: float = 0.0) -> RankFailed | None:
+    """Another rank's failure report in the store, if any; ``wait``: seconds to wait for one
+    (after a collective broke here: the failing rank writes it before it exits)."""
     if _WATCH is None:
         return None
-    deadline = time.monotonic() + 2.0  # the failing rank writes it before it exits
+    deadline = time.monotonic() + wait
     while True:
         try:
             text = _WATCH.report()
@@ -362,8 +362,11 @@ def fail_fast(exc: BaseException) -> int:
         time.sleep(3600)  # the watchdog is already ending this process
     if isinstance(exc, RankFailed):
         print_error_line(exc)
+        time.sleep(1.0)  # let the failing rank end first: torchrun names the first as root cause
         return exc.status
-    peer = peer_report() if not is_user_error(exc) else None
+    broken = isinstance(exc, getattr(torch.distributed, "DistError", ())) or any(
+        s in str(exc) for s in ("gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe"))
+    peer = peer_report(wait=2.0 if broken else 0.0)
     if peer is not None:  # our collective broke because a peer failed first
         print_error_line(peer)
         return peer.status
@@ -387,8 +390,8 @@ def run_protected(body: Callable[[], int]) -> int:
     try:
         return body()
     except BaseException as exc:  # noqa: BLE001
-        if not dist.is_initialized() or isinstance(exc, SystemExit):
-            raise
+        if not dist.is_initialized() or dist.world_size() < 2 or isinstance(exc, SystemExit):
+            raise  # one process (training's private group included): the caller's policy
         status = fail_fast(exc)
         sys.stdout.flush()
         sys.stderr.flush()

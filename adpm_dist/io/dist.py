@@ -231,8 +231,14 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def shutdown() -> None:
-    """barrier + destroy_process_group (DeepSpeed on CPU can abort at exit otherwise)."""
+def shutdown(barrier: bool = True) -> None:
+    """barrier + destroy_process_group (DeepSpeed on CPU can abort at exit otherwise).
+
+    After a failure never wait in the barrier (``barrier=False``): the peers may sit in
+    another collective. With several ranks a failing rank does not call this at all; it
+    leaves with ``os._exit`` (:func:`adpm_dist.io.collective.run_protected`).
+    """
     if is_initialized():
-        tdist.barrier()
+        if barrier:
+            tdist.barrier()
         tdist.destroy_process_group()

@@ -360,7 +360,7 @@ def train(cfg: Config) -> int:
         status = collective.run_protected(run)
     except BaseException:  # one process: free the group for the next run in this process
         collective.stop()
-        dist.shutdown()
+        dist.shutdown(barrier=False)
         forget_deepspeed_groups()
         raise
     collective.shutdown()
