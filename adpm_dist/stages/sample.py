@@ -6,9 +6,9 @@
         [--eta E] [--clip-pixel Y] [--shard-size M] [--precision auto|fp32|fp64|bf16]
 
 (flags: :mod:`adpm_dist.stages.sample_args`). Image i (global index 0..num-samples−1)
-is drawn from its own generator seeded ``seed + i`` (:func:`samplers.make_generators`),
-so an image never depends on which rank drew it. Work is split into shards of
-``--shard-size`` images; shard j goes to rank j mod W and is drawn in batches
+is drawn from its own seed ``seed + i`` (noise stream 2, :class:`noise.CounterNoise`: one draw
+per batch and step; 1: a generator per image), so no image depends on which rank drew it. Shards of
+``--shard-size`` images: shard j goes to rank j mod W and is drawn in batches
 [jM + bB, jM + (b+1)B) — the same batches for every world size, hence byte-identical
 output for any W on CPU (for any batch size too with ``--precision fp64``, whose
 kernels do not depend on the batch's other members).
