@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from adpm_dist.diffusion.analytic import covariance_estimate, step_variances
 from adpm_dist.diffusion.schedule import make_schedule
@@ -90,3 +91,24 @@ def test_plan_uses_the_gamma_files_standard_errors(tmp_path, capsys):
     blind = step_variances(sched, tau, "analytic-ddpm", gamma=gf.gamma_vector()).sigma2
     np.testing.assert_allclose(got, want, rtol=1e-14)
     assert np.max(np.abs(got / blind - 1.0)) > 1e-3  # the s.e. changed what plan prints
+
+
+def test_the_diffusers_scheduler_carries_the_standard_errors():
+    pytest.importorskip("diffusers")
+    from adpm_dist.integrations.diffusers.scheduler import AnalyticDPMScheduler
+
+    sched = make_schedule("linear", N)
+    gamma = perturbed(exact_gamma(sched, np.array([0.01, 0.1, 0.4])))
+    gf = GammaFile.empty(sched, {"digest": "d0", "name": "toy"})
+    spread = np.where(np.isin(np.arange(1, N + 1), np.arange(N + 1)[REGION]), 0.05, 1e-6)
+    for sign in (1.0, -1.0):
+        gf.add(np.arange(1, N + 1), gamma[1:] + sign * spread)
+    cfg = {"num_train_timesteps": N, "beta_start": 1e-4, "beta_end": 0.02,
+           "beta_schedule": "linear"}
+    s = AnalyticDPMScheduler.from_gamma_file(gf, cfg)
+    np.testing.assert_array_equal(s.config.gamma_stderr, gf.stderr)
+    s.set_timesteps(40)
+    want = step_variances(s.schedule, s._tau, "analytic-ddpm", gamma=gf.gamma_vector(), gamma_stderr=gf.stderr)
+    np.testing.assert_allclose([s._steps[int(t)][2] for t in want.t], want.sigma2, rtol=1e-14)
+    blind = step_variances(s.schedule, s._tau, "analytic-ddpm", gamma=gf.gamma_vector()).sigma2
+    assert np.max(np.abs(want.sigma2 / blind - 1.0)) > 1e-3  # the s.e. matter on this file
