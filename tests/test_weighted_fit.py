@@ -108,7 +108,8 @@ def test_the_diffusers_scheduler_carries_the_standard_errors():
     s = AnalyticDPMScheduler.from_gamma_file(gf, cfg)
     np.testing.assert_array_equal(s.config.gamma_stderr, gf.stderr)
     s.set_timesteps(40)
-    want = step_variances(s.schedule, s._tau, "analytic-ddpm", gamma=gf.gamma_vector(), gamma_stderr=gf.stderr)
+    want = step_variances(s.schedule, s._tau, "analytic-ddpm", gamma=gf.gamma_vector(),
+                          gamma_stderr=gf.stderr)
     np.testing.assert_allclose([s._steps[int(t)][2] for t in want.t], want.sigma2, rtol=1e-14)
     blind = step_variances(s.schedule, s._tau, "analytic-ddpm", gamma=gf.gamma_vector()).sigma2
     assert np.max(np.abs(want.sigma2 / blind - 1.0)) > 1e-3  # the s.e. matter on this file
