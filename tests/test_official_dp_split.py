@@ -120,6 +120,7 @@ def test_official_split_is_the_official_codes_trajectory(case):
             want = official_dp_seg(np.nan_to_num(gamma), betas0, N, k)
             got = make_trajectory("optimal", sched, k, gamma=gamma, cost="official")
             assert got.tolist() == want.tolist(), (k, got[:5], want[:5])
+    assert make_trajectory("optimal", sched, 2, gamma=noisy, cost="official").tolist() == [1, N]
 
 
 @pytest.mark.parametrize("fit", COVARIANCE_FITS)

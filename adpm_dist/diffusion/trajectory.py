@@ -167,8 +167,10 @@ def official_split_trajectory(schedule: Schedule, gamma, num_steps: int) -> np.n
     """The official code's ``_dp_seg``, node for node: the paper's J(s, t) = log(1 − β_{t|s}Γ_t/β̄_t)
     (no clip, β_{t|s} from the cumulative product of the α's as there) minimised over K₁-node
     paths on [1, N₁] (:func:`official_split`), then K₂ nodes round(N − i(N − N₁)/K₂), i < K₂,
-    on the cut-off end (Python's round, half to even)."""
+    on the cut-off end (Python's round, half to even). K = 2 gives [1, N], the only choice."""
     n = schedule.num_timesteps
+    if num_steps == 2:  # the only 2-node path (the official code's split fails here when Γ_t > 1)
+        return np.array([1, n], dtype=np.int64)
     k1, n1, k2 = official_split(gamma, n, num_steps)
     g = as_gamma_vector(gamma, n)
     alphas = 1.0 - schedule.betas
