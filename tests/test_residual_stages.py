@@ -46,6 +46,8 @@ def test_predicted_nelbo_agrees_with_the_measured_one(setup, tmp_path, capsys, o
     methods = ("ddpm-beta", "ddpm-tilde", "analytic-ddpm", "residual-ddpm")
     doc = nll(setup, tmp_path / "nll", "--steps", "5,20", "--methods", ",".join(methods), *flags)
     assert doc["conventions"]["nll_clip_x0"] is official
+    assert doc["conventions"]["decoder"] == ("official" if official else "exact")  # tanh Φ, 1e-12 floor
+    assert doc["fingerprint"]["conventions"].get("decoder", "exact") == doc["conventions"]["decoder"]
     for k in (5, 20):
         for method in methods:
             got = plan_json(setup, capsys, "--steps", str(k), "--method", method, *flags)
