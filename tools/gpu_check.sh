@@ -44,7 +44,7 @@ step() {  # step NAME SECONDS CMD...: run within the time left, log, record stat
 
 if [ "$MODE" = --dry-run ]; then
   echo "dry run on CPU: toy sizes; no figure from this run is a GPU measurement"
-  B_TRAIN=(--steps 3 --rounds 1 --warmup 1); B_EST=(--timesteps 4 --repeats 1 --samples 40)
+  B_TRAIN=(--preset tiny --steps 3 --rounds 1 --warmup 1); B_EST=(--timesteps 4 --repeats 1 --samples 40)
   B_SAMPLE=(--steps 2 --batch-size 8 --batches 1 --repeats 1 --skip-rss); B_DIFF=(--steps 2 --repeats 1 --size 8)
   B_MODES=(--samples 40); B_TRAJ=(--steps 10,100 --repeats 1); B_LAUNCH=(--timesteps 4 --repeats 1 --samples 40 --skip-all-cores)
   DEVICE=cpu
