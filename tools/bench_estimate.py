@@ -7,6 +7,9 @@
   bare loop (this machine is shared: only paired numbers mean much). With noise stream 2 (the
   default: one counter-based draw per batch, sums on the device) and, for comparison, stream 1
   (``ratio_vs_bare_forward_stream1``: a generator per (sample, 16 timesteps));
+  ``cpu_time_ratio_*``: the same with process CPU time instead of wall time (the whole
+  command, start-up and writing included, against the forwards' CPU time): on a CPU box
+  shared with other work, the wall-time ratio measures the neighbours as much as the job;
 - ``factor_vs_reread_per_t``: ÷ the blog snippet's scheme, which re-reads and
   re-decodes the data for every timestep;
 - ``peak_rss_mib``: peak memory of the job for 1× and 4× ``--samples-per-t``
@@ -56,11 +59,15 @@ def run_job(args, out, extra=()):
     from adpm_dist.gamma import read_gamma
     from adpm_dist.stages import estimate
 
+    cpu = time.process_time()
     rc = estimate.main(["--checkpoint", args.ckpt, "--data", args.data, "--out", out, "--timesteps",
                         f"1-{args.timesteps}", "--batch-size", str(args.batch_size), "--num-workers",
                         str(args.num_workers), "--no-progress", *extra])
+    cpu = time.process_time() - cpu
     assert rc == 0
-    return read_gamma(out, require_complete=False)
+    gf = read_gamma(out, require_complete=False)
+    gf.cpu_evals_per_s = float(gf.count.sum()) / cpu  # the whole command, start-up and writing included
+    return gf
 
 
 def bare_forward(model, batch, shape, evaluations, num_timesteps) -> float:
@@ -76,12 +83,12 @@ def bare_forward(model, batch, shape, evaluations, num_timesteps) -> float:
     ns = {b: torch.randint(1, num_timesteps + 1, (b,), device=device) for b in set(sizes)}
     eps(xs[sizes[0]], ns[sizes[0]])  # warm-up
     _sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for b in sizes:
         out = eps(xs[b], ns[b])
     _sync(device)
     del out
-    return evaluations / (time.perf_counter() - start)
+    return evaluations / (time.perf_counter() - start), evaluations / (time.process_time() - cpu)
 
 
 def _sync(device) -> None:
@@ -139,7 +146,10 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="the job and the bare loop with torch.compile")
     p.add_argument("--skip-reread", action="store_true", help="leave out the re-read-per-t comparison")
     p.add_argument("--skip-rss", action="store_true", help="leave out the peak-memory runs")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as work:
         args.ckpt, args.data, model = make_inputs(work, args.model, args.num_timesteps, args.samples)
@@ -147,7 +157,7 @@ def main(argv=None) -> int:
         from adpm_dist.diffusion.schedule import make_schedule
 
         shape = (model.config["in_channels"], model.config["resolution"], model.config["resolution"])
-        jobs, jobs1, bares, naives = [], [], [], []
+        jobs, jobs1, bares, naives, cpu_ratios, cpu_ratios1 = [], [], [], [], [], []
         extra = ("--compile",) if args.compile else ()
         bare_model = torch.compile(model) if args.compile else model
         # Alternate the measurements and take medians of paired ratios: this machine is shared.
@@ -155,9 +165,12 @@ def main(argv=None) -> int:
             gf = run_job(args, os.path.join(work, f"g{i}.json"), extra)
             jobs.append(gf.extra["evaluations_per_s"])
             evals = int(gf.count.sum())
-            bares.append(bare_forward(bare_model, args.batch_size, shape, evals, args.num_timesteps))
+            bare_wall, bare_cpu = bare_forward(bare_model, args.batch_size, shape, evals, args.num_timesteps)
+            bares.append(bare_wall)
             gf1 = run_job(args, os.path.join(work, f"s1-{i}.json"), (*extra, "--noise-stream", "1"))
             jobs1.append(gf1.extra["evaluations_per_s"])
+            cpu_ratios += [gf.cpu_evals_per_s / bare_cpu]
+            cpu_ratios1 += [gf1.cpu_evals_per_s / bare_cpu]
             if not args.skip_reread:
                 naives.append(reread_per_t(args, model, make_schedule("linear", args.num_timesteps)))
         job, bare = float(np.median(jobs)), float(np.median(bares))
@@ -179,6 +192,9 @@ def main(argv=None) -> int:
         "ratio_vs_bare_forward": round(float(np.median(ratios)), 3),
         "stream1_runs": [round(v, 1) for v in jobs1],
         "ratio_vs_bare_forward_stream1": round(float(np.median(ratios1)), 3),
+        "cpu_time_ratio_runs": [round(r, 3) for r in cpu_ratios],
+        "cpu_time_ratio_vs_bare_forward": round(float(np.median(cpu_ratios)), 3),
+        "cpu_time_ratio_vs_bare_forward_stream1": round(float(np.median(cpu_ratios1)), 3),
         "reread_per_t_evals_per_s": _num(naive, 1), "factor_vs_reread_per_t": _num(job / naive, 2),
         "peak_rss_mib": {"1x": _num(rss1, 1), "4x": _num(rss4, 1)},
         "peak_rss_ratio_4x_vs_1x": _num(rss4 / rss1, 3),

@@ -5,7 +5,8 @@
   reverse steps, PNG encoding, shard writes) ÷ images/s of a bare loop of K forward passes of
   the same model at the same batch size (goal ≥ 0.95; issue 22), per method, with noise stream 2
   (the default: one counter-based draw per batch and step); ``ddpm-tilde/stream1`` is the same
-  method with stream 1 (a generator per image), for comparison;
+  method with stream 1 (a generator per image), for comparison; ``cpu_time_ratio_vs_bare_forward``:
+  the same with process CPU time (on a shared CPU box the wall-time ratio measures the neighbours);
 - ``peak_rss_mib``: peak memory of the job (its own process) for ``--small`` and
   ``--large`` samples: shards are streamed out, never held, so this should stay flat.
 
@@ -58,13 +59,13 @@ def bare_images_per_s(model_path: str, steps: int, batch: int, repeats: int, pre
     n = torch.full((batch,), loaded.schedule.num_timesteps // 2, dtype=torch.long, device=device)
     eps(x, n)  # warm-up
     _sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(repeats):
         for _ in range(steps):
             out = eps(x, n)
     _sync(device)
     del out
-    return repeats * batch / (time.perf_counter() - start)
+    return repeats * batch / (time.perf_counter() - start), repeats * batch / (time.process_time() - cpu)
 
 
 def _sync(device) -> None:
@@ -80,12 +81,12 @@ def job_images_per_s(model_path, out, method, steps, batch, batches, precision, 
               "--batch-size", str(batch), "--shard-size", str(batch), "--precision", precision,
               "--no-progress", *extra]
     sample.main([*common, "--num-samples", str(batch), "--out", out + "-warm"])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     rc = sample.main([*common, "--num-samples", str(batch * batches), "--out", out])
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     if rc != 0:
         raise SystemExit(f"sampling job failed ({rc})")
-    return batch * batches / wall
+    return batch * batches / wall, batch * batches / cpu
 
 
 def peak_rss_mib(model_path, out, num, steps, batch) -> float:
@@ -113,7 +114,10 @@ def main(argv=None) -> dict:
     p.add_argument("--rss-batch-size", type=int, default=256)
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--compile", action="store_true", help="the job and the bare loop with torch.compile")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from adpm_dist.gamma import GammaFile, write_gamma
     from adpm_dist.io import dist
@@ -130,20 +134,23 @@ def main(argv=None) -> dict:
         write_gamma(gf, gamma)
 
         # Best of --repeats for both sides: a shared machine only ever makes a run slower.
-        bare = 0.0
-        methods = {}
+        bare = bare_cpu = 0.0
+        methods, cpu_rates = {}, {}
         for rep in range(args.repeats):
-            bare = max(bare, bare_images_per_s(model, args.steps, args.batch_size, args.batches,
-                                               args.precision, args.compile))
+            wall_ips, cpu_ips = bare_images_per_s(model, args.steps, args.batch_size, args.batches,
+                                                  args.precision, args.compile)
+            bare, bare_cpu = max(bare, wall_ips), max(bare_cpu, cpu_ips)
             comp = ("--compile",) if args.compile else ()
             runs = (("ddim", ()), ("ddpm-tilde", ()), ("analytic-ddpm", ("--gamma", gamma)),
                     ("analytic-ddim", ("--gamma", gamma)), ("ddpm-tilde/stream1", ("--noise-stream", "1")))
             for name, extra in runs:
                 out = os.path.join(work, f"{name.replace('/', '-')}-{rep}")
-                ips = job_images_per_s(model, out, name.split("/")[0], args.steps, args.batch_size,
-                                       args.batches, args.precision, (*extra, *comp))
+                ips, cpu_ips = job_images_per_s(model, out, name.split("/")[0], args.steps, args.batch_size,
+                                                args.batches, args.precision, (*extra, *comp))
                 methods[name] = max(methods.get(name, 0.0), ips)
-        methods = {m: {"images_per_s": round(ips, 2), "ratio_vs_bare_forward": round(ips / bare, 3)}
+                cpu_rates[name] = max(cpu_rates.get(name, 0.0), cpu_ips)
+        methods = {m: {"images_per_s": round(ips, 2), "ratio_vs_bare_forward": round(ips / bare, 3),
+                       "cpu_time_ratio_vs_bare_forward": round(cpu_rates[m] / bare_cpu, 3)}
                    for m, ips in methods.items()}
         rss = {}
         if not args.skip_rss:
@@ -160,6 +167,8 @@ def main(argv=None) -> dict:
             "compile": args.compile,
             "min_ratio_vs_bare_forward": min(m["ratio_vs_bare_forward"] for k, m in methods.items()
                                              if "/" not in k),
+            "min_cpu_time_ratio_vs_bare_forward": min(m["cpu_time_ratio_vs_bare_forward"]
+                                                      for k, m in methods.items() if "/" not in k),
             "peak_rss_mib": rss,
         }
     print(json.dumps(result))
