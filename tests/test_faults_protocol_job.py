@@ -97,3 +97,40 @@ def test_raised_by_check_tells_an_explicit_check_from_a_library_error():
     with pytest.raises(ValueError) as library:
         np.zeros(2) + np.zeros(3)
     assert not raised_by_check(library.value, "tests")  # numpy's error on a non-raise line
+
+
+def test_the_watchdog_names_the_rank_that_did_not_arrive(monkeypatch):
+    """Rank 0 of 2 waits in round 1's collectives; rank 1's heartbeat says it is still in round
+    1's local work: after the timeout rank 0 reports rank 1, in the store and on its line."""
+    import threading
+
+    import torch.distributed as tdist
+
+    left: list = []
+    done = threading.Event()
+    monkeypatch.setattr(collective, "_leave", lambda line, status: (left.append((line, status)), done.set()))
+    store = tdist.HashStore()
+    store.set("t/hb/1", "2")  # 2·round + waiting: round 1, not waiting
+    watch = collective.Watchdog(store, rank=0, world=2, timeout=0.3, prefix="t")
+    try:
+        watch.tick(waiting=False)  # round 0 done (start-up allows 600 s; round 1 the 0.3 s)
+        watch.tick(waiting=True)  # round 1: in its collectives
+        assert done.wait(10)
+    finally:
+        watch.stop.set()
+    line, status = left[0]
+    assert status == 1 and line.startswith("error: collective timeout after ")
+    assert "rank 1 did not arrive (still in round 1's local work" in line
+    assert "rank 1 did not arrive" in store.get("t/abort").decode()
+
+
+def test_timeout_from_flag_then_environment(monkeypatch):
+    from adpm_dist.errors import UserError
+
+    monkeypatch.setenv(collective.TIMEOUT_ENV, "42")
+    assert collective.timeout_from(7) == 7.0 and collective.timeout_from(0) == 42.0
+    monkeypatch.setenv(collective.TIMEOUT_ENV, "soon")
+    with pytest.raises(UserError, match="ADPM_COLLECTIVE_TIMEOUT='soon'"):
+        collective.timeout_from(None)
+    monkeypatch.delenv(collective.TIMEOUT_ENV)
+    assert collective.timeout_from(None) == 0.0  # auto

@@ -12,13 +12,13 @@ result with an uninterrupted run of the same stage. One JSON row per cell on std
      "peer_line", "rerun_equal"}
 
 ``seconds_to_exit``: from the fault (the hook's timestamp; bad data: the first rank's exit)
-to the last rank's exit. ``exit_status``: per rank; under torchrun the agent's failure
-summary gives the ranks that failed on their own, a rank it stopped afterwards reads
-"stopped". ``error_shown``: the failing rank printed its error (its traceback or its
-``error:`` line; for kill -9 nothing can be printed: null). ``peer_line``: rank 0's (or 1's)
-``error:`` line. Faults (``ADPM_TEST_FAIL_RANK``, :mod:`adpm_dist.io.collective`):
+to the last rank's exit. ``exit_status``: per rank; under torchrun, from the agent's failure
+summary: -15 is a rank the agent stopped (SIGTERM) once another had failed, "stopped" one
+it does not list. ``error_shown``: the failing rank printed its error (its traceback or its
+``error:`` line; hang: some rank printed the line naming it; kill -9: null). ``peer_line``:
+the other rank's ``error:`` line. Faults (``ADPM_TEST_FAIL_RANK``, :mod:`adpm_dist.io.collective`):
 exception (``1:K``), write (train ``1:ckpt``, the jobs ``0:write``), bad-data (a shard only
-rank 1 reads is corrupted; sample reads no data: n/a), kill (``1:K:kill``, SIGKILL), hang
+rank 1 reads is truncated; sample reads no data: n/a), kill (``1:K:kill``, SIGKILL), hang
 (``1:K:hang`` with ``ADPM_COLLECTIVE_TIMEOUT=5``).
 
 Inputs come from the tests' helpers (tiny UNet, scikit-learn digits): run from a checkout.
@@ -203,11 +203,18 @@ def _job_setup(stage: str, work: Path) -> dict:
     if stage == "fid":
         folder = work / "fid"
         make_digit_shards(str(folder), limit=40, shard_size=4)
+
+        def corrupt_samples() -> tuple[Path, bytes]:
+            url = folder / "train-000001.tar"  # the second sample shard: rank 1's share
+            good = url.read_bytes()
+            url.write_bytes(good[:100])
+            return url, good
+
         return {
             "module": "adpm_dist.evaluate",
             "round": 2,
             "write": "0:write",
-            "corrupt": None,
+            "corrupt": corrupt_samples,
             "args": lambda out: [
                 "fid",
                 "--reference",
@@ -361,7 +368,11 @@ def cell(stage: str, fault: str, spec: dict, reference, launcher: str, work: Pat
     marks = [float(m) for e in errs for m in re.findall(r"adpm-test: injected .* t=([0-9.]+)", e)]
     start = marks[0] if marks else min([t for t in ended if t is not None], default=end)
     peer = next((ln for ln in errs[1 - faulty].splitlines() if ln.startswith("error:")), None)
-    shown = None if fault == "kill" else bool(re.search(r"Traceback|^error:", errs[faulty], re.M))
+    shown = bool(re.search(r"Traceback|^error:", errs[faulty], re.M))
+    if fault == "hang":  # the hung rank cannot speak: the line naming it, on any rank
+        shown = any("rank 1 did not arrive" in e for e in errs)
+    elif fault == "kill":
+        shown = None
     row.update(
         seconds_to_exit=round(end - start, 2),
         exit_status=codes,

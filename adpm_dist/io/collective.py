@@ -7,21 +7,19 @@ Three mechanisms, from the cheapest to the last resort:
    own error and every other rank raises :class:`RankFailed` ("rank N failed: …"), with
    exit status 2 when the failure was a user error, else 1. Training folds the flags into
    the all-reduce its step does anyway (no extra collective per step).
-2. **Failure report** (:func:`fail_fast`): a rank that fails OUTSIDE a phase (inside
-   DeepSpeed, between two collectives) prints its error, writes a one-line report to the
-   rendezvous store (``adpm/<restart>/abort``) and leaves with ``os._exit``. Its peers,
-   wherever they wait (a barrier, NCCL, gloo), read that report within a second (the
-   watchdog below, or the handler of their own collective's error) and leave with
-   ``error: rank N failed: …`` and the same kind of exit status.
+2. **Failure report** (:func:`fail_fast`): a rank failing OUTSIDE a phase (in DeepSpeed,
+   between two collectives) prints its error, writes a report to the rendezvous store
+   (``adpm/<restarts>/abort``) and leaves with ``os._exit``. Its peers read the report
+   wherever they wait (the watchdog polls it; a broken collective's handler looks) and
+   leave with ``error: rank N failed: …`` and the same kind of exit status.
 3. **Collective timeout** (the watchdog): each rank publishes ``2·round + waiting`` to the
    store about once a second (``hb/<rank>``; the main thread only bumps counters:
    :func:`arrive` before a round's collectives, :func:`progress` after them). When a rank
    has made no progress for longer than the timeout it names the ranks that did not
-   arrive (the lowest heartbeat), reports it like a failure and exits 1.
-   Timeout: ``--collective-timeout`` / ``train.collective_timeout`` / env
-   ``ADPM_COLLECTIVE_TIMEOUT`` seconds; 0 or unset = auto: 600 s until 5 rounds are
-   measured, then max(60 s, 20 × the median round time). The first round (start-up:
-   model build, engine init) and phases marked :func:`slow` (checkpoints, sample grids,
+   arrive (the lowest heartbeat), reports it like a failure and exits 1. Timeout:
+   ``--collective-timeout`` / ``train.collective_timeout`` / ``$ADPM_COLLECTIVE_TIMEOUT``;
+   0 or unset = auto: 600 s until 5 rounds are measured, then max(60 s, 20 × the median
+   round time). Start-up (round 0) and :func:`slow` phases (checkpoints, sample grids,
    final writes) always allow at least 600 s.
 
 Test hook: ``ADPM_TEST_FAIL_RANK=R:K[:MODE]`` on rank R at round K or phase K (``write``,
@@ -231,7 +229,7 @@ class Watchdog:
                 self._publish()
                 text = self.report()
                 if text is not None:
-                    _leave_for_report(text)
+                    _leave(*_report_line(text))
                 if waited > self.limit():
                     self._timed_out(waited)
             except Exception:  # noqa: BLE001 - the main thread's collective will say more
@@ -251,7 +249,7 @@ class Watchdog:
             what, where = "no rank made progress", f"(every rank is in round {low // 2})"
         text = (f"{self.rank}\tTimeoutError\tcollective timeout after {waited:.0f} s: {what} "
                 f"{where}; limit {self.limit():.0f} s (--collective-timeout, {TIMEOUT_ENV})\t0")
-        _leave_for_report(self.claim(text))
+        _leave(*_report_line(self.claim(text)))
 
 
 _WATCH: Watchdog | None = None
@@ -273,14 +271,15 @@ def _parse(text: str) -> tuple[int, str, str, bool]:
     return int(rank), kind, message, user == "1"
 
 
-def _leave_for_report(text: str) -> None:
+def _report_line(text: str) -> tuple[str, int]:
+    """The ``error:`` line and exit status this rank shows for a report in the store."""
     rank, kind, message, user = _parse(text)
     status = 2 if user else 1
     if kind == "TimeoutError":  # the same line on every rank, whichever rank noticed first
-        _leave(f"error: {message}", status)
+        return f"error: {message}", status
     if _WATCH is not None and rank == _WATCH.rank:
-        _leave(f"error: {kind}: {message}", status)
-    _leave(f"error: {RankFailed(rank, kind, message, user)}", status)
+        return f"error: {kind}: {message}", status
+    return f"error: {RankFailed(rank, kind, message, user)}", status
 
 
 def start(timeout: float | None = None) -> Watchdog | None:
@@ -291,8 +290,8 @@ def start(timeout: float | None = None) -> Watchdog | None:
     info = dist.env_info()
     store = torch.distributed.TCPStore(info.master_addr, info.master_port, is_master=False,
                                        timeout=datetime.timedelta(seconds=30), wait_for_workers=False)
-    restarts = [os.environ.get(k, "0") for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")]
-    prefix = f"adpm/{restarts[0]}/{restarts[1]}"
+    restarts = (os.environ.get(k, "0") for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+    prefix = "/".join(["adpm", *restarts])
     _WATCH = Watchdog(store, dist.rank(), dist.world_size(), timeout_from(timeout), prefix)
     return _WATCH
 
@@ -336,9 +335,9 @@ def slow():
         _WATCH.slow_depth -= 1
 
 
-def peer_report(wait: float = 0.0) -> RankFailed | None:
-    """Another rank's failure report in the store, if any; ``wait``: seconds to wait for one
-    (after a collective broke here: the failing rank writes it before it exits)."""
+def peer_report(wait: float = 0.0) -> str | None:
+    """Another rank's failure report in the store (its text), if any; ``wait``: seconds to wait
+    for one (after a collective broke here: the failing rank writes it before it exits)."""
     if _WATCH is None:
         return None
     deadline = time.monotonic() + wait
@@ -348,8 +347,7 @@ def peer_report(wait: float = 0.0) -> RankFailed | None:
         except Exception:  # noqa: BLE001 - store gone
             return None
         if text is not None:
-            rank, kind, message, user = _parse(text)
-            return None if rank == _WATCH.rank else RankFailed(rank, kind, message, user)
+            return None if _parse(text)[0] == _WATCH.rank else text
         if time.monotonic() > deadline:
             return None
         time.sleep(0.1)
@@ -368,8 +366,9 @@ def fail_fast(exc: BaseException) -> int:
         s in str(exc) for s in ("gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe"))
     peer = peer_report(wait=2.0 if broken else 0.0)
     if peer is not None:  # our collective broke because a peer failed first
-        print_error_line(peer)
-        return peer.status
+        line, status = _report_line(peer)
+        sys.stderr.write(line + "\n")
+        return status
     user = is_user_error(exc)
     if user:
         print_error_line(exc)

@@ -311,6 +311,17 @@ def main_wrapper(main: Callable[[Sequence[str] | None], int], argv: Sequence[str
     return status
 
 
+def add_collective_timeout_flag(parser) -> None:
+    """``--collective-timeout SECONDS`` for a stage's parser (read by :func:`job_main` and
+    :func:`run_job` as ``args.collective_timeout``)."""
+    from adpm_dist.errors import nonnegative_float
+
+    parser.add_argument("--collective-timeout", type=nonnegative_float, default=None, metavar="SECONDS",
+                        help="seconds a rank may wait for its peers before the job ends naming the ranks "
+                             f"that did not arrive (default: ${collective.TIMEOUT_ENV}, else auto: "
+                             "max(60, 20 x the median round time), >= 600 at start-up and in final writes)")
+
+
 def job_main(make_job: Callable, build_parser: Callable, argv: Sequence[str] | None = None) -> int:
     """The ``main()`` of a sharded stage: parse the flags, join the process group, run the job.
 
