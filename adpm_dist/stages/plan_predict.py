@@ -25,8 +25,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
-
 from adpm_dist.diffusion.analytic import is_ddpm_family
 from adpm_dist.diffusion.limit import cap_binds, continuous_limit, n_step_limit, n_step_sigma2
 from adpm_dist.diffusion.residual import predicted_nelbo
@@ -106,7 +104,7 @@ def limit(ref, clip_x0: bool) -> dict:
     except ValueError as exc:  # a partial Γ file, or no t = 1
         return {"limit": f"not predicted: {exc}"}
     out = {"n_step_bpd": bits, "n_step_stderr": se, "continuous": cont,
-           "cap_binds_at": cap_binds(moments).tolist(), "nll_clip_x0": clip_x0}
+           "cap_binds_at": ranges(cap_binds(moments)), "nll_clip_x0": clip_x0}
     refs = half_refs(ref)
     if refs is not None:
         try:
@@ -134,5 +132,12 @@ def gaps(plan: dict) -> dict:
     return out
 
 
-def finite_or_none(x) -> float | None:
-    return float(x) if x is not None and np.isfinite(x) else None
+def ranges(ts) -> list[list[int]]:
+    """Sorted timesteps as inclusive [first, last] runs: [3, 4, 5, 9] → [[3, 5], [9, 9]]."""
+    out: list[list[int]] = []
+    for t in (int(t) for t in ts):
+        if out and out[-1][1] == t - 1:
+            out[-1][1] = t
+        else:
+            out.append([t, t])
+    return out

@@ -208,8 +208,9 @@ def _plan_lines(plan: dict, lim: dict | None) -> list[str]:
                   f"- this plan's gap to the limit: {_fmt(plan.get('gap_to_limit_bpd'))} bits/dim"]
         binds = lim["cap_binds_at"]
         if binds:
-            lines.append(f"- Theorem 2's cap binds (A_t > 1: σ² capped, not KL-optimal) at {len(binds)} "
-                         f"timesteps, from t = {binds[0]}")
+            where = ", ".join(f"{lo}" if lo == hi else f"{lo}–{hi}" for lo, hi in binds[:6])
+            lines.append(f"- Theorem 2's cap binds (A_t > 1: residual-ddpm's σ² capped, not KL-optimal) at "
+                         f"t = {where}{' …' if len(binds) > 6 else ''}")
     return lines
 
 
