@@ -52,14 +52,23 @@ HANG_TIMEOUT_S = "5"
 # ---------------------------------------------------------------- launching 2 ranks
 
 
+def _helpers():
+    """tests/estimate_helpers.py (tiny model, digit shards, free ports), loaded by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("estimate_helpers", ROOT / "tests" / "estimate_helpers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _env(extra: dict) -> dict:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
 
 
 def launch(launcher: str, module: str, argv: list[str], extra: dict, work: Path, timeout: float = 240):
     """Run 2 ranks; (per-rank status, per-rank exit epoch or None, per-rank stderr, end epoch)."""
-    from tests.estimate_helpers import free_port
-
+    free_port = _helpers().free_port
     port = free_port()
     logs = Path(tempfile.mkdtemp(dir=work, prefix="log-"))
     if launcher == "direct":
@@ -198,7 +207,7 @@ def _train_setup(work: Path) -> dict:
 
 
 def _job_setup(stage: str, work: Path) -> dict:
-    from tests.estimate_helpers import make_digit_shards, tiny_job_inputs
+    make_digit_shards, tiny_job_inputs = _helpers().make_digit_shards, _helpers().tiny_job_inputs
 
     if stage == "fid":
         folder = work / "fid"
