@@ -7,13 +7,16 @@ half A's (format 3) — as one float64 vector on the device, adds each batch wit
 ``index_put_(accumulate=True)``, and copies them back into the GammaFile once per round
 (:meth:`DeviceSums.sync`, before the partial state is written and the ranks reduce).
 
-Order of the additions: every sum receives the pairs' values one at a time, in pair order,
-starting from the value it held (CPU: ``index_put_`` accumulates doubles serially; CUDA: its
-accumulate path sorts the indices stably and adds each run in order). Γ's sums and counts and
-the per-t moments are therefore bit-identical to :meth:`GammaFile.add` (``np.add.at``, the
-same order). The three scalar statistics (``x0_sq``, ``decoder_nll*``) were added there as one
-NumPy sum per batch (pairwise summation), here pair by pair: equal to float64 rounding
-(relative ~1e-16 per batch), not bit for bit. Counts travel as float64 (exact to 2**53).
+Order of the additions. CPU: ``index_put_`` accumulates doubles serially, so every sum
+receives the pairs' values one at a time, in pair order, starting from the value it held: Γ's
+sums and counts and the per-t moments are bit-identical to :meth:`GammaFile.add`
+(``np.add.at``, the same order; tests/test_noise_stream.py). The three scalar statistics
+(``x0_sq``, ``decoder_nll*``) were added there as one NumPy sum per batch (pairwise
+summation), here pair by pair: equal to float64 rounding (~3e-15 relative measured), not bit
+for bit. CUDA (read from PyTorch's ``index_put_with_sort_kernel``, not run here): the indices
+are radix-sorted (stable) and each slot's values of one batch are summed (a warp reduction
+beyond 32 of them), then added to the slot — deterministic for the same batches, equal to the
+CPU order to float64 rounding. Counts travel as float64 (exact to 2**53).
 """
 
 from __future__ import annotations
