@@ -29,7 +29,7 @@ from adpm_dist.gamma import load_for
 from adpm_dist.stages.config_args import ConfigParser, add_config_options
 from adpm_dist.stages.conventions import add_convention_flags, conventions_from
 from adpm_dist.stages.job import main_wrapper
-from adpm_dist.stages.plan_predict import choose, crossfit, gaps, limit, predicted
+from adpm_dist.stages.plan_predict import choose, crossfit, gaps, limit, nll_variances, predicted
 
 # The sampler's own flags and checks: the plan is the one `sample` would run.
 from adpm_dist.stages.sample_args import CLIP_HELP, ETA_HELP, METHOD_HELP, TRAJECTORY_HELP, check_eta
@@ -71,7 +71,8 @@ def make_plan(gamma_url: str, steps: int, method: str, trajectory: str, eta=0.0,
     if trajectory == "optimal":
         cost = topts["cost"]
         plan["dp_cost"] = DP_COST_LABELS.get(cost) or f"expected NELBO of {topts['method']}"
-    plan.update(predicted(ref, var, method, conv.nll_clip_x0))
+    nll_var = nll_variances(ref, tau, method, eta, clip_pixel, conv)  # residual σ²: the NLL's --clip-x0
+    plan.update(predicted(ref, nll_var, method, conv.nll_clip_x0))
     plan.update(crossfit(ref, steps, method, trajectory, eta, clip_pixel, conv))
     plan.update(limit(ref, conv.nll_clip_x0))
     plan.update(gaps(plan))

@@ -42,6 +42,13 @@ def choose(ref, steps: int, method: str, trajectory: str, eta, clip_pixel, conv)
     return tau, var, topts
 
 
+def nll_variances(ref, tau, method: str, eta, clip_pixel, conv):
+    """σ² on ``tau`` as ``evaluate nll`` uses them: for the residual methods from the moments of
+    the NLL's ``--clip-x0`` choice (``sample`` clips x̂₀, so its σ² come from the clipped A_t)."""
+    return resolve_variances(ref.schedule, tau, method, ref.gamma, eta, clip_pixel,
+                             **variance_options(conv, method, ref, conv.nll_clip_x0))
+
+
 def predicted(ref, var, method: str, clip_x0: bool) -> dict:
     """The in-sample expected −ELBO (bits/dim ± s.e.) from the Γ file's statistics, or why there is none."""
     if not is_ddpm_family(method):
@@ -82,7 +89,8 @@ def crossfit(ref, steps: int, method: str, trajectory: str, eta=0.0, clip_pixel=
     clip, parts, taus = conv.nll_clip_x0, [], []
     try:
         for pick, judge in ((0, 1), (1, 0)):
-            tau, var, _ = choose(refs[pick], steps, method, trajectory, eta, clip_pixel, conv)
+            tau = choose(refs[pick], steps, method, trajectory, eta, clip_pixel, conv)[0]
+            var = nll_variances(refs[pick], tau, method, eta, clip_pixel, conv)
             parts.append(predicted_nelbo(ref.schedule, var.s, var.t, var.lambda2, var.sigma2,
                                          refs[judge].moments(clip)))
             taus.append([int(t) for t in tau])

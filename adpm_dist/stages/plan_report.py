@@ -32,7 +32,7 @@ from adpm_dist.gamma import load_for
 from adpm_dist.io import storage
 from adpm_dist.stages.conventions import variance_options
 from adpm_dist.stages.job import resolve_variances
-from adpm_dist.stages.plan_predict import choose, crossfit, predicted
+from adpm_dist.stages.plan_predict import choose, crossfit, nll_variances, predicted
 
 KS = (2, 3, 5, 10, 20, 50, 100, 200, 500, 1000)
 OPTIMAL_MAX_K = 100
@@ -64,7 +64,8 @@ def sweep(ref, conv, clip_pixel=None, ks=KS) -> list[dict]:
         for trajectory in ("even", "optimal") if optimal else ("even",):
             for method in methods_for(ref):
                 try:
-                    _, var, _ = choose(ref, k, method, trajectory, 0.0, clip_pixel, conv)
+                    tau = choose(ref, k, method, trajectory, 0.0, clip_pixel, conv)[0]
+                    var = nll_variances(ref, tau, method, 0.0, clip_pixel, conv)
                 except UserError:
                     continue  # e.g. a partial Γ file without this trajectory's timesteps
                 row = {"K": k, "trajectory": trajectory, "method": method}
