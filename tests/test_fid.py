@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from adpm_dist.models.fid import FeatureStats, InceptionFeatures, frechet_distance
+from adpm_dist.models.loading import numeric_mode
 from adpm_dist.stages import evaluate, evaluate_fid, sample
 from tests.estimate_helpers import ROOT, make_digit_shards, save_tiny_model
 
@@ -93,6 +94,7 @@ def test_fid_halves_of_test_split_small_noise_large_and_reference_cached(digits,
     second = f"{d}/test-{{000002..000003}}.tar"
     halves = fid(first, second, tmp_path / "halves.json")
     assert halves["num_samples"] == halves["num_reference"] == 50
+    assert halves["numeric_mode"] == numeric_mode("fp32", "cpu")  # auto: fp32, TF32 off (recorded)
     assert not halves["reference_stats_cached"]
     cache = halves["reference_stats"]
     assert os.path.dirname(cache) == str(d) and os.path.exists(cache)  # beside the reference data
