@@ -10,8 +10,8 @@ then v·(255/128) − 1, i.e. x/128 − 1 for 8-bit x. Grayscale is repeated to 
 
 The network's arithmetic is explicit (the precision policy of
 :func:`adpm_dist.models.loading.resolve_precision`): fp32 with TF32 off by default — PyTorch
-leaves cuDNN's TF32 on, which moves the features of the same images by ~1e-3 on an
-Ampere/Hopper GPU — or, when asked for, tf32 or bf16 autocast.
+leaves cuDNN's TF32 on, which rounds every convolution's inputs to a 10-bit mantissa (~1e-3
+relative) on an Ampere/Hopper GPU — or, when asked for, tf32 or bf16 autocast.
 """
 
 from __future__ import annotations
