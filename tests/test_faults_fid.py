@@ -56,3 +56,25 @@ def test_rank1_failing_during_feature_extraction_ends_both_ranks_and_the_rerun_m
     assert got["num_samples"] == got["num_reference"] == 8 and not got["reference_stats_cached"]
     assert got["fid"] == want["fid"] > 0  # same ranks, same batches: the same bits
     assert cache_files(faulty) == cache_files(clean) != []
+
+
+def test_a_hung_rank_is_named_by_the_collective_timeout_flag(tmp_path):
+    """``evaluate fid --collective-timeout 5``: rank 1 hangs in its 2nd round; both ranks end
+    (status 1) within 30 s of the fault, rank 0 with the line naming rank 1, nothing written."""
+    import re
+    import time
+
+    folder = tmp_path / "digits"
+    make_digit_shards(str(folder), limit=40, shard_size=4)
+    start = time.time()
+    ranks = launch_ranks(2, "adpm_dist.evaluate", [*fid_argv(folder, folder / "fid.json"),
+                                                   "--collective-timeout", "5"],
+                         {job.FAIL_RANK_ENV: "1:1:hang"}, timeout=240)
+    codes, times = [r[0] for r in ranks], [r[1] for r in ranks]
+    print(f"fid, rank 1 hangs in round 1: exit codes {codes}, exit times {[round(t, 2) for t in times]} s")
+    assert codes == [1, 1], [r[2][-2000:] for r in ranks]
+    assert "collective timeout after 5 s: rank 1 did not arrive" in ranks[0][2], ranks[0][2][-2000:]
+    assert "collective timeout" in ranks[1][2], ranks[1][2][-2000:]  # the hung rank ends too
+    fault = float(re.search(r"adpm-test: injected .* t=([0-9.]+)", ranks[1][2]).group(1))
+    assert start + max(times) - fault < 30
+    assert not (folder / "fid.json").exists() and cache_files(folder) == []

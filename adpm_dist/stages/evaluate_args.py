@@ -7,6 +7,7 @@ from adpm_dist.errors import nonnegative_int, positive_int
 from adpm_dist.models.loading import FID_PRECISIONS, PRECISIONS
 from adpm_dist.stages.config_args import ConfigParser, add_config_options
 from adpm_dist.stages.conventions import add_convention_flags
+from adpm_dist.stages.job import add_collective_timeout_flag
 
 WORKERS_HELP = ("data-loading processes per rank (>= 0; 0: read in the main process); speed only, not "
                 "part of the result. Default: %(default)s")
@@ -73,6 +74,7 @@ def _fid_parser(sub) -> None:
                    help="Inception arithmetic: fp32 (TF32 off), tf32 or bf16 (autocast); auto = fp32 with "
                         "TF32 off, as in every stage. A mode other than fp32 gets its own reference cache; "
                         "recorded as numeric_mode in the result (default: %(default)s)")
+    add_collective_timeout_flag(f)
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_options(f)
 
