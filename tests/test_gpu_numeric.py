@@ -16,6 +16,7 @@ yet. Tolerances (stated, not tuned on a GPU):
   reverse chain and the training step (less its one agreement read, see Trainer.agree) run
   under ``torch.cuda.set_sync_debug_mode("error")``: any synchronizing call raises there, with
   the traceback naming it.
+- The failure protocol on the GPU: rank 1 raising in a round ends both ranks within 30 s.
 """
 
 from __future__ import annotations
@@ -251,3 +252,23 @@ def test_bf16_ema_equals_the_fp32_ema_of_the_master_weights(tmp_path, digit_shar
     assert updates[0] == steps
     for n in names:
         torch.testing.assert_close(got[n], ref[n].cpu(), rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_fault_protocol_with_two_ranks_on_the_gpu(setup, tmp_path, record_property):
+    """Rank 1 raises in round 2 of a Γ job on the GPU: both ranks end (status 1) within 30 s, rank
+    0 naming rank 1; NCCL where it takes two ranks on one device, else gloo (CPU runs show gloo)."""
+    from adpm_dist.stages import job
+    from tests.estimate_helpers import launch_ranks
+
+    argv = ["--checkpoint", setup["model"], "--data", setup["data"], *GAMMA_ARGS, "--flush-every", "1",
+            "--out", str(tmp_path / "g.json")]
+    backend, ranks = "nccl", launch_ranks(2, "adpm_dist.estimate", argv, {job.FAIL_RANK_ENV: "1:2"})
+    if any("Duplicate GPU" in r[2] or "ncclInvalidUsage" in r[2] for r in ranks):
+        backend = "gloo"
+        env = {job.FAIL_RANK_ENV: "1:2", "ADPM_DIST_BACKEND": "gloo"}
+        ranks = launch_ranks(2, "adpm_dist.estimate", argv, env)
+    record_property("fault_protocol_backend", backend)
+    codes, times = [r[0] for r in ranks], [r[1] for r in ranks]
+    assert codes == [1, 1], [r[2][-2000:] for r in ranks]
+    assert "injected failure" in ranks[1][2] and "rank 1 failed" in ranks[0][2]
+    assert max(times) - min(times) < 30
