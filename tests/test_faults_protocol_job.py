@@ -28,7 +28,7 @@ def _args(inputs, out) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.usefixtures("one_thread_module")
-def test_an_exception_inside_reduce_on_one_rank_ends_both_and_the_rerun_finishes(tmp_path):
+def test_an_exception_inside_reduce_or_a_killed_rank_ends_both_and_the_rerun_finishes(tmp_path):
     inputs = tiny_job_inputs(tmp_path)
     ref, out = tmp_path / "ref.json", tmp_path / "out.json"
     assert [r[0] for r in launch_ranks(2, "adpm_dist.estimate", _args(inputs, ref))] == [0, 0]
@@ -40,6 +40,14 @@ def test_an_exception_inside_reduce_on_one_rank_ends_both_and_the_rerun_finishes
     assert "error: rank 1 failed: RuntimeError: injected failure" in e0 and "Traceback" not in e0, e0[-2000:]
     fault = float(e1.split("adpm-test: injected exception on rank 1 at reduce t=")[1].split()[0])
     assert start + max(t0, t1) - fault < 30
+    # kill -9 of rank 1 in a later round: rank 0's collective breaks, it finds no report and
+    # exits 1 (with gloo's error) instead of waiting for the 600 s process-group timeout
+    start = time.time()
+    (c0, t0, e0), (c1, t1, e1) = launch_ranks(2, "adpm_dist.estimate", _args(inputs, out),
+                                              {collective.FAIL_RANK_ENV: "1:3:kill"})
+    assert (c0, c1) == (1, -9), e0[-2000:]
+    fault = float(e1.split("adpm-test: injected kill on rank 1 at 3 t=")[1].split()[0])
+    assert start + t0 - fault < 30
     assert [r[0] for r in launch_ranks(2, "adpm_dist.estimate", _args(inputs, out))] == [0, 0]
     got, want = read_gamma(str(out)), read_gamma(str(ref))
     np.testing.assert_array_equal(got.sum, want.sum)
