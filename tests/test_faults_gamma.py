@@ -204,14 +204,18 @@ def test_a_complete_file_with_an_old_fingerprint_is_still_complete(setup, tmp_pa
     write_gamma(gf, str(out))
     before = out.read_bytes()
     capsys.readouterr()
-    assert estimate.main(argv(setup, out)) == 0
+    # Old files were drawn with noise stream 1 (issue 22): complete for --noise-stream 1 only.
+    assert estimate.main(argv(setup, out, "--noise-stream", "1")) == 0
     assert "already complete" in capsys.readouterr().out and out.read_bytes() == before
-    assert estimate.main(argv(setup, out, "--seed", "4")) == 2
+    assert estimate.main(argv(setup, out)) == 2
+    assert "noise_stream: 1 → 2" in capsys.readouterr().err and out.read_bytes() == before
+    assert estimate.main(argv(setup, out, "--seed", "4", "--noise-stream", "1")) == 2
     assert "holds a different estimate" in capsys.readouterr().err
     # An old file over part of a split selected samples by another rule: not taken as this job.
     gf.extra["fingerprint"] = legacy_fingerprint(gf, f"{setup['folder']}/test-000002.tar")
     write_gamma(gf, str(out))
-    assert estimate.main(argv(setup, out, data=f"{setup['folder']}/test-000002.tar")) == 2
+    part = f"{setup['folder']}/test-000002.tar"
+    assert estimate.main(argv(setup, out, "--noise-stream", "1", data=part)) == 2
     assert "holds a different estimate" in capsys.readouterr().err
 
 

@@ -54,8 +54,10 @@ def kill_after_three_rounds(cmd: list[str], partial: str) -> dict:
 def test_killed_job_resumes_with_other_workers_and_paths_and_says_so(setup, tmp_path, monkeypatch, capsys,
                                                                     written):
     out = tmp_path / "g.json"
+    # The code before this change drew noise stream 1 (issue 22): its partial state resumes as such.
+    stream = [] if written == "now" else ["--noise-stream", "1"]
     first = ["--checkpoint", setup["model"], "--data", setup["data"], "--out", str(out),
-             "--num-workers", "0", "--data-batch", "2", *SETTINGS]
+             "--num-workers", "0", "--data-batch", "2", *SETTINGS, *stream]
     state = kill_after_three_rounds([sys.executable, "-m", "adpm_dist.estimate", *first], f"{out}.partial")
     assert not out.exists()
     if written != "now":  # the partial state as the code before this change wrote it
@@ -70,13 +72,18 @@ def test_killed_job_resumes_with_other_workers_and_paths_and_says_so(setup, tmp_
     assert 0 < done < 120 * 20
     monkeypatch.chdir(setup["base"])  # relative spellings of the same paths
     again = ["--checkpoint", "tiny.safetensors", "--data", "./shards/test-{000000..000002}.tar",
-             "--out", os.path.relpath(out), "--num-workers", "2", "--data-batch", "3", *SETTINGS]
+             "--out", os.path.relpath(out), "--num-workers", "2", "--data-batch", "3", *SETTINGS, *stream]
     assert estimate.main(again) == 0
     lines = capsys.readouterr().out.splitlines()
     resumed = [line for line in lines if line.startswith("resumed from")]
     partial = f"{os.path.relpath(out)}.partial"
     assert resumed == [f"resumed from {partial}: {done}/2400 (sample, t) evaluations done"]
     got, ref = read_gamma(str(out)), setup["ref"]
+    if stream:  # the uninterrupted stream-1 run
+        ref_url = str(tmp_path / "ref1.json")
+        assert estimate.main(["--checkpoint", setup["model"], "--data", setup["data"], "--out", ref_url,
+                              "--num-workers", "0", *SETTINGS, *stream]) == 0
+        ref = read_gamma(ref_url)
     np.testing.assert_array_equal(got.count, ref.count)
     np.testing.assert_allclose(got.sum, ref.sum, rtol=1e-12)
     np.testing.assert_allclose(got.sum_sq, ref.sum_sq, rtol=1e-12)

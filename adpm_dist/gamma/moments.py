@@ -84,7 +84,7 @@ def _ratio_table(schedule, device):
     key = (abar.tobytes(), str(device))
     if key not in _RATIO:
         _RATIO.clear()  # one schedule at a time is all a job uses
-        _RATIO[key] = torch.from_numpy(np.sqrt((1.0 - abar) / abar)).to(device)
+        _RATIO[key] = torch.from_numpy(np.sqrt((1.0 - abar) / abar)).to(device, non_blocking=True)
     return _RATIO[key]
 
 
@@ -95,6 +95,8 @@ def pair_errors_device(schedule, x0, t, noise, eps, t_host: np.ndarray) -> dict:
     t = 1 (the decoder term); ``t`` itself stays on the device. The numbers are those of
     :func:`pair_errors` bit for bit (same operations, same order).
     """
+    import torch
+
     from adpm_dist.diffusion.likelihood import log_discretized_gaussian
 
     size = x0.shape[0]
@@ -108,12 +110,15 @@ def pair_errors_device(schedule, x0, t, noise, eps, t_host: np.ndarray) -> dict:
     per_dim = {"a": delta.pow(2), "a_raw": delta_raw.pow(2), "b": delta * e, "b_raw": delta_raw * e,
                "c": e.pow(2), "x0_sq": x0.pow(2)}
     out = {k: v.sum(dim=1) / d for k, v in per_dim.items()}
-    rows = np.flatnonzero(np.asarray(t_host) == 1).tolist()
+    rows = np.flatnonzero(np.asarray(t_host) == 1)
+    if rows.size:  # an index on the device, copied without a stream sync
+        idx = torch.from_numpy(rows).to(x0.device, non_blocking=True)
     for key, mean in (("decoder_nll", clamped), ("decoder_nll_raw", raw)):
         out[key] = torch_full_nan(size, x0)
-        if rows:  # (schedules have N >= 10: ᾱ_2 exists)
-            nll = -log_discretized_gaussian(x0[rows], mean[rows], decoder_variance(schedule)) / d
-            out[key][rows] = nll
+        if rows.size:  # (schedules have N >= 10: ᾱ_2 exists)
+            x0_1, mean_1 = x0.index_select(0, idx), mean.index_select(0, idx)
+            nll = -log_discretized_gaussian(x0_1, mean_1, decoder_variance(schedule)) / d
+            out[key].index_copy_(0, idx, nll)
     return out
 
 
