@@ -260,9 +260,12 @@ def _leave(line: str, status: int) -> None:
     """Print ``line`` once per process and end it now (another thread may be in a collective)."""
     if not _LEAVING.acquire(blocking=False):
         time.sleep(3600)  # another thread is already leaving
-    sys.stdout.flush()
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+    with contextlib.suppress(Exception):  # a closed stream must not stop the exit
+        if sys.stdout.isatty():  # a progress bar (rich) hid the cursor and holds the line
+            sys.stdout.write("\x1b[?25h\n")
+        sys.stdout.flush()
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
     os._exit(status)
 
 
