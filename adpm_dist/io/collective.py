@@ -237,9 +237,8 @@ class Watchdog:
 
     def _timed_out(self, waited: float) -> None:
         beats = self.heartbeats()
-        low = min(beats.values())
+        low, high = min(beats.values()), max(beats.values())
         behind = sorted(r for r, b in beats.items() if b == low)
-        high = max(beats.values())
         if low < high:
             names = ", ".join(map(str, behind))
             what = f"{'rank' if len(behind) == 1 else 'ranks'} {names} did not arrive"
@@ -248,7 +247,8 @@ class Watchdog:
         else:
             what, where = "no rank made progress", f"(every rank is in round {low // 2})"
         text = (f"{self.rank}\tTimeoutError\tcollective timeout after {waited:.0f} s: {what} "
-                f"{where}; limit {self.limit():.0f} s (--collective-timeout, {TIMEOUT_ENV})\t0")
+                f"{where}; limit {self.limit():.0f} s (train.collective_timeout, --collective-timeout, "
+                f"${TIMEOUT_ENV})\t0")
         _leave(*_report_line(self.claim(text)))
 
 
