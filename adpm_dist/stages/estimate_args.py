@@ -10,6 +10,7 @@ from adpm_dist.diffusion.trajectory import even_trajectory, quadratic_trajectory
 from adpm_dist.errors import UsageError, fraction, nonnegative_int, positive_float, positive_int
 from adpm_dist.models.loading import PRECISIONS
 from adpm_dist.stages.config_args import ConfigParser, add_config_options
+from adpm_dist.stages.job import add_collective_timeout_flag
 
 DESCRIPTION = ("The sharded Γ job: Γ_t = E‖ε_θ(x_t, t)‖²/d at each requested timestep t, from (sample, t) "
                "pairs of the evaluation data, written to one Γ file with the model's error moments from the "
@@ -69,6 +70,7 @@ def build_parser() -> ConfigParser:
     add_noise_flags(p)
     p.add_argument("--no-progress", action="store_true",
                    help="no progress display (a bar on a terminal, progress lines otherwise)")
+    add_collective_timeout_flag(p)
     add_config_options(p)
     return p
 

@@ -55,6 +55,7 @@ def _nll_parser(sub) -> None:
                         "batch sizes; recorded as numeric_mode in nll.json (default: %(default)s)")
     n.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_convention_flags(n, ("covariance_fit", "nll_clip_x0", "even_rounding", "dp_cost", "decoder"))
+    add_collective_timeout_flag(n)
     add_config_options(n)
 
 

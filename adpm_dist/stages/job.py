@@ -317,9 +317,10 @@ def add_collective_timeout_flag(parser) -> None:
     from adpm_dist.errors import nonnegative_float
 
     parser.add_argument("--collective-timeout", type=nonnegative_float, default=None, metavar="SECONDS",
-                        help="seconds a rank may wait for its peers before the job ends naming the ranks "
-                             f"that did not arrive (default: ${collective.TIMEOUT_ENV}, else auto: "
-                             "max(60, 20 x the median round time), >= 600 at start-up and in final writes)")
+                        help="seconds (>= 0) a rank may wait for its peers before the job ends naming "
+                             f"the ranks that did not arrive (default, or 0: ${collective.TIMEOUT_ENV}, "
+                             "else auto: max(60, 20 x the median round time), >= 600 at start-up and in "
+                             "final writes)")
 
 
 def job_main(make_job: Callable, build_parser: Callable, argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from adpm_dist.errors import UsageError, fraction, int_at_least, nonnegative_int
 from adpm_dist.models.loading import PRECISIONS
 from adpm_dist.stages.config_args import ConfigParser, add_config_options
 from adpm_dist.stages.conventions import add_convention_flags
+from adpm_dist.stages.job import add_collective_timeout_flag
 
 METHOD_HELP = ("reverse-step variance rule: ddpm-beta (σ² = β), ddpm-tilde (σ² = β̃), ddim (η-DDIM, "
                "σ² = η²β̃), analytic-ddpm / analytic-ddim (the analytic optimal σ² from Γ; need --gamma), "
@@ -77,5 +78,6 @@ def build_parser() -> ConfigParser:
                         "not part of the job)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_convention_flags(p, ("covariance_fit", "ddim_direction", "even_rounding", "dp_cost"))
+    add_collective_timeout_flag(p)
     add_config_options(p)
     return p
