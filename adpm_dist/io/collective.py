@@ -22,8 +22,7 @@ Three mechanisms, from the cheapest to the last resort:
    round time). Start-up (round 0) and :func:`slow` phases (checkpoints, sample grids,
    final writes) always allow at least 600 s.
 
-Test hook: ``ADPM_TEST_FAIL_RANK=R:K[:MODE]`` on rank R at round K or phase K (``write``,
-``ckpt``, ``reduce``): a RuntimeError, or MODE ``user`` (UserError), ``hang``, ``kill`` (SIGKILL).
+Test hook: ``ADPM_TEST_FAIL_RANK=R:K[:MODE]`` (:mod:`adpm_dist.io.fault_injection`).
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import signal
 import statistics
 import sys
 import threading
@@ -44,8 +42,8 @@ import torch
 
 from adpm_dist.errors import UserError, is_user_error, print_error_line
 from adpm_dist.io import dist
+from adpm_dist.io.fault_injection import FAIL_RANK_ENV, injected_fault  # noqa: F401 - re-exported
 
-FAIL_RANK_ENV = "ADPM_TEST_FAIL_RANK"
 TIMEOUT_ENV = "ADPM_COLLECTIVE_TIMEOUT"
 SLOW_TIMEOUT_S = 600.0  # start-up and slow phases; also the auto timeout before 5 rounds
 MIN_AUTO_TIMEOUT_S = 60.0
@@ -112,28 +110,6 @@ def together(fn: Callable[[], object], rank0_only: bool = False, share: bool = F
             err = exc
     settle(err)
     return dist.broadcast_object(result) if share else result
-
-
-def injected_fault(rank: int, phase) -> None:
-    """The test hook (module doc): act when ``ADPM_TEST_FAIL_RANK`` names this rank and phase."""
-    spec = os.environ.get(FAIL_RANK_ENV)
-    if not spec:
-        return
-    parts = spec.split(":")
-    if parts[:2] != [str(rank), str(phase)]:
-        return
-    mode = parts[2] if len(parts) > 2 else ""
-    sys.stderr.write(f"adpm-test: injected {mode or 'exception'} on rank {rank} at {phase} "
-                     f"t={time.time():.3f}\n")
-    sys.stderr.flush()
-    if mode == "hang":
-        while True:
-            time.sleep(3600)
-    if mode == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if mode == "user":
-        raise UserError(f"injected user error ({FAIL_RANK_ENV}={spec})")
-    raise RuntimeError(f"injected failure ({FAIL_RANK_ENV}={spec})")
 
 
 # ---------------------------------------------------------------- watchdog and reports
@@ -290,12 +266,17 @@ def start(timeout: float | None = None) -> Watchdog | None:
     global _WATCH
     if _WATCH is not None or not dist.is_initialized() or dist.world_size() < 2:
         return _WATCH
-    info = dist.env_info()
-    store = torch.distributed.TCPStore(info.master_addr, info.master_port, is_master=False,
-                                       timeout=datetime.timedelta(seconds=30), wait_for_workers=False)
+    info, limit = dist.env_info(), timeout_from(timeout)
+    try:
+        store = torch.distributed.TCPStore(info.master_addr, info.master_port, is_master=False,
+                                           timeout=datetime.timedelta(seconds=30), wait_for_workers=False)
+    except Exception as exc:  # noqa: BLE001 - the phases still work; say what is missing
+        sys.stderr.write(f"warning: rank {dist.rank()}: no collective watchdog (rendezvous store at "
+                         f"{info.master_addr}:{info.master_port}: {exc}); a hung rank is not named\n")
+        return None
     restarts = (os.environ.get(k, "0") for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
     prefix = "/".join(["adpm", *restarts])
-    _WATCH = Watchdog(store, dist.rank(), dist.world_size(), timeout_from(timeout), prefix)
+    _WATCH = Watchdog(store, dist.rank(), dist.world_size(), limit, prefix)
     return _WATCH
 
 
