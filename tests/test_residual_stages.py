@@ -67,7 +67,8 @@ def test_expected_cost_dp_minimises_the_predicted_nelbo(setup, capsys):
                       ["--trajectory", "quadratic"]):
             alt = plan_json(setup, capsys, "--steps", "6", "--method", method, *other)
             assert best["predicted_nelbo_bpd"] <= alt["predicted_nelbo_bpd"] + 1e-12, (method, other)
-    paper = plan_json(setup, capsys, "--steps", "6", "--trajectory", "optimal", "--official", "--dp-cost", "paper")
+    paper = plan_json(setup, capsys, "--steps", "6", "--trajectory", "optimal", "--official",
+                      "--dp-cost", "paper")
     assert paper["dp_cost"] == "the paper's J(s, t)"
     official = plan_json(setup, capsys, "--steps", "6", "--trajectory", "optimal", "--official")
     assert official["dp_cost"].startswith("the official code's _dp_seg")
