@@ -102,15 +102,21 @@ class ShardedEMA(EMA):
             torch_dist.all_gather(pieces, shard, group=group)
             flat = torch.cat(pieces)[: target.numel()]
             target.copy_(flat.view_as(target).to(target.device))
-        if buffers is not None:
-            for ema_b, b in zip(self.model.buffers(), buffers):
-                ema_b.copy_(b.detach().to(ema_b.device))
+        _copy_buffers(self.model, buffers)
 
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, torch.Tensor], num_updates: int) -> None:
         """Resume: the full EMA weights of a checkpoint, re-partitioned for this world size."""
         super().load_tensors(tensors, num_updates)
         self.shards = [_own_slice(m, p) for m, p in zip(self.model.parameters(), self.params)]
+
+
+@torch.no_grad()
+def _copy_buffers(model: torch.nn.Module, buffers: list[torch.Tensor] | None) -> None:
+    """Buffers (e.g. norm statistics) are not averaged: the EMA copy takes the live ones."""
+    if buffers is not None:
+        for ema_b, b in zip(model.buffers(), buffers):
+            ema_b.copy_(b.detach().to(ema_b.device))
 
 
 class FragmentEMA(EMA):
@@ -170,9 +176,7 @@ class FragmentEMA(EMA):
         for m in mine:
             m.copy_(flat[start: start + m.numel()].view_as(m).to(m.device))
             start += m.numel()
-        if buffers is not None:
-            for ema_b, b in zip(self.model.buffers(), buffers):
-                ema_b.copy_(b.detach().to(ema_b.device))
+        _copy_buffers(self.model, buffers)
 
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, torch.Tensor], num_updates: int) -> None:
