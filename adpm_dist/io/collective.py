@@ -12,15 +12,22 @@ Three mechanisms, from the cheapest to the last resort:
    (``adpm/<restarts>/abort``) and leaves with ``os._exit``. Its peers read the report
    wherever they wait (the watchdog polls it; a broken collective's handler looks) and
    leave with ``error: rank N failed: …`` and the same kind of exit status.
-3. **Collective timeout** (the watchdog): each rank publishes ``2·round + waiting`` to the
-   store about once a second (``hb/<rank>``; the main thread only bumps counters:
-   :func:`arrive` before a round's collectives, :func:`progress` after them). When a rank
-   has made no progress for longer than the timeout it names the ranks that did not
-   arrive (the lowest heartbeat), reports it like a failure and exits 1. Timeout:
-   ``--collective-timeout`` / ``train.collective_timeout`` / ``$ADPM_COLLECTIVE_TIMEOUT``;
-   0 or unset = auto: 600 s until 5 rounds are measured, then max(60 s, 20 × the median
-   round time). Start-up (round 0) and :func:`slow` phases (checkpoints, sample grids,
-   final writes) always allow at least 600 s.
+3. **Collective timeout** (the watchdog, :mod:`adpm_dist.io.watchdog`): each rank publishes
+   ``2·round + waiting`` to the store about once a second (``hb/<rank>``; the main thread
+   only bumps counters: :func:`arrive` before a round's collectives, :func:`progress` after
+   them). When a rank has made no progress for longer than the timeout it names the ranks
+   that did not arrive (the lowest heartbeat), reports it like a failure and exits 1.
+   Timeout: ``--collective-timeout`` / ``train.collective_timeout`` /
+   ``$ADPM_COLLECTIVE_TIMEOUT``; 0 or unset = auto: 600 s until 5 rounds are measured, then
+   max(60 s, 20 × the median round time). Start-up (round 0) and :func:`slow` phases
+   (checkpoints, sample grids, final writes) always allow at least 600 s.
+4. **Liveness** (the watchdog): each rank's watchdog bumps ``alive/<rank>`` every poll; a peer
+   whose counter stands still for 15 s (``$ADPM_LIVENESS_TIMEOUT``, timed on the watcher's own
+   clock) is reported as ``rank N stopped responding (…)``, exit 1: a rank killed, stopped or
+   lost with its node, even where no collective breaks (NCCL). Where a collective broke with
+   no report, :func:`fail_fast` watches the counters up to 4 s more and names the rank that
+   stopped (``rank N failed: it stopped responding (killed?) and the collective broke``);
+   the store itself gone (rank 0 hosted it, no torchrun agent): rank 0 is named.
 
 Test hook: ``ADPM_TEST_FAIL_RANK=R:K[:MODE]`` (:mod:`adpm_dist.io.fault_injection`).
 """
@@ -30,9 +37,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import statistics
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -40,23 +45,21 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from adpm_dist.errors import UserError, is_user_error, print_error_line
+from adpm_dist.errors import is_user_error, print_error_line
 from adpm_dist.io import dist
 from adpm_dist.io.fault_injection import FAIL_RANK_ENV, injected_fault  # noqa: F401 - re-exported
-
-TIMEOUT_ENV = "ADPM_COLLECTIVE_TIMEOUT"
-SLOW_TIMEOUT_S = 600.0  # start-up and slow phases; also the auto timeout before 5 rounds
-MIN_AUTO_TIMEOUT_S = 60.0
-AUTO_FACTOR = 20.0
-
-
-class RankFailed(RuntimeError):
-    """Another rank failed; ``status`` is the exit status this rank should end with."""
-
-    def __init__(self, rank: int, kind: str, message: str, user_error: bool):
-        super().__init__(f"rank {rank} failed: {kind}: {message}")
-        self.rank, self.status = rank, 2 if user_error else 1
-
+from adpm_dist.io.watchdog import (  # noqa: F401 - TIMEOUT_ENV, SLOW_TIMEOUT_S, timeout_from re-exported
+    DONE,
+    LEAVING,
+    SLOW_TIMEOUT_S,
+    TIMEOUT_ENV,
+    RankFailed,
+    Watchdog,
+    agent_store,
+    parse,
+    report_line,
+    timeout_from,
+)
 
 # ---------------------------------------------------------------- phases
 
@@ -115,150 +118,7 @@ def together(fn: Callable[[], object], rank0_only: bool = False, share: bool = F
 # ---------------------------------------------------------------- watchdog and reports
 
 
-def timeout_from(value: float | None) -> float:
-    """The configured timeout: ``value`` when > 0, else ``$ADPM_COLLECTIVE_TIMEOUT``, else 0 (auto)."""
-    if value:
-        return float(value)
-    text = os.environ.get(TIMEOUT_ENV, "").strip()
-    try:
-        return max(float(text), 0.0) if text else 0.0
-    except ValueError:
-        raise UserError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds") from None
-
-
-class Watchdog:
-    """Heartbeats and the collective timeout of one rank (see the module doc)."""
-
-    def __init__(self, store, rank: int, world: int, timeout: float, prefix: str):
-        self.store, self.rank, self.world, self.prefix = store, rank, world, prefix
-        self.fixed = timeout  # 0: auto
-        self.round, self.waiting, self.slow_depth = 0, False, 0
-        self.started = time.monotonic()
-        self.durations: list[float] = []
-        self.lock = threading.Lock()
-        self.published = None
-        self.stop = threading.Event()
-        self.poll_s = 1.0 if not timeout else min(1.0, max(timeout / 10.0, 0.05))
-        self._publish()
-        threading.Thread(target=self._run, name="adpm-watchdog", daemon=True).start()
-
-    def limit(self) -> float:
-        """Seconds this rank may wait without progress in its current round."""
-        if self.fixed:
-            steady = self.fixed
-        elif len(self.durations) >= 5:
-            steady = max(MIN_AUTO_TIMEOUT_S, AUTO_FACTOR * statistics.median(self.durations[-50:]))
-        else:
-            steady = SLOW_TIMEOUT_S
-        if self.round == 0 or self.slow_depth:
-            return max(steady, SLOW_TIMEOUT_S)
-        return steady
-
-    def tick(self, waiting: bool) -> None:
-        now = time.monotonic()
-        if waiting:
-            self.waiting = True
-            return
-        if self.round > 0:
-            self.durations.append(now - self.started)
-            del self.durations[:-100]
-        self.round, self.waiting, self.started = self.round + 1, False, now
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}/{name}"
-    def _publish(self) -> None:
-        code = 2 * self.round + int(self.waiting)
-        if code != self.published:
-            with self.lock:
-                self.store.set(self.key(f"hb/{self.rank}"), str(code))
-            self.published = code
-
-    def report(self) -> str | None:
-        with self.lock:
-            if self.store.check([self.key("abort")]):
-                return self.store.get(self.key("abort")).decode()
-        return None
-
-    def claim(self, text: str) -> str:
-        """Write this rank's report unless another rank's came first; the report that stands."""
-        with self.lock:
-            got = self.store.compare_set(self.key("abort"), "", text)
-        return got.decode() if isinstance(got, bytes) else str(got)
-
-    def heartbeats(self) -> dict[int, int]:
-        keys = [self.key(f"hb/{r}") for r in range(self.world)]
-        with self.lock:
-            present = [r for r, k in zip(range(self.world), keys) if self.store.check([k])]
-            values = self.store.multi_get([keys[r] for r in present]) if present else []
-        return {r: -1 for r in range(self.world)} | {r: int(v) for r, v in zip(present, values)}
-
-    def _run(self) -> None:
-        lost = False
-        while not self.stop.wait(self.poll_s):
-            waited = time.monotonic() - self.started
-            if lost:  # the store's host (rank 0 without a torchrun agent) has gone
-                if waited > self.limit():
-                    _leave(f"error: collective timeout after {waited:.0f} s on rank {self.rank}; "
-                           "the rendezvous store is gone (rank 0 exited?)", 1)
-                continue
-            try:
-                self._publish()
-                text = self.report()
-                if text is not None:
-                    _leave(*_report_line(text))
-                if waited > self.limit():
-                    self._timed_out(waited)
-            except Exception:  # noqa: BLE001 - the main thread's collective will say more
-                lost = True
-
-    def _timed_out(self, waited: float) -> None:
-        beats = self.heartbeats()
-        low, high = min(beats.values()), max(beats.values())
-        behind = sorted(r for r, b in beats.items() if b == low)
-        if low < high:
-            names = ", ".join(map(str, behind))
-            what = f"{'rank' if len(behind) == 1 else 'ranks'} {names} did not arrive"
-            where = (f"(still in round {max(low, 0) // 2}'s local work; the others wait in round "
-                     f"{high // 2}'s collectives)")
-        else:
-            what, where = "no rank made progress", f"(every rank is in round {low // 2})"
-        text = (f"{self.rank}\tTimeoutError\tcollective timeout after {waited:.0f} s: {what} "
-                f"{where}; limit {self.limit():.0f} s (train.collective_timeout, --collective-timeout, "
-                f"${TIMEOUT_ENV})\t0")
-        _leave(*_report_line(self.claim(text)))
-
-
 _WATCH: Watchdog | None = None
-_LEAVING = threading.Lock()
-
-
-def _leave(line: str, status: int) -> None:
-    """Print ``line`` once per process and end it now (another thread may be in a collective)."""
-    if not _LEAVING.acquire(blocking=False):
-        time.sleep(3600)  # another thread is already leaving
-    with contextlib.suppress(Exception):  # a closed stream must not stop the exit
-        if sys.stdout.isatty():  # a progress bar (rich) hid the cursor and holds the line
-            sys.stdout.write("\x1b[?25h\n")
-        sys.stdout.flush()
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-    os._exit(status)
-
-
-def _parse(text: str) -> tuple[int, str, str, bool]:
-    rank, kind, message, user = text.split("\t", 3)
-    return int(rank), kind, message, user == "1"
-
-
-def _report_line(text: str) -> tuple[str, int]:
-    """The ``error:`` line and exit status this rank shows for a report in the store."""
-    rank, kind, message, user = _parse(text)
-    status = 2 if user else 1
-    if kind == "TimeoutError":  # the same line on every rank, whichever rank noticed first
-        return f"error: {message}", status
-    if _WATCH is not None and rank == _WATCH.rank:
-        return f"error: {kind}: {message}", status
-    return f"error: {RankFailed(rank, kind, message, user)}", status
 
 
 def start(timeout: float | None = None) -> Watchdog | None:
@@ -281,9 +141,10 @@ def start(timeout: float | None = None) -> Watchdog | None:
 
 
 def stop() -> None:
+    """Watchdog off; the peers no longer judge this rank's liveness (it ends on its own)."""
     global _WATCH
     if _WATCH is not None:
-        _WATCH.stop.set()
+        _WATCH.finish()
         _WATCH = None
 
 
@@ -331,16 +192,57 @@ def peer_report(wait: float = 0.0) -> str | None:
         except Exception:  # noqa: BLE001 - store gone
             return None
         if text is not None:
-            return None if _parse(text)[0] == _WATCH.rank else text
+            return None if parse(text)[0] == _WATCH.rank else text
         if time.monotonic() > deadline:
             return None
         time.sleep(0.1)
 
 
+def gone_peers(wait: float = 4.0, still: float = 3.0) -> list[int] | None:
+    """After a collective broke with no report: the peers whose liveness counter did not move
+    for ``still`` s while this rank's watchdog kept moving its own (watched up to ``wait`` s).
+    None: cannot tell (no watchdog, or its store is gone) or a peer's report came meanwhile."""
+    if _WATCH is None:
+        return None
+    start = time.monotonic()
+    try:
+        own = _WATCH.own_count()
+        first = _WATCH.counters()
+        while time.monotonic() - start < wait:
+            time.sleep(0.25)
+            if _WATCH.report() is not None:
+                return None
+            now = _WATCH.counters()
+            moved = _WATCH.own_count() != own
+            gone = [r for r, v in first.items() if v < DONE and now.get(r) == v]
+            if time.monotonic() - start >= still and moved and gone:
+                return gone
+    except Exception:  # noqa: BLE001 - the store is gone
+        if not agent_store():  # rank 0 hosted it: rank 0 is gone
+            return [0] if _WATCH.rank != 0 else None
+    return None
+
+
+def _named_gone(exc: BaseException) -> tuple[str, int] | None:
+    """A broken collective whose peer is gone: the line naming it (and a report for the others)."""
+    gone = gone_peers()
+    if not gone:
+        return None
+    names = ", ".join(map(str, gone))
+    host = " (the rendezvous store's host)" if gone == [0] and not agent_store() else ""
+    text = (f"{gone[0]}\tNoHeartbeat\t{'rank' if len(gone) == 1 else 'ranks'} {names}{host} failed: it "
+            f"stopped responding (killed?) and the collective broke ({type(exc).__name__})\t0")
+    with contextlib.suppress(Exception):
+        text = _WATCH.claim(text)
+        if _WATCH.rank == 0 and not agent_store():
+            time.sleep(2 * _WATCH.poll_s)  # this process hosts the store: let the peers read it
+    return report_line(text, _WATCH.rank)
+
+
 def fail_fast(exc: BaseException) -> int:
     """A failure escaped every phase: report it (peers read it from the store) and return
     the status to ``os._exit`` with. :class:`RankFailed` is reported as is (no report)."""
-    if not _LEAVING.acquire(blocking=False):
+    if not LEAVING.acquire(blocking=False):
         time.sleep(3600)  # the watchdog is already ending this process
     if isinstance(exc, RankFailed):
         print_error_line(exc)
@@ -349,8 +251,9 @@ def fail_fast(exc: BaseException) -> int:
     broken = isinstance(exc, getattr(torch.distributed, "DistError", ())) or any(
         s in str(exc) for s in ("gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe"))
     peer = peer_report(wait=2.0 if broken else 0.0)
-    if peer is not None:  # our collective broke because a peer failed first
-        line, status = _report_line(peer)
+    named = None if peer is not None or not broken else _named_gone(exc)
+    if peer is not None or named is not None:  # our collective broke because a peer failed first
+        line, status = named or report_line(peer, _WATCH.rank)
         sys.stderr.write(line + "\n")
         return status
     user = is_user_error(exc)
@@ -362,7 +265,7 @@ def fail_fast(exc: BaseException) -> int:
         text = f"{_WATCH.rank}\t{type(exc).__name__}\t{' '.join(str(exc).split())}\t{int(user)}"
         with contextlib.suppress(Exception):
             _WATCH.claim(text)
-        if _WATCH.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        if _WATCH.rank == 0 and not agent_store():
             time.sleep(2 * _WATCH.poll_s)  # this process hosts the store: let the peers read it
     return 2 if user else 1
 
