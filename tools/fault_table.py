@@ -15,8 +15,8 @@ result with an uninterrupted run of the same stage. One JSON row per cell on std
 to the last rank's exit. ``exit_status``: per rank; under torchrun, from the agent's failure
 summary: -15 is a rank the agent stopped (SIGTERM) once another had failed, "stopped" one
 it does not list. ``error_shown``: the failing rank printed its error (its traceback or its
-``error:`` line; hang: some rank printed the line naming it; kill -9: null). ``peer_line``:
-the other rank's ``error:`` line. Faults (``ADPM_TEST_FAIL_RANK``, :mod:`adpm_dist.io.collective`):
+``error:`` line; hang: some rank printed the line naming it; kill -9: rank 0's line names
+rank 1). ``peer_line``: the other rank's ``error:`` line. Faults (``ADPM_TEST_FAIL_RANK``, :mod:`adpm_dist.io.collective`):
 exception (``1:K``), write (train ``1:ckpt``, the jobs ``0:write``), bad-data (a shard only
 rank 1 reads is truncated; sample reads no data: n/a), kill (``1:K:kill``, SIGKILL), hang
 (``1:K:hang`` with ``ADPM_COLLECTIVE_TIMEOUT=5``).
@@ -380,8 +380,8 @@ def cell(stage: str, fault: str, spec: dict, reference, launcher: str, work: Pat
     shown = bool(re.search(r"Traceback|^error:", errs[faulty], re.M))
     if fault == "hang":  # the hung rank cannot speak: the line naming it, on any rank
         shown = any("rank 1 did not arrive" in e for e in errs)
-    elif fault == "kill":
-        shown = None
+    elif fault == "kill":  # the killed rank cannot speak: the survivor's line naming it
+        shown = bool(re.search(r"^error: rank 1 (failed: it )?stopped responding", errs[0], re.M))
     row.update(
         seconds_to_exit=round(end - start, 2),
         exit_status=codes,
