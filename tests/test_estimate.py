@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +15,6 @@ from adpm_dist.gamma import read_gamma, write_gamma
 from adpm_dist.stages import estimate
 from tests.estimate_helpers import (
     ROOT,
-    free_port,
     make_digit_shards,
     save_tiny_model,
     tiny_job_inputs,
@@ -146,24 +143,13 @@ def test_kill_minus_9_then_rerun_gives_the_uninterrupted_result(setup, tmp_path)
 
     out = tmp_path / "killed.json"
     cmd_args = common(setup, out, *args)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), "-m", "adpm_dist.estimate", *cmd_args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    partial = str(out) + ".partial"
-    deadline = time.time() + 120
-    victim = None
-    while time.time() < deadline and victim is None:
-        files = os.listdir(partial) if os.path.isdir(partial) else []
-        states = [json.loads(open(os.path.join(partial, f)).read()) for f in files if f.endswith(".json")]
-        if any(s["units_done"] >= 3 for s in states):
-            victim = _worker_pid(proc.pid, rank=1)
-        time.sleep(0.05)
-    assert victim, "the job never flushed partial state"
-    os.kill(victim, signal.SIGKILL)
-    proc.communicate(timeout=120)
-    assert proc.returncode != 0 and not out.exists()
+    # Rank 1 sends itself SIGKILL at its round 3 (the injection hook), after three flushes of
+    # partial state: the same signal as an outside kill -9, at a point the job cannot outrun.
+    killed = torchrun(2, cmd_args, env=dict(os.environ, ADPM_TEST_FAIL_RANK="1:3:kill"))
+    assert killed.returncode != 0 and not out.exists(), killed.stderr[-3000:]
+    assert "injected kill on rank 1 at 3" in killed.stderr
+    states = [json.loads(p.read_text()) for p in (tmp_path / "killed.json.partial").glob("*.json")]
+    assert states and all(s["units_done"] >= 3 for s in states), states
     res = torchrun(2, cmd_args)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = read_gamma(str(ref)), read_gamma(str(out))
@@ -189,22 +175,6 @@ def assert_same_moments(got, want, rtol: float) -> None:
         np.testing.assert_array_equal(got.half.count, want.half.count)
         for g, w in ((got.half.sum, want.half.sum), (got.half.moments.per_t, want.half.moments.per_t)):
             np.testing.assert_allclose(g, w, rtol=rtol, atol=0)
-
-
-def _worker_pid(launcher_pid: int, rank: int) -> int | None:
-    """PID of the torchrun child whose RANK is ``rank``."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
-        except OSError:
-            continue
-        is_worker = b"adpm_dist.estimate" in cmdline and b"torch.distributed.run" not in cmdline
-        if is_worker and f"RANK={rank}".encode() in env and int(pid) != launcher_pid:
-            return int(pid)
-    return None
 
 
 def test_merge_of_disjoint_runs_equals_one_run_over_the_union(setup, tmp_path):

@@ -16,7 +16,8 @@ to the last rank's exit. ``exit_status``: per rank; under torchrun, from the age
 summary: -15 is a rank the agent stopped (SIGTERM) once another had failed, "stopped" one
 it does not list. ``error_shown``: the failing rank printed its error (its traceback or its
 ``error:`` line; hang: some rank printed the line naming it; kill -9: rank 0's line names
-rank 1). ``peer_line``: the other rank's ``error:`` line. Faults (``ADPM_TEST_FAIL_RANK``, :mod:`adpm_dist.io.collective`):
+rank 1). ``peer_line``: the other rank's ``error:`` line. Faults (``ADPM_TEST_FAIL_RANK``,
+:mod:`adpm_dist.io.collective`):
 exception (``1:K``), write (train ``1:ckpt``, the jobs ``0:write``), bad-data (a shard only
 rank 1 reads is truncated; sample reads no data: n/a), kill (``1:K:kill``, SIGKILL), hang
 (``1:K:hang`` with ``ADPM_COLLECTIVE_TIMEOUT=5``).

@@ -234,8 +234,7 @@ def _named_gone(exc: BaseException) -> tuple[str, int] | None:
             f"stopped responding (killed?) and the collective broke ({type(exc).__name__})\t0")
     with contextlib.suppress(Exception):
         text = _WATCH.claim(text)
-        if _WATCH.rank == 0 and not agent_store():
-            time.sleep(2 * _WATCH.poll_s)  # this process hosts the store: let the peers read it
+        _WATCH.linger()  # rank 0 may host the store: let the peers read the report first
     return report_line(text, _WATCH.rank)
 
 
@@ -265,8 +264,7 @@ def fail_fast(exc: BaseException) -> int:
         text = f"{_WATCH.rank}\t{type(exc).__name__}\t{' '.join(str(exc).split())}\t{int(user)}"
         with contextlib.suppress(Exception):
             _WATCH.claim(text)
-        if _WATCH.rank == 0 and not agent_store():
-            time.sleep(2 * _WATCH.poll_s)  # this process hosts the store: let the peers read it
+        _WATCH.linger()  # rank 0 may host the store: let the peers read the report first
     return 2 if user else 1
 
 

@@ -134,10 +134,28 @@ class Watchdog:
             self.store.add(self.key(f"alive/{self.rank}"), DONE)
 
     def report(self) -> str | None:
+        """The report in the store, if any; reading one acknowledges it (see :meth:`linger`)."""
         with self.lock:
             if self.store.check([self.key("abort")]):
-                return self.store.get(self.key("abort")).decode()
+                text = self.store.get(self.key("abort")).decode()
+                with contextlib.suppress(Exception):
+                    self.store.set(self.key(f"ack/{self.rank}"), "1")
+                return text
         return None
+
+    def linger(self, limit_s: float = 5.0) -> None:
+        """Before the store's host (rank 0 without a torchrun agent) leaves after a report:
+        wait until every peer has read it (or ``limit_s``), so no peer finds the store gone
+        instead of the report (a dead peer never reads it: hence the limit)."""
+        if self.rank != 0 or agent_store():
+            return
+        keys = [self.key(f"ack/{r}") for r in range(1, self.world)]
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception), self.lock:
+                if self.store.check(keys):
+                    return
+            time.sleep(0.05)
 
     def claim(self, text: str) -> str:
         """Write this rank's report unless another rank's came first; the report that stands."""
@@ -209,7 +227,13 @@ class Watchdog:
         what = f"{'rank' if len(gone) == 1 else 'ranks'} {names}"
         text = (f"{gone[0]}\tNoHeartbeat\t{what} stopped responding (no heartbeat for "
                 f"{self.liveness:.0f} s: killed, frozen or its node is gone; ${LIVENESS_ENV})\t0")
-        _leave(*report_line(self.claim(text), self.rank))
+        self._leave_reported(text)
+
+    def _leave_reported(self, text: str) -> None:
+        """Claim ``text`` as the report (unless another stands), let the peers read it, leave."""
+        line = report_line(self.claim(text), self.rank)
+        self.linger()
+        _leave(*line)
 
     def _timed_out(self, waited: float) -> None:
         beats = self.heartbeats()
@@ -225,7 +249,7 @@ class Watchdog:
         text = (f"{self.rank}\tTimeoutError\tcollective timeout after {waited:.0f} s: {what} "
                 f"{where}; limit {self.limit():.0f} s (train.collective_timeout, --collective-timeout, "
                 f"${TIMEOUT_ENV})\t0")
-        _leave(*report_line(self.claim(text), self.rank))
+        self._leave_reported(text)
 
 
 LEAVING = threading.Lock()  # held by whichever thread ends the process
