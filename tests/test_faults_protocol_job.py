@@ -163,7 +163,8 @@ def test_the_watchdog_names_the_rank_that_did_not_arrive(monkeypatch):
 
     left: list = []
     done = threading.Event()
-    monkeypatch.setattr(watchdog, "_leave", lambda line, status: (left.append((line, status)), done.set()))
+    monkeypatch.setattr(watchdog, "_leave",
+                        lambda line, status, **_: (left.append((line, status)), done.set()))
     store = tdist.HashStore()
     store.set("t/hb/1", "2")  # 2·round + waiting: round 1, not waiting
     watch = collective.Watchdog(store, rank=0, world=2, timeout=0.3, prefix="t")
@@ -198,7 +199,7 @@ def test_liveness_names_a_peer_whose_counter_stands_still_on_the_watchers_own_cl
     import torch.distributed as tdist
 
     left: list = []
-    monkeypatch.setattr(watchdog, "_leave", lambda line, status: left.append((line, status)))
+    monkeypatch.setattr(watchdog, "_leave", lambda line, status, **_: left.append((line, status)))
     store, now = tdist.HashStore(), [0.0]
     watch = watchdog.Watchdog(store, rank=0, world=3, timeout=0, prefix="t", liveness=5, clock=lambda: now[0])
     watch.stop.set()  # the bookkeeping is driven by hand below
@@ -240,7 +241,7 @@ def test_a_lost_store_names_rank_0_unless_the_agent_holds_it(monkeypatch):
         left: list = []
         done, store = threading.Event(), Store()
 
-        def record(line, status, left=left, done=done):
+        def record(line, status, before_exit=None, left=left, done=done):
             left.append((line, status))
             done.set()
 

@@ -161,6 +161,8 @@ class Watchdog:
         """Write this rank's report unless another rank's came first; the report that stands."""
         with self.lock:
             got = self.store.compare_set(self.key("abort"), "", text)
+            with contextlib.suppress(Exception):  # this rank has seen the report that stands
+                self.store.set(self.key(f"ack/{self.rank}"), "1")
         return got.decode() if isinstance(got, bytes) else str(got)
 
     def heartbeats(self) -> dict[int, int]:
@@ -232,8 +234,7 @@ class Watchdog:
     def _leave_reported(self, text: str) -> None:
         """Claim ``text`` as the report (unless another stands), let the peers read it, leave."""
         line = report_line(self.claim(text), self.rank)
-        self.linger()
-        _leave(*line)
+        _leave(*line, before_exit=self.linger)
 
     def _timed_out(self, waited: float) -> None:
         beats = self.heartbeats()
@@ -255,8 +256,11 @@ class Watchdog:
 LEAVING = threading.Lock()  # held by whichever thread ends the process
 
 
-def _leave(line: str, status: int) -> None:
-    """Print ``line`` once per process and end it now (another thread may be in a collective)."""
+def _leave(line: str, status: int, before_exit=None) -> None:
+    """Print ``line`` once per process and end it now (another thread may be in a collective).
+
+    ``before_exit`` (e.g. :meth:`Watchdog.linger`) runs after the line, with the leaving lock
+    held, so the main thread cannot report the broken collective meanwhile."""
     if not LEAVING.acquire(blocking=False):
         time.sleep(3600)  # another thread is already leaving
     with contextlib.suppress(Exception):  # a closed stream must not stop the exit
@@ -265,6 +269,9 @@ def _leave(line: str, status: int) -> None:
         sys.stdout.flush()
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
+    if before_exit is not None:
+        with contextlib.suppress(Exception):
+            before_exit()
     os._exit(status)
 
 
